@@ -1,0 +1,111 @@
+"""Typed configuration: dataclasses, YAML presets in ``configs/`` and ``key=value`` overrides.
+
+A preset is a YAML file whose top-level keys are sections (``transformer:``, later ``vae:``,
+``train:`` ...). Each section maps onto a frozen dataclass; unknown keys are errors, so a typo in a
+preset or on the command line is caught instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import typing
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+  """Converts YAML/JSON values into the dataclass field's type (tuples, floats from ints, ...)."""
+  origin = typing.get_origin(annotation)
+  args = typing.get_args(annotation)
+  if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if value is None and type(None) in args:
+      return None
+    non_none = [a for a in args if a is not type(None)]
+    return _coerce(value, non_none[0], where) if len(non_none) == 1 else value
+  if origin is typing.Literal:
+    if value not in args:
+      raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
+    return value
+  if origin in (tuple, list):
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f"{where}: expected a list, got {value!r}")
+    item = args[0] if args else Any
+    return tuple(_coerce(v, item, where) for v in value) if origin is tuple else [
+        _coerce(v, item, where) for v in value]
+  if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if annotation is float and isinstance(value, str):
+    return float(value)  # YAML reads "1e-5" as a string
+  if annotation in (int, float, bool, str) and not isinstance(value, annotation):
+    raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}")
+  return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+  """Builds dataclass ``cls`` from a mapping; unknown keys raise ValueError listing the valid ones."""
+  where = where or cls.__name__
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - names)
+  if unknown:
+    raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+  kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+  return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """Dataclass -> plain dict with lists instead of tuples (YAML/JSON friendly)."""
+  def plain(v):
+    if isinstance(v, tuple):
+      return [plain(x) for x in v]
+    return v
+  return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def preset_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
+  """Resolves a preset name (``repvideo-2b``) or a path to a YAML file."""
+  path = pathlib.Path(name_or_path)
+  if path.suffix in (".yaml", ".yml") and path.exists():
+    return path
+  candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+  if candidate.exists():
+    return candidate
+  available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+  raise FileNotFoundError(
+      f"config preset {str(name_or_path)!r} not found: pass a YAML file path or one of {available}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+  """``'transformer.num_layers=4'`` -> (['transformer', 'num_layers'], 4). Values are parsed as YAML."""
+  if "=" not in text:
+    raise ValueError(f"override {text!r} must look like section.key=value")
+  key, raw = text.split("=", 1)
+  return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+  """Applies ``key=value`` overrides to a nested dict (returns a new dict)."""
+  import copy
+  tree = copy.deepcopy(tree)
+  for text in overrides:
+    path, value = parse_override(text)
+    node = tree
+    for part in path[:-1]:
+      if not isinstance(node.get(part, {}), dict):
+        raise ValueError(f"override {text!r}: {part!r} is not a section")
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return tree
+
+
+def load_yaml(name_or_path: str | pathlib.Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """Reads a preset (by name or path) and applies overrides; returns the nested dict."""
+  with open(preset_path(name_or_path)) as f:
+    tree = yaml.safe_load(f) or {}
+  return apply_overrides(tree, overrides)

@@ -1,0 +1,489 @@
+"""RepVideo: the CogVideoX diffusion transformer with a cross-layer feature cache and per-layer gates.
+
+Reading order: config -> small helpers (positions, time embedding) -> ``Block`` (one expert-AdaLN
+layer) -> ``RepVideoTransformer`` (embeddings, the scanned layer stack with the feature cache, output
+head) -> the pure functional form (``init`` / ``apply``).
+
+Layout conventions (channels last, as everywhere in this package):
+  latents         (B, T, H, W, C)     T latent frames, H x W latent pixels
+  text embeddings (B, L, text_dim)    L must equal ``config.text_length``
+  timesteps       (B,)                integer DDPM timesteps 0..999 (floats allowed)
+  output          (B, T, H, W, C_out) the v-prediction
+The joint token sequence is [text (L) | video (T * H/p * W/p)], video index t*h*w + y*w + x.
+
+The feature cache (spec section 2.2), carried through the layer scan as a running sum S and count n:
+    S, n, h = e, 1, e
+    for layer i:  x = g_i * S / n + (1 - g_i) * h;  h = Block_i(x)
+                  S, n = (h, 1) if i % window == 0 else (S + h, n + 1)
+With ``feature_cache=False`` the model is plain CogVideoX (x = h).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from repvideo_jax import sharding
+from repvideo_jax.attention import attention, resolve_backend
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the denoiser. Defaults are the released RepVideo-2B model."""
+  num_layers: int = 30
+  num_heads: int = 30
+  head_dim: int = 64
+  in_channels: int = 16
+  out_channels: int = 16
+  patch_size: int = 2
+  text_embed_dim: int = 4096
+  text_length: int = 226
+  time_embed_dim: int = 512
+  mlp_dim: int | None = None  # default 4 * hidden
+  norm_eps: float = 1e-5  # block LayerNorms and the final LayerNorm
+  qk_norm_eps: float = 1e-6
+  out_norm_eps: float = 1e-6  # output-head LayerNorm: 1e-6 in SAT, diffusers uses norm_eps
+  # Positions: "sincos" (CogVideoX-2B, additive 3D sin-cos) or "rope" (CogVideoX-5B, 3D rotary).
+  positional_embedding: Literal["sincos", "rope"] = "sincos"
+  sample_frames: int = 13  # latent frames covered by the positional table
+  sample_height: int = 60  # latent height of the positional table
+  sample_width: int = 90  # latent width of the positional table
+  spatial_interpolation_scale: float = 1.875
+  temporal_interpolation_scale: float = 1.0
+  rope_theta: float = 10000.0
+  # RepVideo feature cache and gates.
+  feature_cache: bool = True
+  cache_window: int = 6
+  gate_init: float = 0.5
+  # Initialisation (only matters when not loading weights).
+  zero_init_modulation: bool = True  # DiT convention: AdaLN modulation and output projection start at 0
+  # Execution.
+  scan_layers: bool = True
+  remat: Literal["none", "full", "save_dots"] = "none"
+  dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  attention_backend: Literal["auto", "xla", "cudnn", "splash"] = "xla"
+
+  @property
+  def hidden_size(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @property
+  def ff_dim(self) -> int:
+    return self.mlp_dim or 4 * self.hidden_size
+
+  def __post_init__(self):
+    if self.positional_embedding not in ("sincos", "rope"):
+      raise ValueError(f"positional_embedding must be 'sincos' or 'rope', got {self.positional_embedding!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
+    if self.cache_window < 1:
+      raise ValueError(f"cache_window must be >= 1, got {self.cache_window}")
+    if self.positional_embedding == "sincos" and self.hidden_size % 16:
+      raise ValueError(f"sin-cos positions need hidden size divisible by 16, got {self.hidden_size}")
+    if self.positional_embedding == "rope" and self.head_dim % 16:
+      raise ValueError(f"3D rotary positions need head_dim divisible by 16, got {self.head_dim}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions and timestep features (computed on the host in NumPy: they depend only on shapes).
+
+
+def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """[sin(p w_k) for k < dim/2] ++ [cos(p w_k)], w_k = 10000^(-k/(dim/2)); float64 frequencies."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.outer(positions.astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_3d(config: TransformerConfig, frames: int, height: int, width: int) -> np.ndarray:
+  """3D sin-cos table (frames*height*width, D) for a token grid: [time D/4 | width 3D/8 | height 3D/8]."""
+  dim = config.hidden_size
+  s, ts = np.float32(config.spatial_interpolation_scale), np.float32(config.temporal_interpolation_scale)
+  pos_t = np.arange(frames, dtype=np.float32) / ts
+  pos_y = np.arange(height, dtype=np.float32) / s
+  pos_x = np.arange(width, dtype=np.float32) / s
+  yy, xx = np.meshgrid(pos_y, pos_x, indexing="ij")  # (height, width), width fastest
+  spatial = np.concatenate([_sincos_1d(3 * dim // 8, xx.reshape(-1)),
+                            _sincos_1d(3 * dim // 8, yy.reshape(-1))], axis=1)
+  temporal = _sincos_1d(dim // 4, pos_t)
+  table = np.concatenate([np.repeat(temporal[:, None], height * width, axis=1),
+                          np.broadcast_to(spatial[None], (frames, height * width, 3 * dim // 4))],
+                         axis=-1)
+  return table.reshape(frames * height * width, dim).astype(np.float32)
+
+
+def _crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int):
+  """Where a (grid_h, grid_w) token grid sits inside the base grid after aspect-preserving resize."""
+  if grid_h / grid_w > base_h / base_w:
+    rh, rw = base_h, int(round(base_h / grid_h * grid_w))
+  else:
+    rw, rh = base_w, int(round(base_w / grid_w * grid_h))
+  top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+  return (top, left), (top + rh, left + rw)
+
+
+def rope_3d(config: TransformerConfig, frames: int, height: int, width: int):
+  """Rotary (cos, sin), each (frames*height*width, head_dim), as the CogVideoX-5B pipeline builds them."""
+  p = config.patch_size
+  (top, left), (bottom, right) = _crop_region(height, width, config.sample_height // p,
+                                              config.sample_width // p)
+  f32 = np.float32
+  grid_y = np.linspace(top, bottom * (height - 1) / height, height).astype(f32)
+  grid_x = np.linspace(left, right * (width - 1) / width, width).astype(f32)
+  grid_t = np.linspace(0, frames * (frames - 1) / frames, frames).astype(f32)
+  dim_t, dim_s = config.head_dim // 4, config.head_dim // 8 * 3
+
+  def one_axis(dim, pos):
+    freqs = (f32(1.0) / (f32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim))))
+    angles = np.outer(pos, freqs).astype(f32)
+    return np.repeat(np.cos(angles), 2, axis=1), np.repeat(np.sin(angles), 2, axis=1)
+
+  parts = [one_axis(dim_t, grid_t), one_axis(dim_s, grid_y), one_axis(dim_s, grid_x)]
+  shape = (frames, height, width)
+
+  def combine(idx):
+    t, y, x = (a[idx] for a in parts)
+    return np.concatenate([np.broadcast_to(t[:, None, None], shape + t.shape[-1:]),
+                           np.broadcast_to(y[None, :, None], shape + y.shape[-1:]),
+                           np.broadcast_to(x[None, None, :], shape + x.shape[-1:])], -1).reshape(
+                               frames * height * width, config.head_dim)
+
+  return combine(0), combine(1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s). x: (B, S, H, D), cos/sin: (S, D)."""
+  xf = x.astype(jnp.float32)
+  pairs = xf.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return (xf * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+
+
+def timestep_features(timesteps: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal timestep features [cos ++ sin], frequencies exp(-ln(1e4) k / (dim/2)); float32."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _annotate(init, axes):
+  """Attaches logical axis names to an initializer (mapped to the mesh in ``sharding.py``)."""
+  return nnx.with_metadata(init, logical_axes=tuple(axes))
+
+
+def _linear(cfg: TransformerConfig, din: int, dout: int, axes: tuple, rngs: nnx.Rngs,
+            zero: bool = False) -> nnx.Linear:
+  init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
+  return nnx.Linear(din, dout, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+                    kernel_init=_annotate(init, axes),
+                    bias_init=_annotate(nnx.initializers.zeros_init(), (axes[1],)),
+                    rngs=rngs)
+
+
+def _layer_norm(cfg: TransformerConfig, dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Statistics in float32 with the two-pass variance, like torch.
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=DTYPES[cfg.param_dtype],
+                       use_fast_variance=False,
+                       scale_init=_annotate(nnx.initializers.ones_init(), ("norm",)),
+                       bias_init=_annotate(nnx.initializers.zeros_init(), ("norm",)),
+                       rngs=rngs)
+
+
+def _per_token(text_val: jax.Array, video_val: jax.Array, text_len: int, seq_len: int) -> jax.Array:
+  """Broadcasts per-sample (B, D) text/video values over the [text | video] token axis -> (B, S, D)."""
+  b, d = text_val.shape
+  return jnp.concatenate([jnp.broadcast_to(text_val[:, None], (b, text_len, d)),
+                          jnp.broadcast_to(video_val[:, None], (b, seq_len - text_len, d))], axis=1)
+
+
+class Block(nnx.Module):
+  """One expert-AdaLN transformer layer (spec 3.5): separate text/video modulation, shared weights."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    d, e = cfg.hidden_size, cfg.time_embed_dim
+    zero = cfg.zero_init_modulation
+    self.cfg = cfg
+    self.norm1 = _layer_norm(cfg, d, cfg.norm_eps, rngs)
+    # 6 chunks: shift, scale, gate (video), then text shift, scale, gate -- diffusers' LayerNormZero order.
+    self.norm1_mod = _linear(cfg, e, 6 * d, (None, "modulation"), rngs, zero=zero)
+    self.to_q = _linear(cfg, d, d, ("embed", "heads"), rngs)
+    self.to_k = _linear(cfg, d, d, ("embed", "heads"), rngs)
+    self.to_v = _linear(cfg, d, d, ("embed", "heads"), rngs)
+    self.norm_q = _layer_norm(cfg, cfg.head_dim, cfg.qk_norm_eps, rngs)
+    self.norm_k = _layer_norm(cfg, cfg.head_dim, cfg.qk_norm_eps, rngs)
+    self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs)
+    self.norm2 = _layer_norm(cfg, d, cfg.norm_eps, rngs)
+    self.norm2_mod = _linear(cfg, e, 6 * d, (None, "modulation"), rngs, zero=zero)
+    self.ff_in = _linear(cfg, d, cfg.ff_dim, ("embed", "mlp"), rngs)
+    self.ff_out = _linear(cfg, cfg.ff_dim, d, ("mlp", "embed"), rngs)
+
+  def _modulated(self, norm, mod, x, text_len):
+    """LN(x) * (1 + scale) + shift with per-modality (shift, scale); also returns the per-token gate."""
+    shift, scale, gate, t_shift, t_scale, t_gate = jnp.split(mod, 6, axis=-1)
+    seq = x.shape[1]
+    y = norm(x).astype(x.dtype)
+    y = y * (1 + _per_token(t_scale, scale, text_len, seq)) + _per_token(t_shift, shift, text_len, seq)
+    return y, _per_token(t_gate, gate, text_len, seq)
+
+  def __call__(self, x: jax.Array, temb: jax.Array, text_len: int, rope=None) -> jax.Array:
+    """x: (B, S, D) joint [text | video] tokens; temb: (B, E) SiLU-activated time embedding."""
+    cfg = self.cfg
+    b, s, d = x.shape
+    h, hd = cfg.num_heads, cfg.head_dim
+    a, gate = self._modulated(self.norm1, self.norm1_mod(temb), x, text_len)
+    q = self.norm_q(self.to_q(a).reshape(b, s, h, hd)).astype(x.dtype)
+    k = self.norm_k(self.to_k(a).reshape(b, s, h, hd)).astype(x.dtype)
+    v = self.to_v(a).reshape(b, s, h, hd)
+    if rope is not None:  # rotary positions on the video tokens only
+      cos, sin = rope
+      q = jnp.concatenate([q[:, :text_len], apply_rope(q[:, text_len:], cos, sin)], axis=1)
+      k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
+    q, k, v = (sharding.constrain(t, ("activation_batch", "activation_length", "activation_heads", None))
+               for t in (q, k, v))
+    o = attention(q, k, v, backend=cfg.attention_backend).reshape(b, s, d)
+    x = x + gate * self.to_out(o)
+    f, gate = self._modulated(self.norm2, self.norm2_mod(temb), x, text_len)
+    f = self.ff_out(jax.nn.gelu(self.ff_in(f), approximate=True))
+    return x + gate * f
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+class RepVideoTransformer(nnx.Module):
+  """CogVideoX DiT with RepVideo's feature cache. Call with (latents, timesteps, text_embeddings)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    d, p = cfg.hidden_size, cfg.patch_size
+    self.cfg = cfg
+    pdt = DTYPES[cfg.param_dtype]
+    # Patch embedding: a stride-p conv, stored as an HWIO kernel (p, p, C_in, D).
+    self.patch_kernel = nnx.Param(_annotate(nnx.initializers.xavier_uniform(
+        in_axis=(0, 1, 2), out_axis=3), ("patch", "patch", None, "embed"))(
+            rngs.params(), (p, p, cfg.in_channels, d), pdt))
+    self.patch_bias = nnx.Param(jnp.zeros((d,), pdt), logical_axes=("embed",))
+    self.text_proj = _linear(cfg, cfg.text_embed_dim, d, ("text_embed", "embed"), rngs)
+    self.time_linear_1 = _linear(cfg, d, cfg.time_embed_dim, (None, "time_embed"), rngs)
+    self.time_linear_2 = _linear(cfg, cfg.time_embed_dim, cfg.time_embed_dim, (None, "time_embed"), rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)  # stacked: every block param gains a leading "layers" axis
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    if cfg.feature_cache:
+      self.gates = nnx.Param(jnp.full((cfg.num_layers,), cfg.gate_init, pdt), logical_axes=("layers",))
+    self.norm_final = _layer_norm(cfg, d, cfg.norm_eps, rngs)
+    self.norm_out = _layer_norm(cfg, d, cfg.out_norm_eps, rngs)
+    self.norm_out_mod = _linear(cfg, cfg.time_embed_dim, 2 * d, (None, "modulation"), rngs,
+                                zero=cfg.zero_init_modulation)  # (shift, scale)
+    # Output features ordered (py, px, c) so unpatchify is a plain channels-last reshape.
+    self.proj_out = _linear(cfg, d, p * p * cfg.out_channels, ("embed", None), rngs,
+                            zero=cfg.zero_init_modulation)
+
+  # -- input checks ----------------------------------------------------------------------------
+
+  def check_inputs(self, latents, timesteps, text) -> None:
+    """Raises ValueError with the problem and the fix for inputs this model cannot take."""
+    cfg = self.cfg
+    if latents.ndim != 5:
+      raise ValueError(f"latents must be (batch, frames, height, width, channels) channels-last, "
+                       f"got shape {latents.shape}")
+    b, t, h, w, c = latents.shape
+    if c != cfg.in_channels:
+      raise ValueError(f"latents have {c} channels, the model takes {cfg.in_channels} (channels-last "
+                       f"layout (B, T, H, W, C); transpose PyTorch (B, T, C, H, W) latents first)")
+    p = cfg.patch_size
+    if h % p or w % p:
+      raise ValueError(f"latent height/width {h}x{w} must be divisible by the patch size {p} "
+                       f"(video height/width divisible by {8 * p})")
+    if cfg.positional_embedding == "sincos" and (
+        t > cfg.sample_frames or h > cfg.sample_height or w > cfg.sample_width):
+      raise ValueError(
+          f"latents {t}x{h}x{w} (frames x height x width) exceed the positional table "
+          f"{cfg.sample_frames}x{cfg.sample_height}x{cfg.sample_width}; use at most that many latent "
+          f"frames ({4 * (cfg.sample_frames - 1) + 1} video frames) and pixels, or raise "
+          f"sample_frames/sample_height/sample_width in the config")
+    if text.ndim != 3 or text.shape[-1] != cfg.text_embed_dim:
+      raise ValueError(f"text embeddings must be (batch, {cfg.text_length}, {cfg.text_embed_dim}), "
+                       f"got {text.shape}")
+    if text.shape[1] != cfg.text_length:
+      raise ValueError(f"text embeddings have {text.shape[1]} tokens, the model takes exactly "
+                       f"{cfg.text_length}: pad or truncate the prompt tokens to {cfg.text_length}")
+    if text.shape[0] != b:
+      raise ValueError(f"batch mismatch: {b} latents but {text.shape[0]} text embeddings")
+    if timesteps.ndim != 1 or timesteps.shape[0] != b:
+      raise ValueError(f"timesteps must be shape ({b},), one per sample, got {timesteps.shape}")
+
+  # -- forward ---------------------------------------------------------------------------------
+
+  def embed(self, latents, text):
+    """Patch + text embedding and positions -> (B, L + T*h*w, D) joint sequence."""
+    cfg = self.cfg
+    dt = DTYPES[cfg.dtype]
+    b, t, h, w, c = latents.shape
+    p = cfg.patch_size
+    x = latents.astype(dt).reshape(b, t, h // p, p, w // p, p, c)
+    video = jnp.einsum("btypxqc,pqcd->btyxd", x, self.patch_kernel[...].astype(dt))
+    video = video.reshape(b, -1, cfg.hidden_size) + self.patch_bias[...].astype(dt)
+    if cfg.positional_embedding == "sincos":
+      video = video + jnp.asarray(sincos_3d(cfg, t, h // p, w // p), dt)
+    text = self.text_proj(text.astype(dt))
+    return jnp.concatenate([text, video], axis=1)
+
+  def time_embedding(self, timesteps):
+    feats = timestep_features(timesteps, self.cfg.hidden_size).astype(DTYPES[self.cfg.dtype])
+    return self.time_linear_2(jax.nn.silu(self.time_linear_1(feats)))
+
+  def run_layers(self, x, temb_act, text_len, rope):
+    """The layer stack with the feature cache; a scan over stacked layer params (or a Python loop)."""
+    cfg = self.cfg
+    graphdef, layer_state = nnx.split(self.blocks)
+    gates = (self.gates[...].astype(jnp.float32) if cfg.feature_cache
+             else jnp.zeros((cfg.num_layers,), jnp.float32))
+    resets = jnp.asarray(np.arange(cfg.num_layers) % cfg.cache_window == 0)
+
+    def step(carry, xs):
+      h, total, count = carry
+      params, g, reset = xs
+      if cfg.feature_cache:
+        mixed = g * (total / count) + (1.0 - g) * h.astype(jnp.float32)
+        inp = mixed.astype(h.dtype)
+      else:
+        inp = h
+      inp = sharding.constrain(inp, ("activation_batch", "activation_length", "activation_embed"))
+      out = nnx.merge(graphdef, params)(inp, temb_act, text_len, rope)
+      if cfg.feature_cache:
+        out32 = out.astype(jnp.float32)
+        total = jnp.where(reset, out32, total + out32)
+        count = jnp.where(reset, 1.0, count + 1.0)
+      return (out, total, count), None
+
+    step = _remat(step, cfg.remat)
+    total0 = x.astype(jnp.float32) if cfg.feature_cache else jnp.zeros((), jnp.float32)
+    carry = (x, total0, jnp.ones((), jnp.float32))
+    if cfg.scan_layers:
+      carry, _ = jax.lax.scan(step, carry, (layer_state, gates, resets))
+    else:
+      for i in range(cfg.num_layers):
+        carry, _ = step(carry, jax.tree.map(lambda a: a[i], (layer_state, gates, resets)))
+    return carry[0]
+
+  def __call__(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    latents, timesteps = jnp.asarray(latents), jnp.asarray(timesteps)
+    text_embeddings = jnp.asarray(text_embeddings)
+    if timesteps.ndim == 0:
+      timesteps = jnp.broadcast_to(timesteps, (latents.shape[0],))
+    self.check_inputs(latents, timesteps, text_embeddings)
+    resolve_backend(cfg.attention_backend)
+    b, t, h, w, _ = latents.shape
+    p, text_len = cfg.patch_size, text_embeddings.shape[1]
+    temb = self.time_embedding(timesteps)
+    temb_act = jax.nn.silu(temb)
+    x = self.embed(latents, text_embeddings)
+    rope = None
+    if cfg.positional_embedding == "rope":
+      rope = tuple(jnp.asarray(a) for a in rope_3d(cfg, t, h // p, w // p))
+    x = self.run_layers(x, temb_act, text_len, rope)
+    video = self.norm_final(x[:, text_len:]).astype(x.dtype)
+    shift, scale = jnp.split(self.norm_out_mod(temb_act), 2, axis=-1)
+    video = self.norm_out(video).astype(x.dtype) * (1 + scale[:, None]) + shift[:, None]
+    out = self.proj_out(video)  # (B, T*h*w, p*p*C), features ordered (py, px, c)
+    out = out.reshape(b, t, h // p, w // p, p, p, cfg.out_channels)
+    return out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h, w, cfg.out_channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functional form: params are a plain nested dict of arrays.
+
+
+def create(config: TransformerConfig, rng: int | jax.Array = 0) -> RepVideoTransformer:
+  """Builds the NNX module with freshly initialised weights."""
+  key = jax.random.key(rng) if isinstance(rng, int) else rng
+  return RepVideoTransformer(config, rngs=nnx.Rngs(params=key))
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(config: TransformerConfig):
+  """(graphdef, abstract param state) of a config, without allocating weights."""
+  model = nnx.eval_shape(lambda: create(config, 0))
+  return nnx.split(model, nnx.Param)
+
+
+def abstract_params(config: TransformerConfig) -> dict[str, Any]:
+  """The param tree of ``config`` as jax.ShapeDtypeStruct leaves."""
+  _, state = _abstract(config)
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+
+
+def logical_axes(config: TransformerConfig) -> dict[str, Any]:
+  """The param tree of ``config`` with each leaf's logical axis names (tuples), for sharding."""
+  _, state = _abstract(config)
+
+  def names(path, var):
+    axes = tuple(var.get_metadata().get("logical_axes") or ())
+    if path[0] == "blocks":
+      axes = ("layers",) + axes
+    return axes if len(axes) == len(var.shape) else (None,) * len(var.shape)
+
+  flat = nnx.to_flat_state(state)
+  return nnx.to_pure_dict(nnx.from_flat_state([(path, nnx.Param(names(path, v)))
+                                               for path, v in flat]))
+
+
+def split_params(model: RepVideoTransformer) -> dict[str, Any]:
+  """NNX module -> plain nested dict of param arrays."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def merge(config: TransformerConfig, params: dict[str, Any]) -> RepVideoTransformer:
+  """Plain param dict -> NNX module (cheap; usable inside jit)."""
+  graphdef, state = _abstract(config)
+  state = jax.tree.map(lambda x: x, state)  # a fresh copy of the abstract state to fill in
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def init(config: TransformerConfig, rng: int | jax.Array = 0) -> dict[str, Any]:
+  """Fresh params for ``config`` as a plain nested dict of arrays."""
+  return split_params(create(config, rng))
+
+
+def apply(params: dict[str, Any], latents: jax.Array, timesteps: jax.Array,
+          text_embeddings: jax.Array, *, config: TransformerConfig) -> jax.Array:
+  """Pure forward: v-prediction (B, T, H, W, C) for channels-last latents. jit/grad/vmap friendly."""
+  return merge(config, params)(latents, timesteps, text_embeddings)
+
+
+def make_apply(config: TransformerConfig):
+  """``apply`` with the config bound: ``fn(params, latents, timesteps, text_embeddings)``."""
+  return functools.partial(apply, config=config)

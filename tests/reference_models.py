@@ -1,0 +1,109 @@
+"""Reference implementations used by the tests (PyTorch, built on diffusers' own modules).
+
+``repvideo_reference_forward`` is an independent implementation of the RepVideo loop exactly in
+the list-of-cached-tensors form of spec section 2.2 (not the running-sum form our model uses),
+reusing the diffusers CogVideoX blocks for everything that is stock CogVideoX.
+"""
+
+import types
+
+import numpy as np
+import torch
+from diffusers import CogVideoXTransformer3DModel
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+
+TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            text_embed_dim=32, time_embed_dim=16, sample_frames=9, sample_height=8, sample_width=8,
+            patch_size=2, max_text_seq_length=8, use_rotary_positional_embeddings=False,
+            temporal_compression_ratio=4)
+
+
+def tiny_diffusers_transformer(seed=0, **overrides):
+  from conftest import randomize_
+  torch.manual_seed(seed)
+  model = CogVideoXTransformer3DModel(**{**TINY, **overrides})
+  return randomize_(model, seed)
+
+
+def rotary_embeddings(model, frames, height, width):
+  """The CogVideoX pipeline's own rotary table for latents (frames, height, width)."""
+  fake_pipe = types.SimpleNamespace(vae_scale_factor_spatial=8, transformer=model)
+  return CogVideoXPipeline._prepare_rotary_positional_embeddings(
+      fake_pipe, height * 8, width * 8, frames, torch.device("cpu"))
+
+
+def diffusers_forward(model, latents_tchw, timesteps, text):
+  """diffusers forward; latents (B, T, C, H, W) torch."""
+  rope = None
+  if model.config.use_rotary_positional_embeddings:
+    _, t, _, h, w = latents_tchw.shape
+    rope = rotary_embeddings(model, t, h, w)
+  return model(latents_tchw, text, timesteps, image_rotary_emb=rope, return_dict=False)[0]
+
+
+def repvideo_reference_forward(model, latents_tchw, timesteps, text, gates, window=6):
+  """RepVideo forward, spec 2.2 loop: list cache of block outputs, reset when i % window == 0."""
+  cfg = model.config
+  b, t, c, h, w = latents_tchw.shape
+  rope = rotary_embeddings(model, t, h, w) if cfg.use_rotary_positional_embeddings else None
+  emb = model.time_embedding(model.time_proj(timesteps).to(latents_tchw.dtype))
+  seq = model.patch_embed(text, latents_tchw)  # [text | video] + positions
+  text_len = text.shape[1]
+  hstate = seq
+  cache = [seq]
+  for i, block in enumerate(model.transformer_blocks):
+    m = cache[0] if len(cache) == 1 else torch.stack(cache).mean(0)
+    x = gates[i] * m + (1 - gates[i]) * hstate
+    video, txt = block(x[:, text_len:], x[:, :text_len], emb, rope)
+    hstate = torch.cat([txt, video], dim=1)
+    cache = [hstate] if i % window == 0 else cache + [hstate]
+  video = model.norm_final(hstate[:, text_len:])
+  video = model.norm_out(video, temb=emb)
+  video = model.proj_out(video)
+  p = cfg.patch_size
+  out = video.reshape(b, t, h // p, w // p, -1, p, p)
+  return out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+
+
+def to_channels_last(x_tchw: torch.Tensor) -> np.ndarray:
+  return x_tchw.permute(0, 1, 3, 4, 2).numpy()
+
+
+def sat_state_dict(model, gates=None) -> dict[str, torch.Tensor]:
+  """Writes a diffusers CogVideoX model's weights under the official SAT key names (spec 7.1).
+
+  This is the inverse of the SAT -> diffusers converter described in spec 7.2, written
+  independently of our loader: fused q|k|v, 12-way adaLN chunks in SAT order, pos table included.
+  """
+  sd = {k: v.clone() for k, v in model.state_dict().items()}
+  out = {}
+  ren = {"patch_embed.proj": "mixins.patch_embed.proj", "patch_embed.text_proj": "mixins.patch_embed.text_proj",
+         "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+         "norm_final": "transformer.final_layernorm", "norm_out.norm": "mixins.final_layer.norm_final",
+         "norm_out.linear": "mixins.final_layer.adaLN_modulation.1", "proj_out": "mixins.final_layer.linear"}
+  for src, dst in ren.items():
+    for wb in ("weight", "bias"):
+      out[f"{dst}.{wb}"] = sd[f"{src}.{wb}"]
+  for i in range(model.config.num_layers):
+    pre, lay = f"transformer_blocks.{i}", f"transformer.layers.{i}"
+    for wb in ("weight", "bias"):
+      out[f"{lay}.input_layernorm.{wb}"] = sd[f"{pre}.norm1.norm.{wb}"]
+      out[f"{lay}.post_attention_layernorm.{wb}"] = sd[f"{pre}.norm2.norm.{wb}"]
+      out[f"{lay}.attention.query_key_value.{wb}"] = torch.cat(
+          [sd[f"{pre}.attn1.to_{n}.{wb}"] for n in "qkv"], 0)
+      out[f"{lay}.attention.dense.{wb}"] = sd[f"{pre}.attn1.to_out.0.{wb}"]
+      out[f"{lay}.mlp.dense_h_to_4h.{wb}"] = sd[f"{pre}.ff.net.0.proj.{wb}"]
+      out[f"{lay}.mlp.dense_4h_to_h.{wb}"] = sd[f"{pre}.ff.net.2.{wb}"]
+      out[f"mixins.adaln_layer.query_layernorm_list.{i}.{wb}"] = sd[f"{pre}.attn1.norm_q.{wb}"]
+      out[f"mixins.adaln_layer.key_layernorm_list.{i}.{wb}"] = sd[f"{pre}.attn1.norm_k.{wb}"]
+      n1 = sd[f"{pre}.norm1.linear.{wb}"].chunk(6, 0)  # shift, scale, gate, t_shift, t_scale, t_gate
+      n2 = sd[f"{pre}.norm2.linear.{wb}"].chunk(6, 0)
+      # SAT order: msa(shift, scale, gate), mlp(shift, scale, gate), then the same for text.
+      out[f"mixins.adaln_layer.adaLN_modulations.{i}.1.{wb}"] = torch.cat(
+          [n1[0], n1[1], n1[2], n2[0], n2[1], n2[2], n1[3], n1[4], n1[5], n2[3], n2[4], n2[5]], 0)
+  if gates is not None:
+    out["transformer.learnable_gating"] = torch.as_tensor(gates, dtype=torch.float32)
+  if "patch_embed.pos_embedding" in model.patch_embed.state_dict(keep_vars=True) or hasattr(
+      model.patch_embed, "pos_embedding"):
+    out["mixins.pos_embed.pos_embedding"] = model.patch_embed.pos_embedding.clone()
+  return {"model.diffusion_model." + k: v for k, v in out.items()}
