@@ -109,3 +109,16 @@ def load_yaml(name_or_path: str | pathlib.Path, overrides: Sequence[str] = ()) -
   with open(preset_path(name_or_path)) as f:
     tree = yaml.safe_load(f) or {}
   return apply_overrides(tree, overrides)
+
+
+def load_section(cls: type[T], section: str, name_or_path: str | pathlib.Path,
+                 overrides: Sequence[str] = ()) -> T:
+  """One typed section of a preset, e.g. ``load_section(TransformerConfig, 'transformer', 'tiny')``.
+
+  Overrides may be given as ``section.key=value`` or, for this section, plain ``key=value``.
+  """
+  overrides = [o if o.split("=", 1)[0].count(".") else f"{section}.{o}" for o in overrides]
+  tree = load_yaml(name_or_path, overrides)
+  if section not in tree:
+    raise ValueError(f"preset {str(name_or_path)!r} has no {section!r} section (has {sorted(tree)})")
+  return from_dict(cls, tree[section] or {}, where=f"{name_or_path}:{section}")

@@ -14,6 +14,7 @@ import pathlib
 import re
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 
 from repvideo_jax import checkpoint_io
@@ -194,6 +195,19 @@ def _assemble(state: dict[str, np.ndarray], rules, cfg: TransformerConfig, *, ig
   return params
 
 
+def _check_shapes(params, cfg: TransformerConfig) -> None:
+  want = dict(_flatten(abstract_params(cfg)))
+  have = dict(_flatten(params))
+  if set(want) != set(have):
+    raise CheckpointKeyError(
+        f"converted params do not match the config: missing {sorted(map('.'.join, set(want) - set(have)))}, "
+        f"unexpected {sorted(map('.'.join, set(have) - set(want)))}")
+  for path, leaf in want.items():
+    if tuple(have[path].shape) != tuple(leaf.shape):
+      raise CheckpointKeyError(f"shape mismatch for {'.'.join(path)}: checkpoint gives "
+                               f"{tuple(have[path].shape)}, config expects {tuple(leaf.shape)}")
+
+
 def _flatten(tree, prefix=()):
   for k, v in tree.items():
     if isinstance(v, dict):
@@ -325,6 +339,14 @@ def detect_format(path: str | pathlib.Path) -> str:
       f"found {sorted(p.name for p in path.iterdir())[:20]}")
 
 
+def save(path: str | pathlib.Path, config: TransformerConfig, params: dict[str, Any], *,
+         source: str | None = None, overwrite: bool = False) -> None:
+  """Writes our converted format: orbax params plus ``metadata.json`` with the config and source."""
+  from repvideo_jax.config import to_dict
+  checkpoint_io.save_params(path, params, overwrite=overwrite, metadata={
+      "component": "transformer", "config": to_dict(config), "source": source})
+
+
 def load(path: str | pathlib.Path, config: TransformerConfig | None = None, *,
          allow_missing_gates: bool = True, progress: bool = False, **config_overrides
          ) -> tuple[TransformerConfig, dict[str, Any]]:
@@ -338,10 +360,21 @@ def load(path: str | pathlib.Path, config: TransformerConfig | None = None, *,
   fmt = detect_format(path)
   if fmt == "ours":
     params, meta = checkpoint_io.load_params(path)
-    stored = TransformerConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in meta["config"].items()})
+    if meta.get("component", "transformer") != "transformer":
+      raise ValueError(f"{path} holds a converted {meta['component']!r}, not a transformer")
+    from repvideo_jax.config import from_dict
+    stored = from_dict(TransformerConfig, meta["config"], where=f"{path}/metadata.json")
     cfg = config or dataclasses.replace(stored, **config_overrides)
-    return cfg, params
+    if cfg.feature_cache and "gates" not in params:
+      if not allow_missing_gates:
+        raise CheckpointKeyError(f"{path} has no RepVideo gates but feature_cache=True")
+      log.warning("converted checkpoint has no RepVideo gates: initialising them to %s", cfg.gate_init)
+      params = {**params, "gates": np.full((cfg.num_layers,), cfg.gate_init, np.float32)}
+    elif not cfg.feature_cache and "gates" in params:
+      params = {k: v for k, v in params.items() if k != "gates"}
+    _check_shapes(params, cfg)
+    dtype = np.dtype(DTYPES[cfg.param_dtype])
+    return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
   if fmt == "diffusers":
     folder = path / "transformer" if (path / "transformer").is_dir() and not (
         path / "config.json").exists() else path
