@@ -1,0 +1,285 @@
+"""Samplers for the v-prediction RepVideo / CogVideoX-2B denoiser (spec sections 4.2, 4.4, 4.5), in JAX.
+
+Denoiser (spec 4.2). The network F predicts v = a eps - sqrt(1 - a^2) x0 and the x0 estimate is
+    D(x; a, t) = a_q x - sqrt(1 - a_q^2) F(x, t, text)
+where a_q is a quantised to the nearest entry of the 1000-table (c_skip = a_q, c_out = -sqrt(1 - a_q^2))
+while the timestep embedding receives the raw timestep t.
+
+Guidance (spec 4.5). Network calls use a doubled batch [uncond | cond] and are combined on x0:
+    D = D_u + w (D_c - D_u)
+(equivalent to CFG on v, D being affine in v with shared coefficients). The released uncond text is an
+all-zero embedding; an encoded negative prompt may be passed instead.
+
+DPM-Solver++(2M) SDE, VP form (``VPSDEDPMPP2MSampler``, spec 4.4). With sigma = sqrt(1 - a^2),
+lambda = log(a / sigma), h_i = lambda_{i+1} - lambda_i and r_i = h_{i-1} / h_i, for i = 0..n-1:
+    D_i = D(x_i; a_i, t_i)                          (CFG-combined)
+    i == n-1:  return D_i                           (the update toward a = 1 is skipped)
+    x_{i+1} = (sigma_{i+1} / sigma_i) e^{-h_i} x_i + a_{i+1} (1 - e^{-2 h_i}) Dhat_i
+              + sigma_{i+1} sqrt(1 - e^{-2 h_i}) z_i
+    Dhat_i  = D_i for i = 0, else (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_{i-1}
+Written as x_{i+1} = c_x x_i + c_d D_i + c_prev D_{i-1} + c_z z_i, the four coefficients are computed on
+the host in float64 (``dpmpp2m_sde_coefficients``) where the infinite lambdas are harmless: a_0 = 0 gives
+lambda_0 = -inf, h_0 = +inf, so c_x = 0 and c_d = a_1 at i = 0 (DDPM-style re-noising); at i = 1 the
+infinite h_0 makes 1/(2r) = 0 (first order again). The device never sees an inf, so there is no 0 * inf.
+
+Noise (same seed -> same video). The initial x_0 is the ``noise`` argument (N(0, I), no scaling), drawn by
+the caller. The step-i noise z_i (i = 0..n-2) is ``jax.random.normal(jax.random.fold_in(key, i), x.shape,
+float32)``. The release draws a normal for the first-order candidate on every step and discards it on
+steps i >= 1 in favour of a fresh draw (z1 / z2); with counter-based keys nothing needs to be discarded,
+so z_i is used directly on every step. For parity tests ``step_noise`` (n-1, *x.shape) injects z_i.
+
+DDIM (eta = 0) reproduces diffusers' ``CogVideoXDDIMScheduler.step`` with ``v_prediction``:
+    x0 = sqrt(abar_t) x - sqrt(1 - abar_t) v
+    x <- sqrt((1 - abar_prev) / (1 - abar_t)) x + (sqrt(abar_prev) - sqrt(abar_t) sqrt(...)) x0
+on the diffusers tables (``schedule.diffusers_sampling_schedule``); the last step lands on x0.
+
+Compilation. Each sampler runs all steps in one ``jax.lax.scan`` over per-step float32 arrays inside
+one ``jax.jit``; it recompiles only when shapes (including num_steps), ``model_fn`` or ``use_cfg`` change.
+Pass the *same* ``model_fn`` object each call (e.g. a module-level function or ``transformer.apply``) and
+pass large weights through ``params`` (``model_fn(params, x, t, text)``): arrays captured by a closure are
+baked into the program as constants. There is no per-step callback; ``SamplingSchedule.num_steps`` (each
+step = one network call on a 2B batch with CFG) is the metadata a pipeline can use for progress/ETA.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvideo_jax import schedule as schedules
+
+ModelFn = Callable[..., jax.Array]
+
+
+# ----------------------------------------------------------------------------------------------
+# Denoiser and guidance.
+
+
+def _call_model(model_fn: ModelFn, params: Any, x, timesteps, text) -> jax.Array:
+  out = model_fn(x, timesteps, text) if params is None else model_fn(params, x, timesteps, text)
+  return out.astype(jnp.float32)
+
+
+def quantize_to_table(a: jax.Array, table: jax.Array) -> jax.Array:
+  """Nearest entry of ``table`` to each a (ties to the lower index), elementwise; JAX twin of
+  ``schedule.quantize_to_table`` for a computed on device."""
+  table = jnp.asarray(table)
+  a = jnp.asarray(a, table.dtype)
+  return table[jnp.argmin(jnp.abs(a[..., None] - table), axis=-1)]
+
+
+def v_to_x0(x: jax.Array, v: jax.Array, c_skip, c_out) -> jax.Array:
+  """x0 = c_skip x - c_out v with c_skip = a, c_out = sqrt(1 - a^2)."""
+  return c_skip * x - c_out * v
+
+
+def denoise(model_fn: ModelFn, x: jax.Array, a, timesteps, text: jax.Array, *, table=None,
+            params: Any = None) -> jax.Array:
+  """x0 estimate D(x; a, t) (spec 4.2) for one batch; a is scalar or (B,), timesteps raw (B,) or scalar.
+
+  With ``table`` (the 1000-table, ``schedule.sqrt_alpha_table()``) a is first quantised to its nearest
+  entry; the timestep embedding always receives the raw ``timesteps``.
+  """
+  x = x.astype(jnp.float32)
+  a = jnp.asarray(a, jnp.float32)
+  if table is not None:
+    a = quantize_to_table(a, table)
+  a = jnp.broadcast_to(a, x.shape[:1]).reshape((-1,) + (1,) * (x.ndim - 1))
+  t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), x.shape[:1])
+  v = _call_model(model_fn, params, x, t, text)
+  return v_to_x0(x, v, a, jnp.sqrt(1.0 - a * a))
+
+
+def cfg_combine(x0_uncond: jax.Array, x0_cond: jax.Array, w) -> jax.Array:
+  """Classifier-free guidance on x0 estimates: D_u + w (D_c - D_u)."""
+  return x0_uncond + w * (x0_cond - x0_uncond)
+
+
+def unconditional_text(text_cond: jax.Array, text_uncond: jax.Array | None = None) -> jax.Array:
+  """The uncond branch's text: zeros (released, ``force_uc_zero_embeddings``) or the given embedding."""
+  if text_uncond is None:
+    return jnp.zeros_like(text_cond)
+  return jnp.broadcast_to(jnp.asarray(text_uncond, text_cond.dtype), text_cond.shape)
+
+
+def guided_denoise(model_fn: ModelFn, x: jax.Array, c_skip, c_out, timestep, text_cond: jax.Array,
+                   text_uncond: jax.Array | None, w, *, params: Any = None) -> jax.Array:
+  """CFG-combined x0 at one level. One network call on [uncond | cond] (2B); scalar c_skip/c_out/t/w.
+
+  ``text_uncond=None`` disables guidance (a single B-batch call, w unused).
+  """
+  x = x.astype(jnp.float32)
+  if text_uncond is None:
+    t = jnp.full(x.shape[:1], timestep, jnp.float32)
+    return v_to_x0(x, _call_model(model_fn, params, x, t, text_cond), c_skip, c_out)
+  xx = jnp.concatenate([x, x], axis=0)
+  t = jnp.full(xx.shape[:1], timestep, jnp.float32)
+  text = jnp.concatenate([text_uncond.astype(text_cond.dtype), text_cond], axis=0)
+  x0 = v_to_x0(xx, _call_model(model_fn, params, xx, t, text), c_skip, c_out)
+  x0_uncond, x0_cond = jnp.split(x0, 2, axis=0)
+  return cfg_combine(x0_uncond, x0_cond, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side per-step arrays (float64, then float32 for the device).
+
+
+def _log_snr(a: np.ndarray) -> np.ndarray:
+  """lambda = log(a / sqrt(1 - a^2)); -inf at a = 0, +inf at a = 1."""
+  a = np.asarray(a, np.float64)
+  with np.errstate(divide="ignore"):
+    return np.log(a) - 0.5 * np.log1p(-a * a)
+
+
+def dpmpp2m_sde_coefficients(sched: schedules.SamplingSchedule) -> dict[str, np.ndarray]:
+  """Per-step (c_x, c_d, c_prev, c_z), float64, for x_{i+1} = c_x x_i + c_d D_i + c_prev D_{i-1} + c_z z_i.
+
+  The last step's coefficients are 0 (the sampler returns D_{n-1}). All entries are finite.
+  """
+  a = np.asarray(sched.alphas, np.float64)
+  a_next = np.asarray(sched.alphas_next, np.float64)
+  n = len(a)
+  sigma, sigma_next = np.sqrt(1.0 - a * a), np.sqrt(1.0 - a_next * a_next)
+  lam, lam_next = _log_snr(a), _log_snr(a_next)
+  with np.errstate(invalid="ignore"):
+    h = lam_next - lam  # +inf when a_i = 0 or a_{i+1} = 1
+    decay = np.exp(-h)  # e^{-h}: 0 for infinite h
+    one_minus = -np.expm1(-2.0 * h)  # 1 - e^{-2h}
+    # 1/(2r) = h_i / (2 h_last), h_last = lambda_i - lambda_{i-1}; 0 on the first step and whenever
+    # h_last is infinite (a_{i-1} = 0).
+    h_last = np.concatenate([[np.inf], lam[1:] - lam[:-1]])
+    half_inv_r = np.where(np.isinf(h_last), 0.0, 0.5 * h / np.where(np.isinf(h_last), 1.0, h_last))
+  c_x = np.where(decay == 0.0, 0.0, sigma_next / sigma * decay)
+  c_z = sigma_next * np.sqrt(one_minus)
+  c_d = a_next * one_minus * (1.0 + half_inv_r)
+  c_prev = -a_next * one_minus * half_inv_r
+  coefs = {"c_x": c_x, "c_d": c_d, "c_prev": c_prev, "c_z": c_z}
+  for v in coefs.values():
+    v[n - 1] = 0.0
+  if not all(np.all(np.isfinite(v)) for v in coefs.values()):
+    raise ValueError("non-finite DPM++(2M) SDE coefficients; check the schedule")
+  return coefs
+
+
+def ddim_coefficients(sched: schedules.SamplingSchedule) -> dict[str, np.ndarray]:
+  """Per-step (c_x, c_d), float64, for the eta = 0 DDIM update x <- c_x x + c_d x0 (diffusers formula)."""
+  abar = np.asarray(sched.alphas, np.float64) ** 2
+  abar_prev = np.asarray(sched.alphas_next, np.float64) ** 2
+  c_x = np.sqrt((1.0 - abar_prev) / (1.0 - abar))
+  return {"c_x": c_x, "c_d": np.sqrt(abar_prev) - np.sqrt(abar) * c_x}
+
+
+def _step_arrays(sched: schedules.SamplingSchedule, cfg_weights, coefs: dict[str, np.ndarray]):
+  n = sched.num_steps
+  weights = np.asarray(cfg_weights, np.float64).reshape(-1)
+  if weights.shape != (n,):
+    raise ValueError(f"cfg_weights must have one weight per step ({n}), got shape {weights.shape}")
+  a_q = np.asarray(sched.model_alphas, np.float64)
+  steps = {"i": np.arange(n, dtype=np.int32),
+           "t": np.asarray(sched.timesteps, np.float32),
+           "c_skip": a_q, "c_out": np.sqrt(1.0 - a_q * a_q), "w": weights, **coefs}
+  return {k: jnp.asarray(v if v.dtype == np.int32 else v.astype(np.float32)) for k, v in steps.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled loops.
+
+
+def _step_noise_fn(key, step_noise, shape):
+  if step_noise is not None:
+    last = step_noise.shape[0] - 1
+    if last < 0:
+      return lambda i: jnp.zeros(shape, jnp.float32)
+    return lambda i: jax.lax.dynamic_index_in_dim(step_noise, jnp.minimum(i, last), keepdims=False)
+  return lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg"))
+def _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, text_uncond, steps, key, step_noise, use_cfg):
+  x = noise.astype(jnp.float32)
+  uncond = text_uncond if use_cfg else None
+  draw = _step_noise_fn(key, step_noise, x.shape)
+
+  def body(carry, s):
+    x, d_prev = carry
+    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"],
+                       params=params)
+    x = s["c_x"] * x + s["c_d"] * d + s["c_prev"] * d_prev + s["c_z"] * draw(s["i"])
+    return (x, d), None
+
+  (_, d_last), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), steps)
+  return d_last
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg"))
+def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_cfg):
+  uncond = text_uncond if use_cfg else None
+
+  def body(x, s):
+    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"],
+                       params=params)
+    return s["c_x"] * x + s["c_d"] * d, None
+
+  x, _ = jax.lax.scan(body, noise.astype(jnp.float32), steps)
+  return x
+
+
+def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array,
+                       text_uncond: jax.Array | None = None, *, num_steps: int = 50, cfg_weights=None,
+                       key: jax.Array | None = None, step_noise: jax.Array | None = None,
+                       schedule: schedules.SamplingSchedule | None = None, params: Any = None,
+                       use_cfg: bool = True) -> jax.Array:
+  """The released DPM-Solver++(2M) SDE sampler (spec 4.4); returns D_{n-1}, the x0 estimate at t_{n-1}.
+
+  model_fn:     ``model_fn(x, t, text) -> v`` (or ``model_fn(params, x, t, text)`` when ``params`` is
+                given); x (N, T, H, W, C) float32, t (N,) float32 raw timesteps, text (N, L, D).
+  noise:        x_0 ~ N(0, I), (B, T, H, W, C), used as is.
+  text_cond:    (B, L, D) prompt embeddings; text_uncond: None -> zeros (released), or e.g. (B|1, L, D)
+                negative-prompt embeddings.
+  cfg_weights:  (n,) per-step w; default the released DynamicCFG(scale 6, exp 5, N 50) with the raw-t
+                step index s = n - t (``schedule.dynamic_cfg_weights``; spec 4.5 lists the n = 50 values).
+  key:          PRNG key for the per-step noise z_i = normal(fold_in(key, i)), i = 0..n-2.
+  step_noise:   instead of ``key``, the z_i as an array (n-1, B, T, H, W, C) (parity tests).
+  schedule:     default ``schedule.sampling_schedule(num_steps)`` (released, table-quantised a_q);
+                ``schedule.diffusers_sampling_schedule(n)`` reproduces diffusers' CogVideoXDPMScheduler.
+  use_cfg:      False -> a single conditional call per step (w ignored).
+  """
+  sched = schedule if schedule is not None else schedules.sampling_schedule(num_steps)
+  if cfg_weights is None:
+    # As the release: DynamicCFG(scale 6, exp 5, N = 50) with s = (sampler's num_steps) - t.
+    cfg_weights = schedules.dynamic_cfg_weights(sched.timesteps, sampler_steps=sched.num_steps)
+  if (key is None) == (step_noise is None):
+    raise ValueError("pass exactly one of key (draw the step noise) or step_noise (inject it)")
+  if step_noise is not None:
+    expected = (sched.num_steps - 1,) + tuple(noise.shape)
+    if tuple(step_noise.shape) != expected:
+      raise ValueError(f"step_noise must have shape {expected}, got {tuple(step_noise.shape)}")
+    step_noise = jnp.asarray(step_noise, jnp.float32)
+  steps = _step_arrays(sched, cfg_weights, dpmpp2m_sde_coefficients(sched))
+  uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
+  return _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, uncond, steps, key, step_noise,
+                           use_cfg=use_cfg)
+
+
+def sample_ddim(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array,
+                text_uncond: jax.Array | None = None, *, num_steps: int = 50, cfg_weights=None,
+                timestep_spacing: str = "trailing", schedule: schedules.SamplingSchedule | None = None,
+                params: Any = None, use_cfg: bool = True) -> jax.Array:
+  """Deterministic DDIM (eta = 0) as diffusers' CogVideoXDDIMScheduler + CogVideoXPipeline run it.
+
+  Defaults follow the diffusers pipeline: ``diffusers_sampling_schedule(num_steps, timestep_spacing)``
+  (rescale over all 1000 steps, then subsample; no table quantisation) and constant guidance 6.0
+  (pass ``schedule.dynamic_cfg_weights(timesteps)`` for ``use_dynamic_cfg=True``). Arguments as in
+  ``sample_dpmpp2m_sde``. Returns the final latents (the last step's x0 estimate).
+  """
+  sched = schedule if schedule is not None else schedules.diffusers_sampling_schedule(
+      num_steps, timestep_spacing)
+  if cfg_weights is None:
+    cfg_weights = schedules.constant_cfg_weights(sched.num_steps, 6.0)
+  steps = _step_arrays(sched, cfg_weights, ddim_coefficients(sched))
+  uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
+  return _ddim_loop(model_fn, params, noise, text_cond, uncond, steps, use_cfg=use_cfg)
