@@ -1,23 +1,39 @@
 """Convert checkpoints into our format once, so later loads are fast and torch-free.
 
-    python -m repvideo_jax.convert transformer --src PATH --dst DIR [--feature-cache] [--set key=value]
+    python -m repvideo_jax.convert transformer  --src PATH --dst DIR [--feature-cache] [--set key=value]
+    python -m repvideo_jax.convert text_encoder --src PATH --dst DIR
+    python -m repvideo_jax.convert vae          --src PATH --dst DIR
+    python -m repvideo_jax.convert pipeline     --src COGVIDEOX_DIR [--repvideo SAT_CKPT] --dst DIR
 
-PATH may be a diffusers folder (``config.json`` + safetensors, single or sharded, or a pipeline
+transformer: a diffusers folder (``config.json`` + safetensors, single or sharded, or a pipeline
 folder with ``transformer/``), an official SAT checkpoint (folder with ``latest`` or
 ``<iter>/mp_rank_00_model_states.pt``, or the ``.pt`` file), or a folder we converted earlier.
+text_encoder: a Hugging Face T5 folder (CogVideoX-2b's ``text_encoder/``). vae: a diffusers
+``vae/`` folder or the SAT ``3d-vae.pt``. pipeline: a whole diffusers CogVideoX-2b folder
+(``transformer/ vae/ text_encoder/ tokenizer/ scheduler/``), optionally with the RepVideo SAT
+transformer replacing the CogVideoX one; writes one folder that ``repvideo_jax`` loads in one call.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
+import os
+import pathlib
+import shutil
 import sys
 import time
 
 from repvideo_jax.config import parse_override
 
+COMPONENT_MODULES = {"transformer": "repvideo_jax.transformer_weights",
+                     "text_encoder": "repvideo_jax.text_encoder_weights",
+                     "vae": "repvideo_jax.vae_weights"}
 
-def _overrides(items):
+
+def _overrides(items) -> dict:
   out = {}
   for text in items or ():
     path, value = parse_override(text)
@@ -25,47 +41,91 @@ def _overrides(items):
   return out
 
 
-def convert_transformer(args) -> None:
-  from repvideo_jax import transformer_weights as W
-  overrides = _overrides(args.set)
-  if args.feature_cache is not None:
-    overrides["feature_cache"] = args.feature_cache
-  if args.param_dtype:
-    overrides["param_dtype"] = args.param_dtype
+def _say(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def convert_component(component: str, src, dst, *, overrides=None, overwrite=False,
+                      config_preset: str | None = None):
+  """Loads ``component`` from any supported source and writes it in our format. Returns its config."""
+  weights = importlib.import_module(COMPONENT_MODULES[component])
+  overrides = dict(overrides or {})
   config = None
-  if args.config:
+  if config_preset:
     from repvideo_jax.config import load_section
-    from repvideo_jax.transformer import TransformerConfig
-    config = load_section(TransformerConfig, "transformer", args.config,
+    cls = {"transformer": "TransformerConfig", "text_encoder": "T5Config", "vae": "VAEConfig"}[component]
+    module = importlib.import_module({"transformer": "repvideo_jax.transformer",
+                                      "text_encoder": "repvideo_jax.text_encoder",
+                                      "vae": "repvideo_jax.vae"}[component])
+    config = load_section(getattr(module, cls), component, config_preset,
                           [f"{k}={v}" for k, v in overrides.items()])
     overrides = {}
   start = time.time()
-  fmt = W.detect_format(args.src)
-  print(f"reading {fmt} checkpoint from {args.src}", file=sys.stderr)
-  cfg, params = W.load(args.src, config, progress=True, **overrides)
-  W.save(args.dst, cfg, params, source=f"{fmt}:{args.src}", overwrite=args.overwrite)
-  n = sum(a.size for a in __import__("jax").tree.leaves(params))
-  print(f"wrote {args.dst}: {n / 1e6:.1f}M params, {cfg.num_layers} layers, "
-        f"feature_cache={cfg.feature_cache} ({time.time() - start:.1f}s)", file=sys.stderr)
+  fmt = weights.detect_format(src)
+  _say(f"{component}: reading {fmt} checkpoint from {src}")
+  kwargs = {"progress": True} if component == "transformer" else {}
+  cfg, params = weights.load(src, config, **kwargs, **overrides)
+  weights.save(dst, cfg, params, source=f"{fmt}:{src}", overwrite=overwrite)
+  import jax
+  n = sum(a.size for a in jax.tree.leaves(params))
+  _say(f"{component}: wrote {dst}: {n / 1e6:.1f}M params ({time.time() - start:.1f}s)")
+  return cfg
+
+
+def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_overrides=None):
+  """A whole diffusers CogVideoX folder (+ optional RepVideo SAT transformer) -> one folder of ours."""
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  for sub in ("vae", "text_encoder", "tokenizer") + (() if repvideo else ("transformer",)):
+    if not (src / sub).is_dir():
+      raise FileNotFoundError(f"{src} is not a CogVideoX pipeline folder: missing {sub}/ "
+                              f"(found {sorted(p.name for p in src.iterdir()) if src.is_dir() else 'nothing'})")
+  if dst.exists():
+    if not overwrite:
+      raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    shutil.rmtree(dst)
+  tmp = dst.with_name(dst.name + ".partial")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  t_src = repvideo or src / "transformer"
+  convert_component("transformer", t_src, tmp / "transformer", overrides=transformer_overrides)
+  convert_component("text_encoder", src / "text_encoder", tmp / "text_encoder")
+  convert_component("vae", src / "vae", tmp / "vae")
+  shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+  if (src / "scheduler").is_dir():
+    shutil.copytree(src / "scheduler", tmp / "scheduler")
+  manifest = {"format": "repvideo-jax-pipeline", "version": 1,
+              "components": ["transformer", "text_encoder", "vae", "tokenizer"],
+              "source": {"pipeline": str(src), "transformer": str(t_src)}}
+  (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=2))
+  os.replace(tmp, dst)  # the folder appears only when complete
+  _say(f"pipeline: wrote {dst}")
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m repvideo_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="component", required=True)
-  t = sub.add_parser("transformer", help="the diffusion transformer (diffusers, SAT or ours)")
-  t.add_argument("--src", required=True, help="checkpoint folder or SAT .pt file")
-  t.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
-  t.add_argument("--config", help="preset name or YAML file to use instead of the checkpoint's config")
-  t.add_argument("--feature-cache", dest="feature_cache", action=argparse.BooleanOptionalAction,
-                 default=None, help="force the RepVideo cache on/off (on for a diffusers CogVideoX-2B "
-                 "checkpoint adds gates initialised to 0.5)")
-  t.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"],
-                 help="storage dtype of the converted weights (default float32)")
-  t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                 help="override a TransformerConfig field, e.g. --set dtype=bfloat16")
-  t.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-  t.set_defaults(func=convert_transformer)
+  for name, help_text in (("transformer", "the diffusion transformer (diffusers, SAT or ours)"),
+                          ("text_encoder", "the T5 encoder (Hugging Face folder)"),
+                          ("vae", "the 3D causal VAE (diffusers folder or SAT 3d-vae.pt)")):
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--src", required=True, help="checkpoint folder or file")
+    p.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--config", help="preset name or YAML file to use instead of the checkpoint's config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set param_dtype=bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    if name == "transformer":
+      p.add_argument("--feature-cache", dest="feature_cache", action=argparse.BooleanOptionalAction,
+                     default=None, help="force the RepVideo cache on/off (on for a diffusers "
+                     "CogVideoX-2B checkpoint adds gates initialised to 0.5)")
+  p = sub.add_parser("pipeline", help="a whole CogVideoX folder (+ RepVideo SAT transformer)")
+  p.add_argument("--src", required=True, help="diffusers CogVideoX-2b folder")
+  p.add_argument("--repvideo", help="RepVideo SAT checkpoint to use as the transformer")
+  p.add_argument("--dst", required=True)
+  p.add_argument("--feature-cache", dest="feature_cache", action=argparse.BooleanOptionalAction,
+                 default=None, help="force the transformer's RepVideo cache on/off")
+  p.add_argument("--overwrite", action="store_true")
   return parser
 
 
@@ -73,7 +133,16 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
   args = build_parser().parse_args(argv)
   try:
-    args.func(args)
+    if args.component == "pipeline":
+      t_over = {} if args.feature_cache is None else {"feature_cache": args.feature_cache}
+      convert_pipeline(args.src, args.dst, repvideo=args.repvideo, overwrite=args.overwrite,
+                       transformer_overrides=t_over)
+    else:
+      overrides = _overrides(args.set)
+      if getattr(args, "feature_cache", None) is not None:
+        overrides["feature_cache"] = args.feature_cache
+      convert_component(args.component, args.src, args.dst, overrides=overrides,
+                        overwrite=args.overwrite, config_preset=args.config)
   except (FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
