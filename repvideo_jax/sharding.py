@@ -30,6 +30,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "time_embed": None,
     "norm": None,
     "layers": None,
+    "conv_in": None,  # VAE convolutions: small, replicated
+    "conv_out": None,
 }
 
 

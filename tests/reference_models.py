@@ -107,3 +107,64 @@ def sat_state_dict(model, gates=None) -> dict[str, torch.Tensor]:
       model.patch_embed, "pos_embedding"):
     out["mixins.pos_embed.pos_embedding"] = model.patch_embed.pos_embedding.clone()
   return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+TINY_VAE = dict(block_out_channels=(16, 32, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                temporal_compression_ratio=4, sample_height=32, sample_width=32)
+TINY_T5 = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", dropout_rate=0.0)
+_WORDS = ("a the red blue green cat dog panda guitar playing forest bamboo ocean waves beach sunset city "
+          "night rain car street walking running flying bird sky clouds mountain river snow fire moving "
+          "left right circle square triangle bouncing growing black background").split()
+
+
+def tiny_t5_tokenizer(folder):
+  """A T5 tokenizer from a sentencepiece model trained here (no hub): pad 0, eos 1, unk 2, no bos."""
+  import io
+  import pathlib
+  import random
+
+  import sentencepiece as spm
+  from transformers import T5Tokenizer
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = random.Random(0)
+  lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=100,
+                                 hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+                                 unk_id=2, bos_id=-1, minloglevel=2)
+  (folder / "spiece.model").write_bytes(buf.getvalue())
+  tok = T5Tokenizer.from_pretrained(folder, extra_ids=0)
+  tok.save_pretrained(folder)  # records extra_ids=0 so a plain from_pretrained works later
+  return tok
+
+
+def tiny_cogvideox_folder(root, seed=0, **transformer_overrides):
+  """A diffusers-layout CogVideoX folder with tiny random weights and a local tokenizer.
+
+  Returns (root, dict of the torch reference modules). Video 9 frames at 64x64 -> latents 3x8x8.
+  """
+  import pathlib
+
+  from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
+  from transformers import T5Config, T5EncoderModel
+
+  from conftest import randomize_
+  root = pathlib.Path(root)
+  transformer = tiny_diffusers_transformer(seed=seed, **transformer_overrides)
+  transformer.save_pretrained(root / "transformer")
+  torch.manual_seed(seed)
+  vae = AutoencoderKLCogVideoX(**TINY_VAE).eval()
+  randomize_(vae, seed, scale=0.1)
+  vae.save_pretrained(root / "vae")
+  t5 = randomize_(T5EncoderModel(T5Config(**TINY_T5)), seed)
+  t5.save_pretrained(root / "text_encoder")
+  tok = tiny_t5_tokenizer(root / "tokenizer")
+  scheduler = CogVideoXDDIMScheduler(snr_shift_scale=3.0, rescale_betas_zero_snr=True,
+                                     prediction_type="v_prediction", timestep_spacing="trailing",
+                                     beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                     clip_sample=False, set_alpha_to_one=True)
+  scheduler.save_pretrained(root / "scheduler")
+  return root, {"transformer": transformer, "vae": vae, "text_encoder": t5, "tokenizer": tok,
+                "scheduler": scheduler}
