@@ -8,6 +8,7 @@ folder (``transformer/ vae/ text_encoder/ tokenizer/``), which is converted in m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -71,3 +72,163 @@ def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | Non
                      f"{t_cfg.in_channels}: the components come from different models")
   tokenizer = TE.load_tokenizer(path / "tokenizer")
   return Pipeline(t_cfg, t_params, e_cfg, e_params, v_cfg, v_params, tokenizer, path, manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text -> video.
+
+SAMPLERS = ("dpmpp2m", "ddim")
+CFG_SCHEDULES = ("released", "constant", "smooth")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  """Everything that determines a video besides the prompt and the weights."""
+  num_frames: int = 49
+  height: int = 480
+  width: int = 720
+  steps: int = 50
+  guidance: float = 6.0  # CFG scale: constant w, or the `scale` of the dynamic/smooth schedules
+  cfg_schedule: str = "released"  # released (dynamic, raw-t formula) | constant | smooth (by step)
+  sampler: str = "dpmpp2m"  # dpmpp2m (released SDE sampler) | ddim (diffusers' deterministic)
+  seed: int = 0
+  negative_prompt: str | None = None  # None: zero uncond embedding as released; str: encode it
+
+  def validate(self, tcfg: TransformerConfig, vcfg: VAEConfig) -> None:
+    """Raises ValueError naming the bad setting and what to use instead."""
+    tcr = vcfg.temporal_compression_ratio
+    if self.num_frames < 1 or (self.num_frames - 1) % tcr:
+      k = max(0, round((self.num_frames - 1) / tcr))
+      raise ValueError(f"num_frames={self.num_frames} must be {tcr}k+1 (the VAE keeps frame 0 and "
+                       f"compresses the rest {tcr}x), e.g. {tcr * k + 1} or {tcr * (k + 1) + 1}")
+    unit = 8 * tcfg.patch_size
+    if self.height % unit or self.width % unit or self.height <= 0 or self.width <= 0:
+      raise ValueError(f"height and width must be positive multiples of {unit} (VAE 8x times patch "
+                       f"{tcfg.patch_size}), got {self.height}x{self.width}")
+    lat_t, lat_h, lat_w = (self.num_frames - 1) // tcr + 1, self.height // 8, self.width // 8
+    if tcfg.positional_embedding == "sincos" and (
+        lat_t > tcfg.sample_frames or lat_h > tcfg.sample_height or lat_w > tcfg.sample_width):
+      raise ValueError(
+          f"{self.num_frames} frames at {self.height}x{self.width} exceed what this model's positional "
+          f"table covers: at most {tcr * (tcfg.sample_frames - 1) + 1} frames at "
+          f"{8 * tcfg.sample_height}x{8 * tcfg.sample_width}")
+    if self.steps < 1:
+      raise ValueError(f"steps must be >= 1, got {self.steps}")
+    if self.guidance < 1:
+      raise ValueError(f"guidance must be >= 1 (1 = no guidance), got {self.guidance}")
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+    if self.cfg_schedule not in CFG_SCHEDULES:
+      raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+
+  def latent_shape(self, tcfg: TransformerConfig, vcfg: VAEConfig) -> tuple[int, int, int, int]:
+    return ((self.num_frames - 1) // vcfg.temporal_compression_ratio + 1, self.height // 8,
+            self.width // 8, tcfg.in_channels)
+
+
+def cfg_weights(settings: GenerationSettings, timesteps) -> "np.ndarray":
+  from repvideo_jax import schedule
+  n = len(timesteps)
+  if settings.cfg_schedule == "constant":
+    return schedule.constant_cfg_weights(n, settings.guidance)
+  if settings.cfg_schedule == "smooth":
+    return schedule.smooth_cfg_weights(n, settings.guidance)
+  return schedule.dynamic_cfg_weights(timesteps, scale=settings.guidance, sampler_steps=n)
+
+
+def initial_noise(settings: GenerationSettings, shape, batch: int):
+  """x_T ~ N(0, I) per video, keyed by (seed, index in the batch): a prompt's noise does not depend
+  on which other prompts share its batch."""
+  import jax
+  import jax.numpy as jnp
+  base = jax.random.key(settings.seed)
+  return jnp.stack([jax.random.normal(jax.random.fold_in(base, i), shape, jnp.float32)
+                    for i in range(batch)])
+
+
+def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_uncond=None,
+                   noise=None, mesh=None, progress=None):
+  """Runs the sampler on prompt embeddings (B, L, D); returns latents (B, T, h, w, C), scaled."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from repvideo_jax import samplers, schedule, sharding
+  from repvideo_jax import transformer as T
+  tcfg, vcfg = pipe.transformer_config, pipe.vae_config
+  settings.validate(tcfg, vcfg)
+  b = text.shape[0]
+  if noise is None:
+    noise = initial_noise(settings, settings.latent_shape(tcfg, vcfg), b)
+  params = pipe.transformer_params
+  use_cfg = settings.guidance > 1 or settings.cfg_schedule != "constant"
+  if use_cfg and text_uncond is None:
+    text_uncond = jnp.zeros_like(text)  # released: force_uc_zero_embeddings
+  if mesh is not None:
+    batch = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",)))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    noise, text = jax.device_put(noise, batch), jax.device_put(text, batch)
+    if text_uncond is not None:
+      text_uncond = jax.device_put(text_uncond, batch)
+    params = jax.device_put(params, replicated)
+  model_fn = _model_fn(tcfg)
+  if settings.sampler == "ddim":
+    sched = schedule.diffusers_sampling_schedule(settings.steps, "trailing")
+  else:
+    sched = schedule.sampling_schedule(settings.steps)
+  weights = cfg_weights(settings, sched.timesteps)
+  kwargs = dict(schedule=sched, cfg_weights=weights, params=params, use_cfg=use_cfg,
+                progress=progress is not None)
+  with samplers.progress_hook(progress):
+    if settings.sampler == "ddim":
+      out = samplers.sample_ddim(model_fn, noise, text, text_uncond, **kwargs)
+    else:
+      key = jax.random.fold_in(jax.random.key(settings.seed), 1 << 20)
+      out = samplers.sample_dpmpp2m_sde(model_fn, noise, text, text_uncond, key=key, **kwargs)
+    out = jax.block_until_ready(out)
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _model_fn(tcfg: TransformerConfig):
+  """One function object per config, so the compiled sampler is reused across calls."""
+  from repvideo_jax import transformer as T
+  return T.make_apply(tcfg)
+
+
+def decode_latents(pipe: Pipeline, latents):
+  """Scaled latents -> float video in [-1, 1]-ish, (B, F, H, W, 3), with the released chunking."""
+  from repvideo_jax import vae as V
+  chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
+  return V.decode(pipe.vae_params, latents, config=pipe.vae_config, chunking=chunking)
+
+
+def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationSettings(), *,
+             mesh=None, progress=None, timings: dict | None = None, noise=None,
+             output: str = "uint8"):
+  """Prompts -> frames (B, num_frames, height, width, 3): uint8, or float in [0, 1] with
+  ``output="float"``. ``noise`` overrides the seeded initial latents; ``timings`` is filled in."""
+  import time
+
+  import numpy as np
+
+  from repvideo_jax import video_io
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  settings.validate(pipe.transformer_config, pipe.vae_config)
+  t0 = time.perf_counter()
+  text = pipe.encode_prompts(prompts)
+  uncond = None
+  if settings.negative_prompt is not None:
+    uncond = pipe.encode_prompts([settings.negative_prompt] * len(prompts))
+  t1 = time.perf_counter()
+  latents = sample_latents(pipe, text, settings, text_uncond=uncond, mesh=mesh, progress=progress,
+                           noise=noise)
+  t2 = time.perf_counter()
+  video = np.asarray(decode_latents(pipe, latents))
+  t3 = time.perf_counter()
+  if timings is not None:
+    timings.update(text_encode_s=t1 - t0, sampling_s=t2 - t1, vae_decode_s=t3 - t2,
+                   seconds_per_step=(t2 - t1) / settings.steps)
+  if output == "float":
+    return np.clip((video + 1.0) / 2.0, 0.0, 1.0)
+  return video_io.to_uint8(video)

@@ -189,6 +189,39 @@ def _step_arrays(sched: schedules.SamplingSchedule, cfg_weights, coefs: dict[str
 # Compiled loops.
 
 
+# Progress reporting: the compiled loop calls ``_report_step`` once per step through an unordered
+# ``jax.debug.callback`` carrying one scalar of the step's x0 estimate (so it fires when the step is
+# done; nothing else is copied to the host and the loop stays one compiled program). The
+# active callback lives in this module-level slot, so changing the progress bar never recompiles.
+_PROGRESS_SLOT: dict[str, Any] = {"fn": None}
+
+
+def _report_step(i, _done) -> None:
+  fn = _PROGRESS_SLOT["fn"]
+  if fn is not None:
+    fn(int(i))
+
+
+class progress_hook:
+  """``with progress_hook(lambda step: bar.update(1)): sample_...(..., progress=True)``."""
+
+  def __init__(self, fn: Callable[[int], None] | None):
+    self.fn = fn
+
+  def __enter__(self):
+    self.prev, _PROGRESS_SLOT["fn"] = _PROGRESS_SLOT["fn"], self.fn
+    return self
+
+  def __exit__(self, *exc):
+    _PROGRESS_SLOT["fn"] = self.prev
+
+
+def _maybe_report(progress: bool, i, x) -> None:
+  # One element of the new latents ties the callback to the end of the step (4 bytes to host).
+  if progress:
+    jax.debug.callback(_report_step, i, x.reshape(-1)[0])
+
+
 def _step_noise_fn(key, step_noise, shape):
   if step_noise is not None:
     last = step_noise.shape[0] - 1
@@ -198,8 +231,9 @@ def _step_noise_fn(key, step_noise, shape):
   return lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg"))
-def _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, text_uncond, steps, key, step_noise, use_cfg):
+@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg", "progress"))
+def _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, text_uncond, steps, key, step_noise, use_cfg,
+                      progress=False):
   x = noise.astype(jnp.float32)
   uncond = text_uncond if use_cfg else None
   draw = _step_noise_fn(key, step_noise, x.shape)
@@ -209,19 +243,21 @@ def _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, text_uncond, steps, ke
     d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"],
                        params=params)
     x = s["c_x"] * x + s["c_d"] * d + s["c_prev"] * d_prev + s["c_z"] * draw(s["i"])
+    _maybe_report(progress, s["i"], d)
     return (x, d), None
 
   (_, d_last), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), steps)
   return d_last
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg"))
-def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_cfg):
+@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg", "progress"))
+def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_cfg, progress=False):
   uncond = text_uncond if use_cfg else None
 
   def body(x, s):
     d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"],
                        params=params)
+    _maybe_report(progress, s["i"], d)
     return s["c_x"] * x + s["c_d"] * d, None
 
   x, _ = jax.lax.scan(body, noise.astype(jnp.float32), steps)
@@ -232,7 +268,7 @@ def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array
                        text_uncond: jax.Array | None = None, *, num_steps: int = 50, cfg_weights=None,
                        key: jax.Array | None = None, step_noise: jax.Array | None = None,
                        schedule: schedules.SamplingSchedule | None = None, params: Any = None,
-                       use_cfg: bool = True) -> jax.Array:
+                       use_cfg: bool = True, progress: bool = False) -> jax.Array:
   """The released DPM-Solver++(2M) SDE sampler (spec 4.4); returns D_{n-1}, the x0 estimate at t_{n-1}.
 
   model_fn:     ``model_fn(x, t, text) -> v`` (or ``model_fn(params, x, t, text)`` when ``params`` is
@@ -247,6 +283,7 @@ def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array
   schedule:     default ``schedule.sampling_schedule(num_steps)`` (released, table-quantised a_q);
                 ``schedule.diffusers_sampling_schedule(n)`` reproduces diffusers' CogVideoXDPMScheduler.
   use_cfg:      False -> a single conditional call per step (w ignored).
+  progress:     report each finished step to the callback set with ``progress_hook``.
   """
   sched = schedule if schedule is not None else schedules.sampling_schedule(num_steps)
   if cfg_weights is None:
@@ -262,13 +299,13 @@ def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array
   steps = _step_arrays(sched, cfg_weights, dpmpp2m_sde_coefficients(sched))
   uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
   return _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, uncond, steps, key, step_noise,
-                           use_cfg=use_cfg)
+                           use_cfg=use_cfg, progress=progress)
 
 
 def sample_ddim(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array,
                 text_uncond: jax.Array | None = None, *, num_steps: int = 50, cfg_weights=None,
                 timestep_spacing: str = "trailing", schedule: schedules.SamplingSchedule | None = None,
-                params: Any = None, use_cfg: bool = True) -> jax.Array:
+                params: Any = None, use_cfg: bool = True, progress: bool = False) -> jax.Array:
   """Deterministic DDIM (eta = 0) as diffusers' CogVideoXDDIMScheduler + CogVideoXPipeline run it.
 
   Defaults follow the diffusers pipeline: ``diffusers_sampling_schedule(num_steps, timestep_spacing)``
@@ -282,4 +319,5 @@ def sample_ddim(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array,
     cfg_weights = schedules.constant_cfg_weights(sched.num_steps, 6.0)
   steps = _step_arrays(sched, cfg_weights, ddim_coefficients(sched))
   uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
-  return _ddim_loop(model_fn, params, noise, text_cond, uncond, steps, use_cfg=use_cfg)
+  return _ddim_loop(model_fn, params, noise, text_cond, uncond, steps, use_cfg=use_cfg,
+                    progress=progress)
