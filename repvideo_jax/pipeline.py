@@ -136,18 +136,18 @@ def cfg_weights(settings: GenerationSettings, timesteps) -> "np.ndarray":
   return schedule.dynamic_cfg_weights(timesteps, scale=settings.guidance, sampler_steps=n)
 
 
-def initial_noise(settings: GenerationSettings, shape, batch: int):
-  """x_T ~ N(0, I) per video, keyed by (seed, index in the batch): a prompt's noise does not depend
-  on which other prompts share its batch."""
+def initial_noise(settings: GenerationSettings, shape, batch: int, first_index: int = 0):
+  """x_T ~ N(0, I) per video, keyed by (seed, the video's index in the whole prompt list): a prompt's
+  starting noise does not depend on which other prompts share its batch."""
   import jax
   import jax.numpy as jnp
   base = jax.random.key(settings.seed)
-  return jnp.stack([jax.random.normal(jax.random.fold_in(base, i), shape, jnp.float32)
+  return jnp.stack([jax.random.normal(jax.random.fold_in(base, first_index + i), shape, jnp.float32)
                     for i in range(batch)])
 
 
 def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_uncond=None,
-                   noise=None, mesh=None, progress=None):
+                   noise=None, mesh=None, progress=None, first_index: int = 0):
   """Runs the sampler on prompt embeddings (B, L, D); returns latents (B, T, h, w, C), scaled."""
   import jax
   import jax.numpy as jnp
@@ -159,7 +159,7 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
   settings.validate(tcfg, vcfg)
   b = text.shape[0]
   if noise is None:
-    noise = initial_noise(settings, settings.latent_shape(tcfg, vcfg), b)
+    noise = initial_noise(settings, settings.latent_shape(tcfg, vcfg), b, first_index)
   params = pipe.transformer_params
   use_cfg = settings.guidance > 1 or settings.cfg_schedule != "constant"
   if use_cfg and text_uncond is None:
@@ -183,7 +183,8 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
     if settings.sampler == "ddim":
       out = samplers.sample_ddim(model_fn, noise, text, text_uncond, **kwargs)
     else:
-      key = jax.random.fold_in(jax.random.key(settings.seed), 1 << 20)
+      # Per-step SDE noise: its own stream per batch (batches start at distinct first_index).
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(settings.seed), 1 << 30), first_index)
       out = samplers.sample_dpmpp2m_sde(model_fn, noise, text, text_uncond, key=key, **kwargs)
     out = jax.block_until_ready(out)
   return out
@@ -205,9 +206,14 @@ def decode_latents(pipe: Pipeline, latents):
 
 def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationSettings(), *,
              mesh=None, progress=None, timings: dict | None = None, noise=None,
-             output: str = "uint8"):
+             output: str = "uint8", first_index: int = 0):
   """Prompts -> frames (B, num_frames, height, width, 3): uint8, or float in [0, 1] with
-  ``output="float"``. ``noise`` overrides the seeded initial latents; ``timings`` is filled in."""
+  ``output="float"``. ``noise`` overrides the seeded initial latents; ``timings`` is filled in.
+
+  Randomness: the initial latents of video k are keyed by (seed, first_index + k), and the sampler's
+  per-step noise by (seed, first_index); the same seed, prompts and batching give the same videos.
+  ``mesh``: shard the batch over the mesh's data axes (params replicated).
+  """
   import time
 
   import numpy as np
@@ -222,7 +228,7 @@ def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationS
     uncond = pipe.encode_prompts([settings.negative_prompt] * len(prompts))
   t1 = time.perf_counter()
   latents = sample_latents(pipe, text, settings, text_uncond=uncond, mesh=mesh, progress=progress,
-                           noise=noise)
+                           noise=noise, first_index=first_index)
   t2 = time.perf_counter()
   video = np.asarray(decode_latents(pipe, latents))
   t3 = time.perf_counter()

@@ -415,8 +415,12 @@ def write_mp4(path, frames: np.ndarray, fps: float = 8, *, crf: int = 18) -> Non
       stream.width, stream.height = w, h
       stream.pix_fmt = "yuv420p"
       stream.options = {"crf": str(int(crf))}
-      for image in frames:
+      for index, image in enumerate(frames):
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        # Convert to yuv420p ourselves: leaving it to the encoder path gave different bitstreams
+        # from identical frames run to run, and the same seed must give the same file bytes.
+        frame = frame.reformat(format="yuv420p")
+        frame.pts = index
         container.mux(stream.encode(frame))
       container.mux(stream.encode(None))  # flush delayed (B-) frames
 

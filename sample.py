@@ -1,0 +1,133 @@
+"""Generate videos from text prompts with a RepVideo / CogVideoX model folder.
+
+    python sample.py --model DIR --prompt "a panda playing guitar" [--prompt ...] --out outputs/
+
+DIR is a folder written by `python -m repvideo_jax.convert pipeline` (or a diffusers-layout
+CogVideoX folder). Writes one mp4 per prompt plus a JSON sidecar with every setting, the seed and
+the timings. Defaults reproduce the released RepVideo sampler: 50 steps of DPM-Solver++(2M) SDE,
+dynamic CFG (scale 6, as released), zero unconditional embedding, 49 frames at 480x720, 8 fps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import re
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="model folder (converted pipeline or diffusers layout)")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+  p.add_argument("--prompts-file", help="text file with one prompt per line")
+  p.add_argument("--negative-prompt", default=None,
+                 help="encode this as the unconditional branch (diffusers style); default: the "
+                 "released zero embedding")
+  p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--guidance", type=float, default=6.0,
+                 help="CFG scale (constant w, or the scale of the released/smooth schedules)")
+  p.add_argument("--cfg-schedule", choices=["released", "constant", "smooth"], default="released",
+                 help="released: dynamic CFG with the raw-timestep formula; smooth: the same formula "
+                 "over the step index (a deviation from the release)")
+  p.add_argument("--sampler", choices=["dpmpp2m", "ddim"], default="dpmpp2m")
+  p.add_argument("--frames", type=int, default=49, help="video frames, 4k+1 (default 49)")
+  p.add_argument("--height", type=int, default=480)
+  p.add_argument("--width", type=int, default=720)
+  p.add_argument("--fps", type=float, default=8.0)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                 help="compute dtype of all models (default: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    path = pathlib.Path(args.prompts_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"--prompts-file {path} does not exist")
+    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  if not prompts:
+    raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+  return prompts
+
+
+def slug(text: str, n: int = 48) -> str:
+  return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "video"
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  args = parse_args(argv)
+  try:
+    return run(args)
+  except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+  import jax
+
+  from repvideo_jax import pipeline as P
+  from repvideo_jax import sharding, video_io
+  prompts = read_prompts(args)
+  if args.batch_size < 1:
+    raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+  if args.fps <= 0:
+    raise ValueError(f"--fps must be positive, got {args.fps}")
+  settings = P.GenerationSettings(num_frames=args.frames, height=args.height, width=args.width,
+                                  steps=args.steps, guidance=args.guidance,
+                                  cfg_schedule=args.cfg_schedule, sampler=args.sampler, seed=args.seed,
+                                  negative_prompt=args.negative_prompt)
+  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  t0 = time.perf_counter()
+  pipe = P.load_pipeline(args.model, transformer_overrides={"dtype": dtype},
+                         text_encoder_overrides={"dtype": dtype}, vae_overrides={"dtype": dtype})
+  settings.validate(pipe.transformer_config, pipe.vae_config)
+  load_s = time.perf_counter() - t0
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  n_dev = jax.device_count()
+  from tqdm.auto import tqdm
+  total_steps, sampling_s, written = 0, 0.0, []
+  for start in range(0, len(prompts), args.batch_size):
+    batch = prompts[start:start + args.batch_size]
+    mesh = sharding.make_mesh(data=n_dev) if n_dev > 1 and len(batch) % n_dev == 0 else None
+    bar = None if args.no_progress else tqdm(total=settings.steps, unit="step", leave=False,
+                                              desc=f"prompts {start + 1}-{start + len(batch)}/{len(prompts)}")
+    timings: dict = {}
+    frames = P.generate(pipe, batch, settings, mesh=mesh, timings=timings, first_index=start,
+                        progress=None if bar is None else (lambda _i: bar.update(1)))
+    if bar is not None:
+      bar.close()
+    total_steps += settings.steps
+    sampling_s += timings["sampling_s"]
+    for k, prompt in enumerate(batch):
+      index = start + k
+      stem = out / f"{index:04d}_{slug(prompt)}"
+      video_io.write_mp4(stem.with_suffix(".mp4"), frames[k], fps=args.fps)
+      sidecar = {"prompt": prompt, "index": index, "video": stem.with_suffix(".mp4").name,
+                 "model": str(pathlib.Path(args.model).resolve()), "fps": args.fps, "dtype": dtype,
+                 "batch_size": args.batch_size, "batch_prompts": batch, "devices": n_dev,
+                 "settings": settings.__dict__, "timings": {**timings, "load_s": load_s},
+                 "transformer": {"feature_cache": pipe.transformer_config.feature_cache,
+                                 "num_layers": pipe.transformer_config.num_layers},
+                 "jax_backend": jax.default_backend(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+      stem.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+      written.append(stem.with_suffix(".mp4"))
+  print(f"wrote {len(written)} video(s) to {out} | {sampling_s / max(total_steps, 1):.3f} s/step "
+        f"(incl. first-call compile) | load {load_s:.1f}s", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
