@@ -21,6 +21,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "activation_length": "context",
     "activation_embed": None,
     "activation_heads": "tensor",
+    # Inside attention the full sequence is needed: heads are split over tensor *and* context, so
+    # sequence-sharded activations are exchanged with one all-to-all (Ulysses-style context
+    # parallelism) instead of gathering K/V. Needs num_heads divisible by tensor * context.
+    "activation_attn_heads": ("tensor", "context"),
     "embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",

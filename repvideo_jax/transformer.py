@@ -256,7 +256,7 @@ class Block(nnx.Module):
       cos, sin = rope
       q = jnp.concatenate([q[:, :text_len], apply_rope(q[:, text_len:], cos, sin)], axis=1)
       k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
-    q, k, v = (sharding.constrain(t, ("activation_batch", "activation_length", "activation_heads", None))
+    q, k, v = (sharding.constrain(t, ("activation_batch", None, "activation_attn_heads", None))
                for t in (q, k, v))
     o = attention(q, k, v, backend=cfg.attention_backend).reshape(b, s, d)
     x = x + gate * self.to_out(o)

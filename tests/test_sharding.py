@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     text = jax.random.normal(jax.random.key(2), (8, 8, 32))
     ts = jnp.linspace(0.0, 999.0, 8)
     ref = np.asarray(jax.jit(T.make_apply(cfg))(params, lat, ts, text))
-    for layout in [dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)]:
+    for layout in [dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2),
+                   dict(data=2, tensor=2, context=2)]:
         mesh = sharding.make_mesh(**layout)
         shardings = sharding.tree_shardings(T.logical_axes(cfg), mesh)
         sharded = jax.device_put(params, shardings)
@@ -37,4 +38,4 @@ SCRIPT = textwrap.dedent("""
 def test_sharded_forward_matches_single_device():
   proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("ok") == 3
+  assert proc.stdout.count("ok") == 4
