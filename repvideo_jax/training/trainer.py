@@ -1,0 +1,398 @@
+"""The training loop behind ``train.py``: config, mesh, sharded state, data, checkpoints, logging.
+
+One code path for 2 CPU cores, one GPU and a multi-host pod:
+  * ``jax.distributed.initialize`` (automatic on TPU pods / SLURM, explicit coordinator flags
+    elsewhere); only process 0 writes logs and metadata.
+  * one mesh ``(data, fsdp, tensor, context)`` from ``MeshConfig`` (``dcn_data`` multiplies the data
+    axis across slices); params and optimizer state are sharded by the models' logical axes
+    (``sharding.LOGICAL_RULES``: embed -> fsdp, heads/mlp -> tensor), activations by batch over
+    (data, fsdp) and by sequence over context;
+  * the train step is one ``jax.jit`` with explicit in/out shardings and the state buffers donated;
+  * orbax checkpoints (``training.checkpoints``) hold state, data-iterator state and the resolved
+    config; ``--resume`` continues exactly; SIGTERM saves and exits.
+
+FLOPs (for MFU), per training sample, with S tokens (text + video), L layers, width D, MLP F:
+    forward  = 2 S L (4 D^2 + 2 D F)      # q, k, v, out projections and the MLP
+             + 4 L S^2 D                  # attention scores and weighted sum
+             + 2 S_video (p^2 C D + D p^2 C) + 2 S_text T D   # patch in/out, text projection
+    training = 3 x forward                # backward ~ 2 x forward
+(AdaLN modulation matmuls act once per sample, not per token, and are ignored.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvideo_jax import config as config_lib
+from repvideo_jax import sharding
+from repvideo_jax import transformer as T
+
+log = logging.getLogger("repvideo_jax.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # -1: all remaining devices
+  fsdp: int = 1
+  tensor: int = 1
+  context: int = 1
+  dcn_data: int = 1  # data-parallel slices across DCN (multi-slice pods); multiplies `data`
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  records: str | None = None  # folder written by `python -m repvideo_jax.data.prepare`
+  videos: str | None = None  # online mode: video folder + captions file + model folder
+  captions: str | None = None
+  model: str | None = None
+  frames: int = 49
+  height: int = 480
+  width: int = 720
+  fps: float = 8.0
+  num_workers: int = 0
+  shuffle_seed: int = 0
+  synthetic: bool = False  # random latents/text of the right shapes (smoke tests, benchmarks)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  output_dir: str = "runs/default"
+  init_from: str | None = None  # converted model folder (or its transformer/) to fine-tune from
+  steps: int = 1000
+  global_batch: int = 8
+  seed: int = 0
+  ucg_rate: float = 0.1
+  log_every: int = 10
+  save_every: int = 500
+  keep: int = 3
+  async_checkpoint: bool = True
+  sample_every: int = 0  # 0: never; needs data.model (a full pipeline folder) for VAE and T5
+  sample_prompts: tuple[str, ...] = ()
+  sample_steps: int = 20
+  timestep_strata: int | None = None  # stratify timesteps over this many ranks; None = data-parallel size
+  max_wall_seconds: float | None = None  # stop (and save) after this long
+  peak_tflops_per_device: float = 0.17  # for MFU; CPU practical peak here, set yours (e.g. 459 v5p)
+  wandb_project: str | None = None
+  tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  transformer: T.TransformerConfig
+  optim: Any
+  mesh: MeshConfig
+  data: DataConfig
+  run: RunConfig
+
+
+def load_config(preset: str, overrides=()) -> TrainConfig:
+  """A training preset (YAML with transformer/optim/mesh/data/run sections) plus overrides."""
+  from repvideo_jax.training.optim import OptimConfig
+  tree = config_lib.load_yaml(preset, overrides)
+  unknown = set(tree) - {"transformer", "optim", "mesh", "data", "run"}
+  if unknown:
+    raise ValueError(f"{preset}: unknown section(s) {sorted(unknown)}")
+  return TrainConfig(
+      transformer=config_lib.from_dict(T.TransformerConfig, tree.get("transformer") or {}, "transformer"),
+      optim=config_lib.from_dict(OptimConfig, tree.get("optim") or {}, "optim"),
+      mesh=config_lib.from_dict(MeshConfig, tree.get("mesh") or {}, "mesh"),
+      data=config_lib.from_dict(DataConfig, tree.get("data") or {}, "data"),
+      run=config_lib.from_dict(RunConfig, tree.get("run") or {}, "run"))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+  return {k: config_lib.to_dict(getattr(cfg, k)) for k in ("transformer", "optim", "mesh", "data", "run")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up, mesh and shardings.
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Explicit coordinator flags, or automatic detection on TPU pods / SLURM / Open MPI."""
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")) \
+      and os.environ.get("REPVIDEO_NO_AUTO_DISTRIBUTED") is None:
+    try:
+      jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:  # single-host TPU VM etc.
+      log.info("jax.distributed.initialize skipped: %s", e)
+
+
+def build_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
+  if cfg.dcn_data > 1:
+    from jax.experimental import mesh_utils
+    per_slice = jax.device_count() // cfg.dcn_data
+    data = cfg.data if cfg.data != -1 else per_slice // (cfg.fsdp * cfg.tensor * cfg.context)
+    devices = mesh_utils.create_hybrid_device_mesh(
+        (data, cfg.fsdp, cfg.tensor, cfg.context), (cfg.dcn_data, 1, 1, 1))
+    return jax.sharding.Mesh(devices, sharding.MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  return sharding.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context)
+
+
+def _keys(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def state_shardings(abstract_state, param_shardings, mesh):
+  """Shardings for the whole train state: any leaf whose key path ends with a param's key path and
+  has the param's shape (Adam moments, EMA, the params themselves) shares that param's sharding;
+  everything else (step counters, RNG, scalars) is replicated."""
+  by_suffix = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+    by_suffix[_keys(path)] = s
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def pick(path, leaf):
+    keys = _keys(path)
+    for n in range(len(keys), 0, -1):
+      s = by_suffix.get(keys[-n:])
+      if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+        return s
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def model_flops_per_sample(cfg: T.TransformerConfig, latent_shape, text_length: int) -> float:
+  """Training FLOPs per sample (3 x forward), as in the module docstring."""
+  t, h, w, c = latent_shape
+  p, d, f, layers = cfg.patch_size, cfg.hidden_size, cfg.ff_dim, cfg.num_layers
+  video = t * (h // p) * (w // p)
+  s = video + text_length
+  forward = (2 * s * layers * (4 * d * d + 2 * d * f) + 4 * layers * s * s * d
+             + 2 * video * 2 * p * p * c * d + 2 * text_length * cfg.text_embed_dim * d)
+  return 3.0 * forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging (process 0 only).
+
+
+class Logger:
+  def __init__(self, run: RunConfig, out: pathlib.Path, config_dict: dict):
+    self.enabled = jax.process_index() == 0
+    self.tb = self.wandb = None
+    if not self.enabled:
+      return
+    out.mkdir(parents=True, exist_ok=True)
+    if run.tensorboard:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(out / "tensorboard"))
+    if run.wandb_project:
+      import wandb  # optional dependency
+      self.wandb = wandb.init(project=run.wandb_project, config=config_dict, dir=str(out))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    if self.tb is not None:
+      for k, v in values.items():
+        self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.log(values, step=step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _transformer_source(path: str) -> pathlib.Path:
+  p = pathlib.Path(path)
+  return p / "transformer" if (p / "transformer").is_dir() else p
+
+
+class SyntheticBatches:
+  """Random (latents, text) batches with the config's shapes; state = position (deterministic)."""
+
+  def __init__(self, cfg: TrainConfig):
+    d, t = cfg.data, cfg.transformer
+    self.batch = cfg.run.global_batch // jax.process_count()
+    self.latent_shape = ((d.frames - 1) // 4 + 1, d.height // 8, d.width // 8, t.in_channels)
+    self.text_shape = (t.text_length, t.text_embed_dim)
+    self.seed, self.position = d.shuffle_seed + 1000 * jax.process_index(), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    rng = np.random.default_rng([self.seed, self.position])
+    self.position += 1
+    return {"latents": rng.standard_normal((self.batch, *self.latent_shape), np.float32),
+            "text": rng.standard_normal((self.batch, *self.text_shape), np.float32)}
+
+  def get_state(self) -> bytes:
+    return json.dumps({"position": self.position}).encode()
+
+  def set_state(self, state) -> None:
+    self.position = json.loads(state)["position"]
+
+
+def make_data_iterator(cfg: TrainConfig):
+  """Records (grain) when ``data.records`` is set, else the online mode over videos + captions."""
+  d, r = cfg.data, cfg.run
+  if d.synthetic:
+    return SyntheticBatches(cfg)
+  if d.records:
+    from repvideo_jax.data.pipeline import make_train_iterator
+    return make_train_iterator(d.records, global_batch=r.global_batch, seed=d.shuffle_seed,
+                               num_workers=d.num_workers)
+  if d.videos and d.captions and d.model:
+    from repvideo_jax.data.online import OnlineIterator
+    if r.global_batch % jax.process_count():
+      raise ValueError(f"global_batch {r.global_batch} must divide by {jax.process_count()} processes")
+    return OnlineIterator(d.captions, d.videos, d.model, batch_size=r.global_batch // jax.process_count(),
+                          seed=d.shuffle_seed, frames=d.frames, height=d.height, width=d.width, fps=d.fps,
+                          shard_index=jax.process_index(), shard_count=jax.process_count())
+  raise ValueError("no training data: set data.records (a prepared dataset) or data.videos + "
+                   "data.captions + data.model (online mode)")
+
+
+def initial_params(cfg: TrainConfig):
+  if cfg.run.init_from:
+    from repvideo_jax import transformer_weights
+    tcfg, params = transformer_weights.load(_transformer_source(cfg.run.init_from), config=cfg.transformer)
+    log.info("initialised from %s", cfg.run.init_from)
+    return params
+  return T.init(cfg.transformer, jax.random.key(cfg.run.seed))
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step=None) -> dict[str, Any]:
+  """Runs (or resumes) training; returns {'losses': [...], 'final_step': n, 'params': host params}.
+
+  ``data_iterator``: any iterator of {'latents', 'text'} per-process batches with get_state/set_state
+  (default from ``cfg.data``). ``on_step(step, metrics)`` is called after each logged step (tests).
+  """
+  from repvideo_jax import schedule
+  from repvideo_jax.training import optim
+  from repvideo_jax.training.checkpoints import Checkpointer
+
+  run, tcfg = cfg.run, cfg.transformer
+  out = pathlib.Path(run.output_dir)
+  is_main = jax.process_index() == 0
+  mesh = build_mesh(cfg.mesh)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if run.global_batch % dp:
+    raise ValueError(f"global_batch {run.global_batch} must be a multiple of the data-parallel size "
+                     f"{dp} (mesh data x fsdp)")
+  config_dict = config_to_dict(cfg)
+  if is_main:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.resolved.json").write_text(json.dumps(config_dict, indent=2))
+    log.info("resolved config:\n%s", json.dumps(config_dict, indent=2))
+    log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
+             jax.process_count())
+
+  param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh)
+  abstract_params = T.abstract_params(tcfg)
+  optimizer = optim.make_optimizer(cfg.optim, abstract_params)
+  ema = bool(cfg.optim.ema_decay)
+  abstract_state = jax.eval_shape(lambda p: optim.init_train_state(p, optimizer, 0, ema), abstract_params)
+  state_sh = state_shardings(abstract_state, param_sh, mesh)
+  batch_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",)))
+  table = jnp.asarray(schedule.sqrt_alpha_table(), jnp.float32)
+  step_fn = jax.jit(
+      lambda state, batch: optim.train_step(
+          state, batch, apply_fn=T.make_apply(tcfg), optimizer=optimizer, table=table,
+          world_size=run.timestep_strata or dp, ucg_rate=run.ucg_rate, ema_decay=cfg.optim.ema_decay),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+  data = data_iterator if data_iterator is not None else make_data_iterator(cfg)
+  ckpt = Checkpointer(out / "checkpoints", save_every=run.save_every, keep=run.keep,
+                      async_save=run.async_checkpoint)
+  meta = {"config": config_dict}
+  with jax.set_mesh(mesh):
+    if resume and ckpt.latest_step() is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state, state_sh)
+      state, data_state, _ = ckpt.restore(target)
+      data.set_state(data_state.encode() if isinstance(data_state, str) else json.dumps(data_state).encode())
+      log.info("resumed from step %d", int(state["step"]))
+    else:
+      if resume:
+        log.info("--resume: no checkpoint in %s yet, starting fresh", ckpt.directory)
+      params = jax.device_put(initial_params(cfg), param_sh)
+      init = jax.jit(lambda p: optim.init_train_state(p, optimizer, jax.random.key(run.seed), ema),
+                     out_shardings=state_sh)
+      state = init(params)
+    start = int(state["step"])
+
+    stop = {"flag": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    logger = Logger(run, out, config_dict)
+    flops = None
+    losses, t_start, t_last = [], time.time(), time.time()
+    try:
+      for step in range(start, run.steps):
+        local = next(data)
+        batch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(local[k], np.float32))
+                 for k in ("latents", "text")}
+        if flops is None:
+          flops = model_flops_per_sample(tcfg, batch["latents"].shape[1:], batch["text"].shape[1])
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        if done % run.log_every == 0 or done == run.steps or done == start + 1:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.time()
+          n_steps = run.log_every if done % run.log_every == 0 else 1
+          dt = (now - t_last) / max(1, n_steps)
+          t_last = now
+          tokens = run.global_batch * (batch["text"].shape[1] + int(np.prod(batch["latents"].shape[1:4])) //
+                                       tcfg.patch_size ** 2)
+          m.update(step_time_s=dt, samples_per_s=run.global_batch / dt, tokens_per_s=tokens / dt,
+                   mfu=flops * run.global_batch / dt / (run.peak_tflops_per_device * 1e12 * jax.device_count()))
+          losses.append((done, m["loss"]))
+          if is_main:
+            print(f"step {done}/{run.steps} loss {m['loss']:.5f} lr {m.get('lr', 0):.2e} "
+                  f"gnorm {m.get('grad_norm', 0):.3f} {dt:.3f}s/step {m['samples_per_s']:.2f} samples/s "
+                  f"{m['tokens_per_s']:.0f} tok/s mfu {100 * m['mfu']:.1f}%"
+                  f"{' SKIPPED (non-finite)' if m.get('skipped') else ''}", flush=True)
+          logger.scalars(done, m)
+          optim.check_nonfinite(state["opt_state"], cfg.optim.max_nonfinite_in_a_row)
+          if on_step is not None:
+            on_step(done, m)
+        ckpt.save(done, state, _data_state(data), meta)
+        if run.max_wall_seconds and time.time() - t_start > run.max_wall_seconds:
+          log.info("max_wall_seconds reached at step %d", done)
+          stop["flag"] = True
+        if stop["flag"]:
+          log.info("stopping at step %d: saving a checkpoint", done)
+          break
+      final = int(state["step"])
+      if ckpt.latest_step() != final:
+        ckpt.save(final, state, _data_state(data), meta, force=True)
+      ckpt.close()
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      logger.close()
+  return {"losses": losses, "final_step": final, "state": state}
+
+
+def _data_state(data) -> Any:
+  state = data.get_state()
+  if isinstance(state, bytes):
+    state = state.decode()
+  return json.loads(state) if isinstance(state, str) else state
