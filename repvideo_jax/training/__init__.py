@@ -1,0 +1,1 @@
+"""Training: the diffusion objective (``objective``) and the optimizer / train step (``optim``)."""
