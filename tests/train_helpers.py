@@ -34,7 +34,8 @@ class FixedBatches:
 def tiny_config(tmp_path, **run):
   cfg = trainer.load_config("train-tiny-cpu", ["transformer.num_layers=3", "transformer.num_heads=4",
                                                "transformer.head_dim=8", "transformer.cache_window=2"])
-  r = dataclasses.replace(cfg.run, output_dir=str(tmp_path / "run"), steps=6, log_every=1, save_every=2,
-                          timestep_strata=1, tensorboard=True, **run)
+  run = {"output_dir": str(tmp_path / "run"), "steps": 6, "log_every": 1, "save_every": 2,
+         "timestep_strata": 1, "tensorboard": True, **run}
+  r = dataclasses.replace(cfg.run, **run)
   t = dataclasses.replace(cfg.transformer, zero_init_modulation=False)
   return dataclasses.replace(cfg, run=r, transformer=t)

@@ -343,7 +343,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
     stop = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     logger = Logger(run, out, config_dict)
-    flops = None
+    flops, sampler_cache = None, {}
     losses, t_start, t_last = [], time.time(), time.time()
     try:
       for step in range(start, run.steps):
@@ -374,6 +374,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
           optim.check_nonfinite(state["opt_state"], cfg.optim.max_nonfinite_in_a_row)
           if on_step is not None:
             on_step(done, m)
+        if run.sample_every and done % run.sample_every == 0:
+          _write_samples(cfg, state, done, out, sampler_cache)
         ckpt.save(done, state, _data_state(data), meta)
         if run.max_wall_seconds and time.time() - t_start > run.max_wall_seconds:
           log.info("max_wall_seconds reached at step %d", done)
@@ -389,6 +391,37 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
       signal.signal(signal.SIGTERM, previous)
       logger.close()
   return {"losses": losses, "final_step": final, "state": state}
+
+
+def _write_samples(cfg: TrainConfig, state, step: int, out: pathlib.Path, cache: dict) -> None:
+  """Sample videos from ``run.sample_prompts`` with the current (EMA if kept) weights -> mp4s."""
+  run, d = cfg.run, cfg.data
+  if not run.sample_prompts or not d.model:
+    if not cache.get("warned"):
+      log.warning("run.sample_every is set but run.sample_prompts or data.model (a model folder with "
+                  "vae/, text_encoder/, tokenizer/) is missing: no sample videos")
+      cache["warned"] = True
+    return
+  if jax.process_count() > 1:
+    if not cache.get("warned"):
+      log.warning("sample videos during training are written by single-process runs only")
+      cache["warned"] = True
+    return
+  from repvideo_jax import pipeline as P
+  from repvideo_jax import video_io
+  if "pipe" not in cache:
+    cache["pipe"] = P.load_pipeline(d.model)
+  weights = state["ema"] if state.get("ema") is not None else state["params"]
+  pipe = dataclasses.replace(cache["pipe"], transformer_config=cfg.transformer,
+                             transformer_params=jax.device_get(weights))
+  settings = P.GenerationSettings(num_frames=d.frames, height=d.height, width=d.width,
+                                  steps=run.sample_steps, seed=run.seed)
+  frames = P.generate(pipe, list(run.sample_prompts), settings)
+  folder = out / "samples"
+  folder.mkdir(parents=True, exist_ok=True)
+  for i, video in enumerate(frames):
+    video_io.write_mp4(folder / f"step{step:07d}_{i}.mp4", video, fps=d.fps)
+  log.info("wrote %d sample video(s) to %s", len(frames), folder)
 
 
 def _data_state(data) -> Any:
