@@ -89,3 +89,22 @@ def test_incomplete_folders_are_refused(folder, tmp_path):
     load_pipeline(src / "transformer")
   assert convert.main(["pipeline", "--src", str(src / "vae"), "--dst", str(tmp_path / "x")]) == 2
   assert not (tmp_path / "x").exists()
+
+
+def test_component_cli_commands(folder, tmp_path):
+  from repvideo_jax import text_encoder_weights, vae_weights
+  src, _ = folder
+  assert convert.main(["vae", "--src", str(src / "vae"), "--dst", str(tmp_path / "vae")]) == 0
+  assert convert.main(["text_encoder", "--src", str(src / "text_encoder"), "--dst", str(tmp_path / "te"),
+                       "--set", "param_dtype=bfloat16"]) == 0
+  v_cfg, v_params = vae_weights.load(tmp_path / "vae")
+  v_ref_cfg, v_ref = vae_weights.load(src / "vae")
+  assert v_cfg == v_ref_cfg
+  for a, b in zip(jax.tree.leaves(v_params), jax.tree.leaves(v_ref)):
+    np.testing.assert_array_equal(a, b)
+  t_cfg, t_params = text_encoder_weights.load(tmp_path / "te")
+  assert t_cfg.param_dtype == "bfloat16"
+  assert str(jax.tree.leaves(t_params)[0].dtype) == "bfloat16"
+  meta = json.loads((tmp_path / "te" / "metadata.json").read_text())
+  assert meta["component"] == "text_encoder" and meta["source"].startswith("hf:")
+  assert convert.main(["vae", "--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "v2")]) == 2
