@@ -3,6 +3,11 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile the same small programs many times (and in subprocesses, which inherit this):
+# a persistent compilation cache makes the repeats cheap. Keyed by jax version and program.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache",
+                                                                "repvideo-jax-tests-xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
 import pytest
