@@ -1,10 +1,11 @@
 """CPU benchmark: our JAX transformer vs diffusers' CogVideoXTransformer3DModel (PyTorch), same weights.
 
 Usage:
-  .venv/bin/python benchmarks/bench_transformer.py            # default config, ~5-10 min on 2 cores
+  .venv/bin/python benchmarks/bench_transformer.py            # default config, ~3-5 min on 2 idle cores
   .venv/bin/python benchmarks/bench_transformer.py --quick    # tiny config, < 1 min (smoke test)
   .venv/bin/python benchmarks/bench_transformer.py --json out.json --repeats 3
-  .venv/bin/python benchmarks/bench_transformer.py --xla-flags=--xla_cpu_use_onednn=true
+  .venv/bin/python benchmarks/bench_transformer.py --xla-flags=--xla_cpu_experimental_ynn_fusion_type=
+  (the last disables XLA:CPU's YNNPACK dot fusions; it made our forward ~10 % slower here)
 
 What is measured (each timing is the median of --repeats runs after warm-up runs):
   * forward:   diffusers under torch.no_grad vs ours under jax.jit (cache off = plain CogVideoX, and
@@ -77,6 +78,12 @@ def parse_args(argv=None):
   ap.add_argument("--skip-compile", action="store_true", help="skip the compile-time section")
   ap.add_argument("--skip-remat", action="store_true", help="skip the remat fwd+bwd rows")
   ap.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
+  ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                  help="OMP_WAIT_POLICY for torch's OpenMP pool unless already set in the environment "
+                       "('' leaves it alone). ACTIVE (libgomp's spinning default) made diffusers 3-6x "
+                       "slower on a 2-vCPU VM; PASSIVE is torch's best setting there")
+  ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                  help="wait up to this long for other processes to leave the CPUs idle before starting")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", metavar="PATH", help="write all results as JSON here")
   args = ap.parse_args(argv)
@@ -84,7 +91,7 @@ def parse_args(argv=None):
     args.heads, args.head_dim, args.layers = 2, 64, 2
     args.frames, args.height, args.width = 3, 8, 8
     args.text_embed_dim, args.text_len, args.time_embed_dim = 64, 16, 128
-    args.repeats, args.shallow_layers, args.deep_layers = min(args.repeats, 3), 2, 8
+    args.repeats, args.shallow_layers, args.deep_layers = min(args.repeats, 3), 2, 6
   return args
 
 
@@ -128,16 +135,52 @@ def xla_flops(compiled) -> float | None:
 # Timing helpers.
 
 
+class OtherLoad:
+  """Share of all CPU time used by *other* processes between construction and ``value()``.
+
+  From /proc/stat (all CPUs) minus this process's own user+system time (os.times); 0 on an otherwise
+  idle machine, ~0.5 when another process keeps one of two cores busy. nan where /proc is missing.
+  """
+
+  def __init__(self):
+    self.start = self._snap()
+
+  @staticmethod
+  def _snap():
+    try:
+      with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+      return None
+    t = os.times()
+    return sum(v) - v[3] - v[4], sum(v), (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+  def value(self) -> float:
+    end = self._snap()
+    if self.start is None or end is None:
+      return float("nan")
+    busy, total, own = (e - s for e, s in zip(end, self.start))
+    return min(1.0, max(0.0, (busy - own) / max(1, total)))
+
+
 def time_it(fn, repeats: int, warmup: int) -> dict:
   for _ in range(warmup):
     fn()
   times = []
+  load = OtherLoad()
   for _ in range(repeats):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
   return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-          "max_ms": 1e3 * max(times), "repeats": repeats}
+          "max_ms": 1e3 * max(times), "repeats": repeats, "other_load": load.value()}
+
+
+def cpu_busy_fraction(dt: float = 1.0) -> float:
+  """Fraction of all CPUs busy (any process, this one idle) over ``dt`` seconds."""
+  load = OtherLoad()
+  time.sleep(dt)
+  return load.value()
 
 
 def log(msg: str) -> None:
@@ -189,7 +232,18 @@ def main(argv=None) -> dict:
   if a.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + a.xla_flags).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if a.omp_wait_policy:
+    os.environ.setdefault("OMP_WAIT_POLICY", a.omp_wait_policy)  # read when torch loads libgomp
   t_start = time.perf_counter()
+  busy_before = cpu_busy_fraction()
+  while busy_before > 0.1 and time.perf_counter() - t_start < a.wait_idle:
+    log(f"CPUs {100 * busy_before:.0f}% busy with other work; waiting (--wait-idle {a.wait_idle:.0f})")
+    time.sleep(4)
+    busy_before = cpu_busy_fraction()
+  if busy_before > 0.1:
+    log(f"WARNING: CPUs are {100 * busy_before:.0f}% busy with other processes; timings will be noisy")
+  t_start = time.perf_counter()
+  run_load = OtherLoad()
 
   import jax
   import jax.numpy as jnp
@@ -281,7 +335,7 @@ def main(argv=None) -> dict:
   t = time_it(torch_fwd_bwd, a.repeats, a.warmup)
   diff_bwd_ms = t["median_ms"]
   add_row("diffusers fwd+bwd", "fwd+bwd", t, 3 * fwd_gflop)
-  torch_loss = float(torch_fwd_bwd())
+  torch_loss = torch_fwd_bwd().item()
   torch_grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())))
 
   def jax_grad_variant(name, c, prm):
@@ -310,6 +364,8 @@ def main(argv=None) -> dict:
       gnorm = float(np.sqrt(sum((np.asarray(g, np.float64) ** 2).sum() for g in jax.tree.leaves(grads))))
       grad_check = dict(loss_ours=float(l_val), loss_diffusers=torch_loss, grad_norm_ours=gnorm,
                         grad_norm_diffusers=torch_grad_norm)
+  jax_grad_variant("ours fwd+bwd (remat=none, unrolled)", dataclasses.replace(cfg, scan_layers=False),
+                   params)
   jax_grad_variant("ours fwd+bwd (remat=none, feature cache)", cfg_cache, params_cache)
   del model
 
@@ -343,10 +399,13 @@ def main(argv=None) -> dict:
   # ---- report ------------------------------------------------------------------------------
   lines = []
   p = lambda s="": lines.append(s)
+  busy_run = run_load.value()
   p(f"RepVideo transformer CPU benchmark  (jax {jax.__version__}, torch {torch.__version__}, "
     f"{os.cpu_count()} CPUs, torch threads {a.threads}, {platform.processor() or platform.machine()})")
-  if os.environ.get("XLA_FLAGS"):
-    p(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  p(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  OMP_WAIT_POLICY="
+    f"{os.environ.get('OMP_WAIT_POLICY', '')!r}  other processes' CPU share: {100 * busy_before:.0f}% "
+    f"before, {100 * busy_run:.0f}% during the run" + ("  (WARNING: timings disturbed)"
+                                                       if max(busy_before, busy_run) > 0.05 else ""))
   p(f"config: hidden {a.heads * a.head_dim} ({a.heads} heads x {a.head_dim}), {a.layers} layers, "
     f"latents {a.frames}x{a.height}x{a.width}x{a.channels}, text {a.text_len}x{a.text_embed_dim}, "
     f"batch {a.batch}, sequence {flops['tokens']} tokens, float32")
@@ -362,14 +421,17 @@ def main(argv=None) -> dict:
   p(f"timings: median of {a.repeats} after {a.warmup} warm-up; fwd+bwd GFLOP = 3 x forward "
     f"(remat recompute not counted); peak = {a.peak_gflops:.0f} GFLOP/s")
   p()
-  hdr = f"{'name':<44} {'median ms':>10} {'GFLOP/s':>8} {'% peak':>7} {'vs diffusers':>12}"
+  hdr = (f"{'name':<42} {'median ms':>9} {'min ms':>8} {'GFLOP/s':>7} {'% peak':>6} {'vs diffusers':>12}"
+         f" {'other load':>10}")
   p(hdr)
   p("-" * len(hdr))
   for r in rows:
     sp = f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "1.00x"
-    p(f"{r['name']:<44} {r['median_ms']:>10.1f} {r['gflops_per_s']:>8.1f} "
-      f"{100 * r['peak_fraction']:>6.1f}% {sp:>12}")
-  p("('vs diffusers' = diffusers median / ours median of the same kind; > 1 means ours is faster)")
+    p(f"{r['name']:<42} {r['median_ms']:>9.1f} {r['min_ms']:>8.1f} {r['gflops_per_s']:>7.1f} "
+      f"{100 * r['peak_fraction']:>5.1f}% {sp:>12} {100 * r['other_load']:>9.0f}%")
+  p("('vs diffusers' = diffusers median / ours median of the same kind, > 1 means ours is faster; "
+    "'other load' = share of\n CPU time taken by other processes while that row was timed: rows "
+    "with more than a few % are unreliable)")
   if compile_rows:
     p()
     p(f"compile time of ours (lower + compile, seconds; hidden {a.heads * a.head_dim}, same shapes):")
@@ -386,7 +448,9 @@ def main(argv=None) -> dict:
   results = dict(args=vars(a), flops=flops, xla_fwd_gflop_unrolled=xla_fwd_gflop_unrolled,
                  parity=dict(max_abs_diff=max_diff, mean_abs_output=ref_scale, **grad_check),
                  rows=rows, compile=compile_rows, jax=jax.__version__, torch=torch.__version__,
-                 cpus=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+                 cpus=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+                 other_load_before=busy_before, other_load_run=busy_run)
   if a.json:
     with open(a.json, "w") as fh:
       json.dump(results, fh, indent=2)
