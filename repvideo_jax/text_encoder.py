@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from repvideo_jax import sharding
+from repvideo_jax.functional import Functional
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -285,56 +286,13 @@ class T5Encoder(nnx.Module):
 # Pure functional form: params are a plain nested dict of arrays.
 
 
-def create(config: T5Config, rng: int | jax.Array = 0) -> T5Encoder:
-  """Builds the NNX module with freshly initialised weights."""
-  key = jax.random.key(rng) if isinstance(rng, int) else rng
-  return T5Encoder(config, rngs=nnx.Rngs(params=key))
-
-
-@functools.lru_cache(maxsize=32)
-def _abstract(config: T5Config):
-  """(graphdef, abstract param state) of a config, without allocating weights."""
-  model = nnx.eval_shape(lambda: create(config, 0))
-  return nnx.split(model, nnx.Param)
-
-
-def abstract_params(config: T5Config) -> dict[str, Any]:
-  """The param tree of ``config`` as jax.ShapeDtypeStruct leaves."""
-  _, state = _abstract(config)
-  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-
-
-def logical_axes(config: T5Config) -> dict[str, Any]:
-  """The param tree of ``config`` with each leaf's logical axis names (tuples), for sharding."""
-  _, state = _abstract(config)
-
-  def names(path, var):
-    axes = tuple(var.get_metadata().get("logical_axes") or ())
-    if path[0] == "blocks":
-      axes = ("layers",) + axes
-    return axes if len(axes) == len(var.shape) else (None,) * len(var.shape)
-
-  flat = nnx.to_flat_state(state)
-  return nnx.to_pure_dict(nnx.from_flat_state([(path, nnx.Param(names(path, v)))
-                                               for path, v in flat]))
-
-
-def split_params(model: T5Encoder) -> dict[str, Any]:
-  """NNX module -> plain nested dict of param arrays."""
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def merge(config: T5Config, params: dict[str, Any]) -> T5Encoder:
-  """Plain param dict -> NNX module (cheap; usable inside jit)."""
-  graphdef, state = _abstract(config)
-  state = jax.tree.map(lambda x: x, state)  # a fresh copy of the abstract state to fill in
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
-
-
-def init(config: T5Config, rng: int | jax.Array = 0) -> dict[str, Any]:
-  """Fresh params for ``config`` as a plain nested dict of arrays."""
-  return split_params(create(config, rng))
+_FUNCTIONAL = Functional(T5Encoder)
+create = _FUNCTIONAL.create  # (config, rng) -> NNX module with fresh weights
+abstract_params = _FUNCTIONAL.abstract_params  # config -> ShapeDtypeStruct tree
+logical_axes = _FUNCTIONAL.logical_axes  # config -> logical axis names per param
+split_params = _FUNCTIONAL.split_params  # NNX module -> plain param dict
+merge = _FUNCTIONAL.merge  # (config, params) -> NNX module; cheap, usable inside jit
+init = _FUNCTIONAL.init  # (config, rng) -> fresh plain param dict
 
 
 def apply(params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None, *,

@@ -29,7 +29,8 @@ import numpy as np
 
 from repvideo_jax import checkpoint_io
 from repvideo_jax.text_encoder import DTYPES, FEED_FORWARD, T5Config, abstract_params
-from repvideo_jax.transformer_weights import CheckpointKeyError
+from repvideo_jax.weights_common import (CheckpointKeyError, check_param_shapes, flatten,
+                                         set_path)
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ def hf_rules(cfg: T5Config) -> list[tuple[str, tuple, int | None, Callable]]:
     for name in ffn:
       rules.append((f"{pre}.1.DenseReluDense.{name}.weight", ("blocks", name, "kernel"), i, _linear))
   return rules
-
-
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
 
 
 def _list(keys: list[str], limit: int = 20) -> str:
@@ -129,7 +116,7 @@ def from_hf(state: dict[str, np.ndarray], cfg: T5Config, *, ignore_decoder: bool
         f"  unexpected in checkpoint {_list(unknown)}"
         + "".join(f"\n  {p}" for p in problems) + hint +
         "\nCheck that the config matches the checkpoint (layers, feed-forward type).")
-  target = dict(_flatten(abstract_params(cfg)))
+  target = dict(flatten(abstract_params(cfg)))
   out = {path: np.empty(leaf.shape, dtype) for path, leaf in target.items()}
 
   def put(src: str, path: tuple, layer: int | None, arr: np.ndarray) -> None:
@@ -147,22 +134,8 @@ def from_hf(state: dict[str, np.ndarray], cfg: T5Config, *, ignore_decoder: bool
     put(src, path, layer, fn(state[src]))
   params: dict[str, Any] = {}
   for path, arr in out.items():
-    _set(params, path, arr)
+    set_path(params, path, arr)
   return params
-
-
-def _check_shapes(params, cfg: T5Config) -> None:
-  want = dict(_flatten(abstract_params(cfg)))
-  have = dict(_flatten(params))
-  if set(want) != set(have):
-    raise CheckpointKeyError(
-        f"converted T5 params do not match the config: missing "
-        f"{sorted(map('.'.join, set(want) - set(have)))}, unexpected "
-        f"{sorted(map('.'.join, set(have) - set(want)))}")
-  for path, leaf in want.items():
-    if tuple(have[path].shape) != tuple(leaf.shape):
-      raise CheckpointKeyError(f"shape mismatch for {'.'.join(path)}: checkpoint gives "
-                               f"{tuple(have[path].shape)}, config expects {tuple(leaf.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +214,7 @@ def load(path: str | pathlib.Path, config: T5Config | None = None, **config_over
     from repvideo_jax.config import from_dict
     stored = from_dict(T5Config, meta["config"], where=f"{path}/metadata.json")
     cfg = config or dataclasses.replace(stored, **config_overrides)
-    _check_shapes(params, cfg)
+    check_param_shapes(params, abstract_params(cfg), "T5")
     dtype = np.dtype(DTYPES[cfg.param_dtype])
     return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
   folder = _hf_folder(path)

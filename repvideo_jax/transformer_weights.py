@@ -18,16 +18,14 @@ import jax
 import numpy as np
 
 from repvideo_jax import checkpoint_io
+from repvideo_jax.weights_common import (CheckpointKeyError, check_param_shapes, flatten,
+                                         set_path)
 from repvideo_jax.transformer import DTYPES, TransformerConfig, abstract_params
 
 log = logging.getLogger(__name__)
 
 SAT_PREFIX = "model.diffusion_model."
 SAT_IGNORED = ("mixins.pos_embed.pos_embedding",)  # frozen sin-cos table: regenerated, never loaded
-
-
-class CheckpointKeyError(ValueError):
-  """A checkpoint's keys do not match the model config."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +181,7 @@ def _assemble(state: dict[str, np.ndarray], rules, cfg: TransformerConfig, *, ig
         "Check the checkpoint format and that the config matches the checkpoint (layers, cache on/off).")
   # Stack per-layer tensors and check every shape against the config.
   params: dict[str, Any] = {}
-  for path, leaf_abs in _flatten(target):
+  for path, leaf_abs in flatten(target):
     if path[0] == "blocks":
       arr = np.stack([flat[(path[0], i) + path[1:]] for i in range(cfg.num_layers)])
     else:
@@ -191,35 +189,8 @@ def _assemble(state: dict[str, np.ndarray], rules, cfg: TransformerConfig, *, ig
     if tuple(arr.shape) != tuple(leaf_abs.shape):
       raise CheckpointKeyError(f"shape mismatch for {'.'.join(map(str, path))}: checkpoint gives "
                                f"{tuple(arr.shape)}, config expects {tuple(leaf_abs.shape)}")
-    _set(params, path, arr.astype(dtype))
+    set_path(params, path, arr.astype(dtype))
   return params
-
-
-def _check_shapes(params, cfg: TransformerConfig) -> None:
-  want = dict(_flatten(abstract_params(cfg)))
-  have = dict(_flatten(params))
-  if set(want) != set(have):
-    raise CheckpointKeyError(
-        f"converted params do not match the config: missing {sorted(map('.'.join, set(want) - set(have)))}, "
-        f"unexpected {sorted(map('.'.join, set(have) - set(want)))}")
-  for path, leaf in want.items():
-    if tuple(have[path].shape) != tuple(leaf.shape):
-      raise CheckpointKeyError(f"shape mismatch for {'.'.join(path)}: checkpoint gives "
-                               f"{tuple(have[path].shape)}, config expects {tuple(leaf.shape)}")
-
-
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
 
 
 def from_diffusers(state: dict[str, np.ndarray], cfg: TransformerConfig, *,
@@ -372,7 +343,7 @@ def load(path: str | pathlib.Path, config: TransformerConfig | None = None, *,
       params = {**params, "gates": np.full((cfg.num_layers,), cfg.gate_init, np.float32)}
     elif not cfg.feature_cache and "gates" in params:
       params = {k: v for k, v in params.items() if k != "gates"}
-    _check_shapes(params, cfg)
+    check_param_shapes(params, abstract_params(cfg), "transformer")
     dtype = np.dtype(DTYPES[cfg.param_dtype])
     return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
   if fmt == "diffusers":

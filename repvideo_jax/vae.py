@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repvideo_jax.functional import Functional
 from repvideo_jax.transformer import DTYPES
 
 Cache = dict[str, Any]  # nested dict of per-conv (B, k-1, H, W, C) arrays
@@ -435,33 +436,11 @@ class VAE(nnx.Module):
 # Functional form: params are a plain nested dict of arrays.
 
 
-def create(config: VAEConfig, rng: int | jax.Array = 0) -> VAE:
-  key = jax.random.key(rng) if isinstance(rng, int) else rng
-  return VAE(config, rngs=nnx.Rngs(params=key))
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(config: VAEConfig):
-  model = nnx.eval_shape(lambda: create(config, 0))
-  return nnx.split(model, nnx.Param)
-
-
-def abstract_params(config: VAEConfig) -> dict[str, Any]:
-  """The param tree of ``config`` as jax.ShapeDtypeStruct leaves."""
-  _, state = _abstract(config)
-  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-
-
-def split_params(model: VAE) -> dict[str, Any]:
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def merge(config: VAEConfig, params: dict[str, Any]) -> VAE:
-  """Plain param dict -> NNX module (cheap; usable inside jit)."""
-  graphdef, state = _abstract(config)
-  state = jax.tree.map(lambda x: x, state)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+_FUNCTIONAL = Functional(VAE, stacked=())
+create = _FUNCTIONAL.create  # (config, rng) -> NNX module (slow for the VAE: prefer init)
+abstract_params = _FUNCTIONAL.abstract_params  # config -> ShapeDtypeStruct tree
+split_params = _FUNCTIONAL.split_params  # NNX module -> plain param dict
+merge = _FUNCTIONAL.merge  # (config, params) -> NNX module; cheap, usable inside jit
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -29,7 +29,8 @@ import numpy as np
 
 from repvideo_jax import checkpoint_io
 from repvideo_jax.transformer import DTYPES
-from repvideo_jax.transformer_weights import CheckpointKeyError
+from repvideo_jax.weights_common import (CheckpointKeyError, check_param_shapes, flatten,
+                                         set_path)
 from repvideo_jax.vae import VAEConfig, abstract_params
 
 
@@ -145,24 +146,10 @@ def sat_rules(cfg: VAEConfig) -> list[Rule]:
 # Assembly with strict key accounting.
 
 
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
 def _assemble(state: Mapping[str, np.ndarray], rules: list[Rule], cfg: VAEConfig, *,
               ignored_prefixes: tuple[str, ...] = (), fmt: str = "diffusers") -> dict[str, Any]:
   dtype = np.dtype(DTYPES[cfg.param_dtype])
-  want = dict(_flatten(abstract_params(cfg)))
+  want = dict(flatten(abstract_params(cfg)))
   used = {k for k in state if k.startswith(ignored_prefixes)} if ignored_prefixes else set()
   missing, flat = [], {}
   for src, path, fn in rules:
@@ -188,7 +175,7 @@ def _assemble(state: Mapping[str, np.ndarray], rules: list[Rule], cfg: VAEConfig
     if tuple(arr.shape) != tuple(leaf.shape):
       raise CheckpointKeyError(f"shape mismatch for {'.'.join(path)}: checkpoint gives {tuple(arr.shape)}, "
                                f"config expects {tuple(leaf.shape)}")
-    _set(params, path, arr.astype(dtype))
+    set_path(params, path, arr.astype(dtype))
   return params
 
 
@@ -341,17 +328,7 @@ def load(path: str | pathlib.Path, config: VAEConfig | None = None, **config_ove
     from repvideo_jax.config import from_dict
     stored = from_dict(VAEConfig, meta["config"], where=f"{path}/metadata.json")
     cfg = config or dataclasses.replace(stored, **config_overrides)
-    want = dict(_flatten(abstract_params(cfg)))
-    have = dict(_flatten(params))
-    if set(want) != set(have):
-      raise CheckpointKeyError(
-          f"converted VAE params do not match the config: missing "
-          f"{sorted(map('.'.join, set(want) - set(have)))[:20]}, unexpected "
-          f"{sorted(map('.'.join, set(have) - set(want)))[:20]}")
-    for p, leaf in want.items():
-      if tuple(have[p].shape) != tuple(leaf.shape):
-        raise CheckpointKeyError(f"shape mismatch for {'.'.join(p)}: checkpoint gives "
-                                 f"{tuple(have[p].shape)}, config expects {tuple(leaf.shape)}")
+    check_param_shapes(params, abstract_params(cfg), "VAE")
     dtype = np.dtype(DTYPES[cfg.param_dtype])
     return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
   if fmt == "diffusers":

@@ -186,7 +186,7 @@ def test_tiled_decode_and_encode_match_diffusers(tiny):
 
 
 def _assert_same_params(a, b):
-  fa, fb = dict(W._flatten(a)), dict(W._flatten(b))
+  fa, fb = dict(W.flatten(a)), dict(W.flatten(b))
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=".".join(k))
