@@ -11,6 +11,7 @@ dynamic CFG (scale 6, as released), zero unconditional embedding, 49 frames at 4
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import pathlib
@@ -116,6 +117,7 @@ def run(args) -> int:
       stem = out / f"{index:04d}_{slug(prompt)}"
       video_io.write_mp4(stem.with_suffix(".mp4"), frames[k], fps=args.fps)
       sidecar = {"prompt": prompt, "index": index, "video": stem.with_suffix(".mp4").name,
+                 "frames_sha256": hashlib.sha256(frames[k].tobytes()).hexdigest(),
                  "model": str(pathlib.Path(args.model).resolve()), "fps": args.fps, "dtype": dtype,
                  "batch_size": args.batch_size, "batch_prompts": batch, "devices": n_dev,
                  "settings": settings.__dict__, "timings": {**timings, "load_s": load_s},

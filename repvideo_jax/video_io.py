@@ -414,7 +414,9 @@ def write_mp4(path, frames: np.ndarray, fps: float = 8, *, crf: int = 18) -> Non
       stream = container.add_stream("libx264", rate=rate)
       stream.width, stream.height = w, h
       stream.pix_fmt = "yuv420p"
-      stream.options = {"crf": str(int(crf))}
+      # One encoder thread: with frame threads x264's output varied run to run under load, and the
+      # same frames must always give the same file bytes.
+      stream.options = {"crf": str(int(crf)), "threads": "1"}
       for index, image in enumerate(frames):
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         # Convert to yuv420p ourselves: leaving it to the encoder path gave different bitstreams

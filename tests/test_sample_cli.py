@@ -49,7 +49,9 @@ def test_sample_py_end_to_end_and_reproducible(model_dir, tmp_path):
     assert {"sampling_s", "vae_decode_s", "text_encode_s", "seconds_per_step", "load_s"} <= set(meta["timings"])
     frames, _ = video_io.read_video(mp4)
     assert frames.std() > 0
-  for a, b in zip(*runs):  # same seed -> identical frames (and identical files)
+  for a, b in zip(*runs):  # same seed -> identical frames, and identical files
+    sha = [json.loads(p.with_suffix(".json").read_text())["frames_sha256"] for p in (a, b)]
+    assert sha[0] == sha[1], "sampling is not deterministic"
     np.testing.assert_array_equal(video_io.read_video(a)[0], video_io.read_video(b)[0])
     assert a.read_bytes() == b.read_bytes()
 
