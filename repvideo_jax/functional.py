@@ -1,4 +1,4 @@
-"""The pure functional boundary shared by every NNX model in the package.
+"""The pure functional boundary shared by every NNX model in the package, and their small helpers.
 
 ``Functional(ModelClass)`` gives, for a hashable config: ``create`` (an NNX module with fresh
 weights), ``abstract_params`` (ShapeDtypeStruct tree, nothing allocated), ``logical_axes`` (axis
@@ -13,7 +13,27 @@ import functools
 from typing import Any, Hashable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+def annotate(init, axes):
+  """Attaches logical axis names to an initializer (mapped to the mesh in ``sharding.py``)."""
+  return nnx.with_metadata(init, logical_axes=tuple(axes))
+
+
+def remat(fn, policy: str):
+  """Wraps a layer-step function in the configured rematerialisation policy."""
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  if policy == "save_dots":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {policy!r}")
 
 
 class Functional:

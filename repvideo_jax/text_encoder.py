@@ -31,10 +31,9 @@ import numpy as np
 from flax import nnx
 
 from repvideo_jax import sharding
-from repvideo_jax.functional import Functional
+from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate, remat
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-REMAT_POLICIES = ("none", "full", "save_dots")
+T5_DTYPES = ("float32", "bfloat16")  # float16 overflows in T5 v1.1 activations
 FEED_FORWARD = ("gated-gelu", "gated-silu", "relu")
 
 
@@ -74,10 +73,10 @@ class T5Config:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
+      if getattr(self, name) not in T5_DTYPES:
         extra = (" (T5 v1.1 activations overflow float16; use bfloat16)"
                  if getattr(self, name) == "float16" else "")
-        raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}{extra}")
+        raise ValueError(f"{name} must be one of {list(T5_DTYPES)}, got {getattr(self, name)!r}{extra}")
     nb = self.relative_attention_num_buckets
     if nb < 4 or nb % 2:
       raise ValueError(f"relative_attention_num_buckets must be even and >= 4, got {nb}")
@@ -116,16 +115,11 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
 # Layers.
 
 
-def _annotate(init, axes):
-  """Attaches logical axis names to an initializer (mapped to the mesh in ``sharding.py``)."""
-  return nnx.with_metadata(init, logical_axes=tuple(axes))
-
-
 def _linear(cfg: T5Config, din: int, dout: int, axes: tuple, rngs: nnx.Rngs,
             scale: float = 1.0) -> nnx.Linear:
   init = nnx.initializers.variance_scaling(scale, "fan_in", "normal")
   return nnx.Linear(din, dout, use_bias=False, dtype=DTYPES[cfg.dtype],
-                    param_dtype=DTYPES[cfg.param_dtype], kernel_init=_annotate(init, axes), rngs=rngs)
+                    param_dtype=DTYPES[cfg.param_dtype], kernel_init=annotate(init, axes), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -195,24 +189,16 @@ class T5Block(nnx.Module):
     return x + self.feed_forward(self.ffn_norm(x))
 
 
-def _remat(fn, policy: str):
-  if policy == "none":
-    return fn
-  if policy == "full":
-    return jax.checkpoint(fn)
-  return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-
-
 class T5Encoder(nnx.Module):
   """T5 encoder stack. Call with (input_ids (B, L), attention_mask (B, L) or None) -> (B, L, d_model)."""
 
   def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pdt = DTYPES[cfg.param_dtype]
-    self.embedding = nnx.Param(_annotate(nnx.initializers.normal(1.0), (None, "embed"))(
+    self.embedding = nnx.Param(annotate(nnx.initializers.normal(1.0), (None, "embed"))(
         rngs.params(), (cfg.vocab_size, cfg.d_model), pdt))
     # Owned by layer 0 in the checkpoint, shared by all layers: (buckets, heads), tiny, replicated.
-    self.relative_attention_bias = nnx.Param(_annotate(nnx.initializers.normal(1.0), (None, None))(
+    self.relative_attention_bias = nnx.Param(annotate(nnx.initializers.normal(1.0), (None, None))(
         rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), pdt))
 
     @nnx.split_rngs(splits=cfg.num_layers)
@@ -256,7 +242,7 @@ class T5Encoder(nnx.Module):
       h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
       return nnx.merge(graphdef, params)(h, bias, mask_bias), None
 
-    step = _remat(step, cfg.remat)
+    step = remat(step, cfg.remat)
     if cfg.scan_layers:
       x, _ = jax.lax.scan(step, x, layer_state)
     else:

@@ -31,10 +31,8 @@ from flax import nnx
 
 from repvideo_jax import sharding
 from repvideo_jax.attention import attention, resolve_backend
-from repvideo_jax.functional import Functional
+from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate, remat
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,17 +183,12 @@ def timestep_features(timesteps: jax.Array, dim: int) -> jax.Array:
 # Layers.
 
 
-def _annotate(init, axes):
-  """Attaches logical axis names to an initializer (mapped to the mesh in ``sharding.py``)."""
-  return nnx.with_metadata(init, logical_axes=tuple(axes))
-
-
 def _linear(cfg: TransformerConfig, din: int, dout: int, axes: tuple, rngs: nnx.Rngs,
             zero: bool = False) -> nnx.Linear:
   init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
   return nnx.Linear(din, dout, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-                    kernel_init=_annotate(init, axes),
-                    bias_init=_annotate(nnx.initializers.zeros_init(), (axes[1],)),
+                    kernel_init=annotate(init, axes),
+                    bias_init=annotate(nnx.initializers.zeros_init(), (axes[1],)),
                     rngs=rngs)
 
 
@@ -203,8 +196,8 @@ def _layer_norm(cfg: TransformerConfig, dim: int, eps: float, rngs: nnx.Rngs) ->
   # Statistics in float32 with the two-pass variance, like torch.
   return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=DTYPES[cfg.param_dtype],
                        use_fast_variance=False,
-                       scale_init=_annotate(nnx.initializers.ones_init(), ("norm",)),
-                       bias_init=_annotate(nnx.initializers.zeros_init(), ("norm",)),
+                       scale_init=annotate(nnx.initializers.ones_init(), ("norm",)),
+                       bias_init=annotate(nnx.initializers.zeros_init(), ("norm",)),
                        rngs=rngs)
 
 
@@ -270,14 +263,6 @@ class Block(nnx.Module):
 # The model.
 
 
-def _remat(fn, policy: str):
-  if policy == "none":
-    return fn
-  if policy == "full":
-    return jax.checkpoint(fn)
-  return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-
-
 class RepVideoTransformer(nnx.Module):
   """CogVideoX DiT with RepVideo's feature cache. Call with (latents, timesteps, text_embeddings)."""
 
@@ -286,7 +271,7 @@ class RepVideoTransformer(nnx.Module):
     self.cfg = cfg
     pdt = DTYPES[cfg.param_dtype]
     # Patch embedding: a stride-p conv, stored as an HWIO kernel (p, p, C_in, D).
-    self.patch_kernel = nnx.Param(_annotate(nnx.initializers.xavier_uniform(
+    self.patch_kernel = nnx.Param(annotate(nnx.initializers.xavier_uniform(
         in_axis=(0, 1, 2), out_axis=3), ("patch", "patch", None, "embed"))(
             rngs.params(), (p, p, cfg.in_channels, d), pdt))
     self.patch_bias = nnx.Param(jnp.zeros((d,), pdt), logical_axes=("embed",))
@@ -388,7 +373,7 @@ class RepVideoTransformer(nnx.Module):
         count = jnp.where(reset, 1.0, count + 1.0)
       return (out, total, count), None
 
-    step = _remat(step, cfg.remat)
+    step = remat(step, cfg.remat)
     total0 = x.astype(jnp.float32) if cfg.feature_cache else jnp.zeros((), jnp.float32)
     carry = (x, total0, jnp.ones((), jnp.float32))
     if cfg.scan_layers:

@@ -47,8 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repvideo_jax.functional import Functional
-from repvideo_jax.transformer import DTYPES
+from repvideo_jax.functional import DTYPES, Functional, annotate
 
 Cache = dict[str, Any]  # nested dict of per-conv (B, k-1, H, W, C) arrays
 CHUNKINGS = ("released", "framewise", "whole")
@@ -144,10 +143,6 @@ def _lecun(in_axis, out_axis):
   return nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis)
 
 
-def _annotate(init, axes):
-  return nnx.with_metadata(init, logical_axes=tuple(axes))
-
-
 # ----------------------------------------------------------------------------------------------
 # Layers.
 
@@ -163,7 +158,7 @@ class CausalConv3d(nnx.Module):
     pdt = DTYPES[cfg.param_dtype]
     self.k = k
     self.dtype = DTYPES[cfg.dtype]
-    self.kernel = nnx.Param(_annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4),
+    self.kernel = nnx.Param(annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4),
                                       (None, None, None, "conv_in", "conv_out"))(
                                           rngs.params(), (k, k, k, cin, cout), pdt))
     self.bias = nnx.Param(jnp.zeros((cout,), pdt), logical_axes=("conv_out",))
@@ -188,7 +183,7 @@ class PointConv(nnx.Module):
   def __init__(self, cfg: VAEConfig, cin: int, cout: int, *, rngs: nnx.Rngs):
     pdt = DTYPES[cfg.param_dtype]
     self.dtype = DTYPES[cfg.dtype]
-    self.kernel = nnx.Param(_annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4),
+    self.kernel = nnx.Param(annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4),
                                       (None, None, None, "conv_in", "conv_out"))(
                                           rngs.params(), (1, 1, 1, cin, cout), pdt))
     self.bias = nnx.Param(jnp.zeros((cout,), pdt), logical_axes=("conv_out",))
@@ -206,7 +201,7 @@ class Conv2d(nnx.Module):
     self.dtype = DTYPES[cfg.dtype]
     self.stride = stride
     self.padding = padding
-    self.kernel = nnx.Param(_annotate(_lecun(in_axis=(0, 1, 2), out_axis=3),
+    self.kernel = nnx.Param(annotate(_lecun(in_axis=(0, 1, 2), out_axis=3),
                                       (None, None, "conv_in", "conv_out"))(
                                           rngs.params(), (3, 3, cin, cout), pdt))
     self.bias = nnx.Param(jnp.zeros((cout,), pdt), logical_axes=("conv_out",))

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from repvideo_jax import checkpoint_io
-from repvideo_jax.transformer import DTYPES
+from repvideo_jax.functional import DTYPES
 from repvideo_jax.weights_common import (CheckpointKeyError, check_param_shapes, flatten,
                                          set_path)
 from repvideo_jax.vae import VAEConfig, abstract_params
