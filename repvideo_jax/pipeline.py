@@ -28,7 +28,7 @@ COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 class Pipeline:
   """Configs, params (plain nested dicts) and the tokenizer of one model."""
   transformer_config: TransformerConfig
-  transformer_params: dict[str, Any]
+  transformer_params: dict[str, Any] | None  # None when loaded with load_transformer=False
   text_encoder_config: T5Config
   text_encoder_params: dict[str, Any]
   vae_config: VAEConfig
@@ -44,9 +44,14 @@ class Pipeline:
 
 
 def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | None = None,
-                  text_encoder_overrides: dict | None = None,
-                  vae_overrides: dict | None = None) -> Pipeline:
-  """Loads every component of a model folder; overrides replace config fields (e.g. dtype)."""
+                  text_encoder_overrides: dict | None = None, vae_overrides: dict | None = None,
+                  load_transformer: bool = True) -> Pipeline:
+  """Loads every component of a model folder; overrides replace config fields (e.g. dtype).
+
+  ``load_transformer=False`` reads only the transformer's config (for data preparation, which
+  needs the VAE, T5 and the text length but not the multi-GB denoiser); SAT transformers, whose
+  config comes from their weights' shapes, are still read in full.
+  """
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"no model folder at {path}: convert one with "
@@ -61,7 +66,13 @@ def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | Non
   else:
     log.info("%s has no pipeline.json: loading the diffusers layout directly (convert it once with "
              "`python -m repvideo_jax.convert pipeline` for faster loads)", path)
-  t_cfg, t_params = transformer_weights.load(path / "transformer", **(transformer_overrides or {}))
+  t_cfg, t_params = None, None
+  if not load_transformer:
+    t_cfg = transformer_weights.read_config(path / "transformer")
+    if t_cfg is not None and transformer_overrides:
+      t_cfg = dataclasses.replace(t_cfg, **transformer_overrides)
+  if t_cfg is None:
+    t_cfg, t_params = transformer_weights.load(path / "transformer", **(transformer_overrides or {}))
   e_cfg, e_params = text_encoder_weights.load(path / "text_encoder", **(text_encoder_overrides or {}))
   v_cfg, v_params = vae_weights.load(path / "vae", **(vae_overrides or {}))
   if e_cfg.d_model != t_cfg.text_embed_dim:

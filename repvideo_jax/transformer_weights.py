@@ -286,6 +286,13 @@ def config_from_sat(state: dict[str, np.ndarray], **overrides) -> TransformerCon
 # Loading from disk: diffusers folder, SAT checkpoint, or our converted (orbax) folder.
 
 
+def _diffusers_folder(path: pathlib.Path) -> pathlib.Path:
+  """A diffusers transformer folder, or the ``transformer/`` inside a pipeline folder."""
+  if (path / "transformer").is_dir() and not (path / "config.json").exists():
+    return path / "transformer"
+  return path
+
+
 def detect_format(path: str | pathlib.Path) -> str:
   """'ours', 'diffusers' or 'sat' for a path; raises FileNotFoundError with what was found."""
   path = pathlib.Path(path)
@@ -298,7 +305,7 @@ def detect_format(path: str | pathlib.Path) -> str:
                      "pass the folder holding config.json and the safetensors")
   if (path / "metadata.json").exists() and (path / "params").exists():
     return "ours"
-  if (path / "transformer").is_dir() and not (path / "config.json").exists():
+  if _diffusers_folder(path) != path:
     return detect_format(path / "transformer")
   if (path / "config.json").exists():
     return "diffusers"
@@ -316,6 +323,20 @@ def save(path: str | pathlib.Path, config: TransformerConfig, params: dict[str, 
   from repvideo_jax.config import to_dict
   checkpoint_io.save_params(path, params, overwrite=overwrite, metadata={
       "component": "transformer", "config": to_dict(config), "source": source})
+
+
+def read_config(path: str | pathlib.Path) -> TransformerConfig | None:
+  """The config of a checkpoint without reading its weights; None for SAT (inferred from shapes)."""
+  path = pathlib.Path(path)
+  fmt = detect_format(path)
+  if fmt == "ours":
+    from repvideo_jax.config import from_dict
+    meta = json.loads((path / "metadata.json").read_text())
+    return from_dict(TransformerConfig, meta["config"], where=f"{path}/metadata.json")
+  if fmt == "diffusers":
+    folder = _diffusers_folder(path)
+    return config_from_diffusers(json.loads((folder / "config.json").read_text()))
+  return None
 
 
 def load(path: str | pathlib.Path, config: TransformerConfig | None = None, *,
@@ -347,8 +368,7 @@ def load(path: str | pathlib.Path, config: TransformerConfig | None = None, *,
     dtype = np.dtype(DTYPES[cfg.param_dtype])
     return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
   if fmt == "diffusers":
-    folder = path / "transformer" if (path / "transformer").is_dir() and not (
-        path / "config.json").exists() else path
+    folder = _diffusers_folder(path)
     with open(folder / "config.json") as f:
       cfg_json = json.load(f)
     cfg = config or config_from_diffusers(cfg_json, **config_overrides)

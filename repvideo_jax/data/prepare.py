@@ -262,43 +262,13 @@ def noise_keys(seed: int, indices: Sequence[int], epochs: Sequence[int] | None =
   return keys
 
 
-def _transformer_config(folder: pathlib.Path):
-  """The transformer config without its weights, or None when that needs the weights (SAT)."""
-  from repvideo_jax import transformer_weights
-  from repvideo_jax.config import from_dict
-  from repvideo_jax.transformer import TransformerConfig
-  fmt = transformer_weights.detect_format(folder)
-  if fmt == "ours":
-    meta = json.loads((folder / "metadata.json").read_text())
-    return from_dict(TransformerConfig, meta["config"], where=f"{folder}/metadata.json")
-  if fmt == "diffusers":
-    return transformer_weights.config_from_diffusers(json.loads((folder / "config.json").read_text()))
-  return None
-
-
 def load_encoders(model_dir, *, dtype: str = "float32") -> Encoders:
-  """Loads the VAE, T5 encoder and tokenizer of a model folder (as ``pipeline.load_pipeline`` does)."""
+  """Loads the VAE, T5 encoder and tokenizer of a model folder (``load_pipeline`` without the
+  transformer's weights)."""
   from repvideo_jax import pipeline as P
-  from repvideo_jax import text_encoder as TE
-  from repvideo_jax import text_encoder_weights, vae_weights
-  path = pathlib.Path(model_dir)
   overrides = {"dtype": dtype, "param_dtype": dtype}
-  tcfg = None
-  if path.is_dir() and all((path / c).is_dir() for c in P.COMPONENTS):
-    tcfg = _transformer_config(path / "transformer")
-  if tcfg is None:  # not a model folder (load_pipeline says why) or a SAT transformer
-    return Encoders.from_pipeline(P.load_pipeline(path, text_encoder_overrides=overrides,
-                                                  vae_overrides=overrides))
-  e_cfg, e_params = text_encoder_weights.load(path / "text_encoder", **overrides)
-  v_cfg, v_params = vae_weights.load(path / "vae", **overrides)
-  if e_cfg.d_model != tcfg.text_embed_dim:
-    raise ValueError(f"text encoder width {e_cfg.d_model} != transformer text_embed_dim "
-                     f"{tcfg.text_embed_dim}: the components come from different models")
-  if v_cfg.latent_channels != tcfg.in_channels:
-    raise ValueError(f"VAE latent channels {v_cfg.latent_channels} != transformer in_channels "
-                     f"{tcfg.in_channels}: the components come from different models")
-  return Encoders(v_cfg, v_params, e_cfg, e_params, TE.load_tokenizer(path / "tokenizer"),
-                  tcfg.text_length, path)
+  return Encoders.from_pipeline(P.load_pipeline(model_dir, text_encoder_overrides=overrides,
+                                                vae_overrides=overrides, load_transformer=False))
 
 
 # ----------------------------------------------------------------------------------------------
