@@ -36,6 +36,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    """Whether ``step`` is due under ``save_every`` (cheap; check it before gathering data state)."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
     """Starts an (async) save if ``step`` is due (or ``force``); returns whether it started."""
     return self.manager.save(step, args=ocp.args.Composite(

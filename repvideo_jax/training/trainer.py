@@ -376,7 +376,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
             on_step(done, m)
         if run.sample_every and done % run.sample_every == 0:
           _write_samples(cfg, state, done, out, sampler_cache)
-        ckpt.save(done, state, _data_state(data), meta)
+        if ckpt.should_save(done):  # the iterator state is serialised only when a save is due
+          ckpt.save(done, state, _data_state(data), meta)
         if run.max_wall_seconds and time.time() - t_start > run.max_wall_seconds:
           log.info("max_wall_seconds reached at step %d", done)
           stop["flag"] = True
