@@ -45,6 +45,8 @@ import subprocess
 import sys
 import time
 
+from benchutil import OtherLoad, busy_fraction, log, time_it
+
 GIB = 1024 ** 3
 REMATS = ("none", "full", "save_dots")
 
@@ -96,52 +98,6 @@ def parse_args(argv=None):
     args.repeats = min(args.repeats, 3)
     args.mem_policies, args.mem_shallow_layers = "full", 0
   return args
-
-
-def log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# CPU load and timing.
-
-
-def _cpu_snapshot():
-  """(busy jiffies of all CPUs, total jiffies, this process's jiffies), or None without /proc."""
-  try:
-    with open("/proc/stat") as fh:
-      v = [int(x) for x in fh.readline().split()[1:]]
-  except (OSError, ValueError):
-    return None
-  t = os.times()
-  own = (t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")
-  return sum(v) - v[3] - v[4], sum(v), own
-
-
-class OtherLoad:
-  """Share of all CPU time that *other* processes used since construction (0 = idle machine)."""
-
-  def __init__(self):
-    self.start = _cpu_snapshot()
-
-  def value(self) -> float:
-    end = _cpu_snapshot()
-    if self.start is None or end is None:
-      return float("nan")
-    busy, total, own = (e - s for e, s in zip(end, self.start))
-    return min(1.0, max(0.0, (busy - own) / max(1, total)))
-
-
-def timed_steps(step, repeats: int, warmup: int) -> dict:
-  for _ in range(warmup):
-    step()
-  load, times = OtherLoad(), []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times), repeats=repeats,
-              other_load=load.value())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +222,7 @@ def run_timing(a, results: dict) -> None:
         opt.step()
       last["loss"] = float(loss.detach())
 
-    timing = timed_steps(step, a.repeats, a.warmup)
+    timing = time_it(step, a.repeats, a.warmup)
     return timing, last["loss"]
 
   log("diffusers + torch AdamW")
@@ -298,7 +254,7 @@ def run_timing(a, results: dict) -> None:
       jax.block_until_ready((s, m))
       holder["state"], holder["metrics"] = s, m
 
-    timing = timed_steps(step, a.repeats, a.warmup)
+    timing = time_it(step, a.repeats, a.warmup)
     return timing, compile_s, float(holder["metrics"]["loss"])
 
   log("ours (jax.jit train_step)")
@@ -320,7 +276,7 @@ def run_timing(a, results: dict) -> None:
     def grad_step():
       out["res"] = jax.block_until_ready(compiled(prm, batch, key))
 
-    timing = timed_steps(grad_step, a.repeats, a.warmup)
+    timing = time_it(grad_step, a.repeats, a.warmup)
     add_row("ours loss+grad only (remat=none, no optimizer)", "none", False, timing, compile_s,
             float(out["res"][0][0]), kind="grad")
 
@@ -503,9 +459,7 @@ def main(argv=None) -> dict:
   if a.omp_wait_policy:
     os.environ.setdefault("OMP_WAIT_POLICY", a.omp_wait_policy)  # read when torch loads libgomp
   t_start = time.perf_counter()
-  before = OtherLoad()
-  time.sleep(1.0)
-  busy_before = before.value()
+  busy_before = busy_fraction()
   if busy_before > 0.1:
     log(f"WARNING: CPUs are {100 * busy_before:.0f}% busy with other processes; timings will be noisy")
   run_load = OtherLoad()

@@ -47,9 +47,10 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import sys
 import time
+
+from benchutil import OtherLoad, log, time_it, wait_idle
 
 
 def parse_args(argv=None):
@@ -135,58 +136,6 @@ def xla_flops(compiled) -> float | None:
 # Timing helpers.
 
 
-class OtherLoad:
-  """Share of all CPU time used by *other* processes between construction and ``value()``.
-
-  From /proc/stat (all CPUs) minus this process's own user+system time (os.times); 0 on an otherwise
-  idle machine, ~0.5 when another process keeps one of two cores busy. nan where /proc is missing.
-  """
-
-  def __init__(self):
-    self.start = self._snap()
-
-  @staticmethod
-  def _snap():
-    try:
-      with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-      return None
-    t = os.times()
-    return sum(v) - v[3] - v[4], sum(v), (t.user + t.system) * os.sysconf("SC_CLK_TCK")
-
-  def value(self) -> float:
-    end = self._snap()
-    if self.start is None or end is None:
-      return float("nan")
-    busy, total, own = (e - s for e, s in zip(end, self.start))
-    return min(1.0, max(0.0, (busy - own) / max(1, total)))
-
-
-def time_it(fn, repeats: int, warmup: int) -> dict:
-  for _ in range(warmup):
-    fn()
-  times = []
-  load = OtherLoad()
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-          "max_ms": 1e3 * max(times), "repeats": repeats, "other_load": load.value()}
-
-
-def cpu_busy_fraction(dt: float = 1.0) -> float:
-  """Fraction of all CPUs busy (any process, this one idle) over ``dt`` seconds."""
-  load = OtherLoad()
-  time.sleep(dt)
-  return load.value()
-
-
-def log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Models.
 
@@ -235,11 +184,7 @@ def main(argv=None) -> dict:
   if a.omp_wait_policy:
     os.environ.setdefault("OMP_WAIT_POLICY", a.omp_wait_policy)  # read when torch loads libgomp
   t_start = time.perf_counter()
-  busy_before = cpu_busy_fraction()
-  while busy_before > 0.1 and time.perf_counter() - t_start < a.wait_idle:
-    log(f"CPUs {100 * busy_before:.0f}% busy with other work; waiting (--wait-idle {a.wait_idle:.0f})")
-    time.sleep(4)
-    busy_before = cpu_busy_fraction()
+  busy_before = wait_idle(a.wait_idle)
   if busy_before > 0.1:
     log(f"WARNING: CPUs are {100 * busy_before:.0f}% busy with other processes; timings will be noisy")
   t_start = time.perf_counter()
@@ -277,7 +222,7 @@ def main(argv=None) -> dict:
   diff_fwd_ms = diff_bwd_ms = None
 
   def add_row(name, kind, timing, gflop, extra=None):
-    ms = timing["median_ms"]
+    ms = 1e3 * timing["median_s"]
     ref = diff_fwd_ms if kind == "fwd" else diff_bwd_ms
     row = dict(name=name, kind=kind, **timing, gflop=gflop, gflops_per_s=gflop / (ms / 1e3),
                speedup_vs_diffusers=(ref / ms) if ref else None, **(extra or {}))
@@ -295,7 +240,7 @@ def main(argv=None) -> dict:
       model(lat, text, ts, return_dict=False)
 
     t = time_it(torch_fwd, a.repeats, a.warmup)
-  diff_fwd_ms = t["median_ms"]
+  diff_fwd_ms = 1e3 * t["median_s"]
   add_row("diffusers fwd (torch.no_grad)", "fwd", t, fwd_gflop)
 
   def jax_fwd_variant(name, c, prm, scan=True):
@@ -333,7 +278,7 @@ def main(argv=None) -> dict:
     return loss
 
   t = time_it(torch_fwd_bwd, a.repeats, a.warmup)
-  diff_bwd_ms = t["median_ms"]
+  diff_bwd_ms = 1e3 * t["median_s"]
   add_row("diffusers fwd+bwd", "fwd+bwd", t, 3 * fwd_gflop)
   torch_loss = torch_fwd_bwd().item()
   torch_grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())))
@@ -427,7 +372,7 @@ def main(argv=None) -> dict:
   p("-" * len(hdr))
   for r in rows:
     sp = f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "1.00x"
-    p(f"{r['name']:<42} {r['median_ms']:>9.1f} {r['min_ms']:>8.1f} {r['gflops_per_s']:>7.1f} "
+    p(f"{r['name']:<42} {1e3 * r['median_s']:>9.1f} {1e3 * r['min_s']:>8.1f} {r['gflops_per_s']:>7.1f} "
       f"{100 * r['peak_fraction']:>5.1f}% {sp:>12} {100 * r['other_load']:>9.0f}%")
   p("('vs diffusers' = diffusers median / ours median of the same kind, > 1 means ours is faster; "
     "'other load' = share of\n CPU time taken by other processes while that row was timed: rows "

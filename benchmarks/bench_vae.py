@@ -63,10 +63,11 @@ import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
+
+from benchutil import log, time_it, wait_idle
 
 GIB = 2 ** 30
 MEM_SCHED_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -125,10 +126,6 @@ def parse_args(argv=None):
   if args.frames % 2 == 0 or args.mem_frames % 2 == 0:
     ap.error("--frames and --mem-frames must be odd (the released chunking [0:3], [3:5], ...)")
   return args
-
-
-def log(msg: str):
-  print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,54 +297,6 @@ def print_memory(rows: list[dict], a):
 # Part 2: CPU speed vs diffusers.
 
 
-def _busy_cpu_s() -> float | None:
-  """Busy CPU seconds of the whole machine (all CPUs) from /proc/stat; None if unavailable."""
-  try:
-    with open("/proc/stat") as fh:
-      f = [int(x) for x in fh.readline().split()[1:]]
-  except (OSError, ValueError):
-    return None
-  idle = f[3] + (f[4] if len(f) > 4 else 0)
-  return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def timeit(fn, repeats: int, warmup: int) -> dict:
-  """Median wall time of ``fn``; also this process's CPU time and the share of the machine's CPU
-  time that *other* processes used meanwhile (other_load: 0 = idle machine, 1 = all CPUs busy)."""
-  for _ in range(warmup):
-    fn()
-  wall, cpu = [], []
-  busy0, own0, t_all = _busy_cpu_s(), os.times(), time.perf_counter()
-  for _ in range(repeats):
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  busy1, own1, t_all = _busy_cpu_s(), os.times(), time.perf_counter() - t_all
-  other = None
-  if busy0 is not None and busy1 is not None:
-    own = (own1.user - own0.user) + (own1.system - own0.system)
-    other = max(0.0, min(1.0, (busy1 - busy0 - own) / ((os.cpu_count() or 1) * t_all)))
-  return dict(median_s=statistics.median(wall), min_s=min(wall), runs_s=wall,
-              cpu_median_s=statistics.median(cpu), other_load=other)
-
-
-def wait_idle(max_s: float, threshold: float = 0.10) -> float | None:
-  """Waits (1 s windows) until other processes use < threshold of the CPUs; returns the last load."""
-  deadline, load = time.perf_counter() + max_s, None
-  while time.perf_counter() < deadline:
-    b0, own0, t0 = _busy_cpu_s(), os.times(), time.perf_counter()
-    time.sleep(1.0)
-    b1, own1 = _busy_cpu_s(), os.times()
-    if b0 is None or b1 is None:
-      return None
-    own = (own1.user - own0.user) + (own1.system - own0.system)
-    load = (b1 - b0 - own) / ((os.cpu_count() or 1) * (time.perf_counter() - t0))
-    if load < threshold:
-      break
-  return load
-
-
 def speed_section(a) -> dict:
   import diffusers
   import jax
@@ -392,7 +341,7 @@ def speed_section(a) -> dict:
     log(f"speed: {name} ...")
     with torch.inference_mode():
       out = fn()
-      tm = timeit(fn, a.repeats, a.warmup)
+      tm = time_it(fn, a.repeats, a.warmup)
     rows.append(dict(name=name, group=group, impl="diffusers", chunks=chunks, compile_s=None, **tm))
     return out
 
@@ -401,7 +350,7 @@ def speed_section(a) -> dict:
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     compile_s = time.perf_counter() - t0
-    tm = timeit(lambda: jax.block_until_ready(fn()), a.repeats, a.warmup)
+    tm = time_it(lambda: jax.block_until_ready(fn()), a.repeats, a.warmup)
     rows.append(dict(name=name, group=group, impl="ours", chunks=chunks, compile_s=compile_s, **tm,
                      max_abs_diff=None if ref is None else maxdiff(out, ref), diff_vs=ref_name))
     return out
