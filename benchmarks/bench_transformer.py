@@ -47,7 +47,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 
 from benchutil import OtherLoad, log, time_it, wait_idle

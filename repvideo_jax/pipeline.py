@@ -162,10 +162,8 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
   """Runs the sampler on prompt embeddings (B, L, D); returns latents (B, T, h, w, C), scaled."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from repvideo_jax import samplers, schedule, sharding
-  from repvideo_jax import transformer as T
   tcfg, vcfg = pipe.transformer_config, pipe.vae_config
   settings.validate(tcfg, vcfg)
   b = text.shape[0]

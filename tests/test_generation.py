@@ -4,7 +4,6 @@ Tolerance: frames in [0, 1], float32, max abs <= 2e-4 after 3 guided steps and t
 (the transformer alone agrees to 2e-5; errors grow through the sampler and decoder).
 """
 
-import jax
 import numpy as np
 import pytest
 import torch

@@ -4,7 +4,6 @@ Tolerance: float32 on CPU, max |ours - reference| <= 2e-5 on outputs of unit sca
 summation order in matmuls/attention; a wrong layout, epsilon or formula shows up at 1e-2 or more).
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

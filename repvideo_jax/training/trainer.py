@@ -27,7 +27,6 @@ import logging
 import os
 import pathlib
 import signal
-import sys
 import time
 from typing import Any
 
