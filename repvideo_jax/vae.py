@@ -129,7 +129,11 @@ def nearest_resize(x: jax.Array, size: tuple[int, int, int]) -> jax.Array:
   """Nearest-neighbour resize of (B, T, H, W, C) to (T', H', W') (PyTorch ``interpolate`` rule)."""
   for axis, n_out in zip((1, 2, 3), size):
     n_in = x.shape[axis]
-    if n_in != n_out:
+    if n_in == n_out:
+      continue
+    if n_out % n_in == 0:  # integer upscale: a repeat (its gradient is a reshape-sum, not a scatter)
+      x = jnp.repeat(x, n_out // n_in, axis=axis)
+    else:
       x = jnp.take(x, jnp.asarray(_nearest_indices(n_in, n_out)), axis=axis)
   return x
 
@@ -170,10 +174,19 @@ class CausalConv3d(nnx.Module):
     if k > 1:
       x = _causal_pad(x, k, cache)
       new_cache = x[:, -(k - 1):]
+    # A sum over the k time taps of per-frame 2D convs: the same numbers as one 3D conv, and ~3x
+    # faster forward and backward on CPU, where XLA's 3D convolution is slow.
     p = (k - 1) // 2
-    y = jax.lax.conv_general_dilated(
-        x, self.kernel[...].astype(self.dtype), window_strides=(1, 1, 1),
-        padding=((0, 0), (p, p), (p, p)), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    kernel = self.kernel[...].astype(self.dtype)
+    b, t_in, h, w, c = x.shape
+    t_out = t_in - (k - 1)
+    y = 0
+    for i in range(k):
+      frames = x[:, i:i + t_out].reshape(b * t_out, h, w, c)
+      y = y + jax.lax.conv_general_dilated(frames, kernel[i], window_strides=(1, 1),
+                                           padding=((p, p), (p, p)),
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y.reshape(b, t_out, h, w, -1)
     return y + self.bias[...].astype(self.dtype), new_cache
 
 
