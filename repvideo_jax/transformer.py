@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -237,10 +237,11 @@ class Block(nnx.Module):
     y = y * (1 + _per_token(t_scale, scale, text_len, seq)) + _per_token(t_shift, shift, text_len, seq)
     return y, _per_token(t_gate, gate, text_len, seq)
 
-  def __call__(self, x: jax.Array, temb: jax.Array, text_len: int, rope=None) -> jax.Array:
-    """x: (B, S, D) joint [text | video] tokens; temb: (B, E) SiLU-activated time embedding."""
+  def attention_inputs(self, x: jax.Array, temb: jax.Array, text_len: int, rope=None):
+    """(q, k, v, gate): q, k, v (B, S, heads, head_dim) as attention sees them (QK-LayerNorm and
+    rotary applied) and the per-token gate (B, S, D) of the attention branch."""
     cfg = self.cfg
-    b, s, d = x.shape
+    b, s, _ = x.shape
     h, hd = cfg.num_heads, cfg.head_dim
     a, gate = self._modulated(self.norm1, self.norm1_mod(temb), x, text_len)
     q = self.norm_q(self.to_q(a).reshape(b, s, h, hd)).astype(x.dtype)
@@ -250,6 +251,13 @@ class Block(nnx.Module):
       cos, sin = rope
       q = jnp.concatenate([q[:, :text_len], apply_rope(q[:, text_len:], cos, sin)], axis=1)
       k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
+    return q, k, v, gate
+
+  def __call__(self, x: jax.Array, temb: jax.Array, text_len: int, rope=None) -> jax.Array:
+    """x: (B, S, D) joint [text | video] tokens; temb: (B, E) SiLU-activated time embedding."""
+    cfg = self.cfg
+    b, s, d = x.shape
+    q, k, v, gate = self.attention_inputs(x, temb, text_len, rope)
     q, k, v = (sharding.constrain(t, ("activation_batch", None, "activation_attn_heads", None))
                for t in (q, k, v))
     o = attention(q, k, v, backend=cfg.attention_backend).reshape(b, s, d)
@@ -261,6 +269,18 @@ class Block(nnx.Module):
 
 # ----------------------------------------------------------------------------------------------
 # The model.
+
+
+class LayerView(NamedTuple):
+  """What ``RepVideoTransformer.intermediates`` shows a capture function in each layer."""
+  block: Block  # the layer (call ``block.attention_inputs(inputs, temb, text_len, rope)`` for q, k)
+  inputs: jax.Array  # (B, S, D) the block's input: the gated mix of the cache mean and ``previous``
+  outputs: jax.Array  # (B, S, D) the block's output
+  previous: jax.Array  # (B, S, D) the previous block's output (the embedding for layer 0)
+  temb: jax.Array  # (B, E) the SiLU-activated time embedding
+  text_len: int
+  rope: Any  # (cos, sin) rotary tables or None
+  gate: jax.Array  # () this layer's gate (0 with the cache off)
 
 
 class RepVideoTransformer(nnx.Module):
@@ -349,8 +369,12 @@ class RepVideoTransformer(nnx.Module):
     feats = timestep_features(timesteps, self.cfg.hidden_size).astype(DTYPES[self.cfg.dtype])
     return self.time_linear_2(jax.nn.silu(self.time_linear_1(feats)))
 
-  def run_layers(self, x, temb_act, text_len, rope):
-    """The layer stack with the feature cache; a scan over stacked layer params (or a Python loop)."""
+  def run_layers(self, x, temb_act, text_len, rope, capture=None):
+    """The layer stack with the feature cache; a scan over stacked layer params (or a Python loop).
+
+    ``capture(LayerView) -> pytree`` (optional) is called in every layer; its results come back
+    stacked over layers as a second return value (see ``intermediates``).
+    """
     cfg = self.cfg
     graphdef, layer_state = nnx.split(self.blocks)
     gates = (self.gates[...].astype(jnp.float32) if cfg.feature_cache
@@ -366,24 +390,41 @@ class RepVideoTransformer(nnx.Module):
       else:
         inp = h
       inp = sharding.constrain(inp, ("activation_batch", "activation_length", "activation_embed"))
-      out = nnx.merge(graphdef, params)(inp, temb_act, text_len, rope)
+      block = nnx.merge(graphdef, params)
+      out = block(inp, temb_act, text_len, rope)
       if cfg.feature_cache:
         out32 = out.astype(jnp.float32)
         total = jnp.where(reset, out32, total + out32)
         count = jnp.where(reset, 1.0, count + 1.0)
-      return (out, total, count), None
+      captured = None
+      if capture is not None:
+        captured = capture(LayerView(block, inp, out, h, temb_act, text_len, rope, g))
+      return (out, total, count), captured
 
     step = remat(step, cfg.remat)
     total0 = x.astype(jnp.float32) if cfg.feature_cache else jnp.zeros((), jnp.float32)
     carry = (x, total0, jnp.ones((), jnp.float32))
     if cfg.scan_layers:
-      carry, _ = jax.lax.scan(step, carry, (layer_state, gates, resets))
+      carry, captured = jax.lax.scan(step, carry, (layer_state, gates, resets))
     else:
+      per_layer = []
       for i in range(cfg.num_layers):
-        carry, _ = step(carry, jax.tree.map(lambda a: a[i], (layer_state, gates, resets)))
-    return carry[0]
+        carry, c = step(carry, jax.tree.map(lambda a: a[i], (layer_state, gates, resets)))
+        per_layer.append(c)
+      captured = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if capture is not None else None
+    return carry[0] if capture is None else (carry[0], captured)
 
   def __call__(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array) -> jax.Array:
+    return self._forward(latents, timesteps, text_embeddings, None)
+
+  def intermediates(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array,
+                    capture: Callable[["LayerView"], Any]):
+    """The forward pass, also returning ``capture(view)`` of every layer stacked on a leading
+    layer axis: ``(v_prediction, captured)``. ``view`` is a ``LayerView`` (the block, its gated
+    input, its output, ...); keep what ``capture`` returns small (reduce inside it)."""
+    return self._forward(latents, timesteps, text_embeddings, capture)
+
+  def _forward(self, latents, timesteps, text_embeddings, capture):
     cfg = self.cfg
     latents, timesteps = jnp.asarray(latents), jnp.asarray(timesteps)
     text_embeddings = jnp.asarray(text_embeddings)
@@ -399,13 +440,16 @@ class RepVideoTransformer(nnx.Module):
     rope = None
     if cfg.positional_embedding == "rope":
       rope = tuple(jnp.asarray(a) for a in rope_3d(cfg, t, h // p, w // p))
-    x = self.run_layers(x, temb_act, text_len, rope)
+    x = self.run_layers(x, temb_act, text_len, rope, capture)
+    if capture is not None:
+      x, captured = x
     video = self.norm_final(x[:, text_len:]).astype(x.dtype)
     shift, scale = jnp.split(self.norm_out_mod(temb_act), 2, axis=-1)
     video = self.norm_out(video).astype(x.dtype) * (1 + scale[:, None]) + shift[:, None]
     out = self.proj_out(video)  # (B, T*h*w, p*p*C), features ordered (py, px, c)
     out = out.reshape(b, t, h // p, w // p, p, p, cfg.out_channels)
-    return out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h, w, cfg.out_channels)
+    out = out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h, w, cfg.out_channels)
+    return out if capture is None else (out, captured)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,3 +474,10 @@ def apply(params: dict[str, Any], latents: jax.Array, timesteps: jax.Array,
 def make_apply(config: TransformerConfig):
   """``apply`` with the config bound: ``fn(params, latents, timesteps, text_embeddings)``."""
   return functools.partial(apply, config=config)
+
+
+def apply_with_intermediates(params: dict[str, Any], latents: jax.Array, timesteps: jax.Array,
+                             text_embeddings: jax.Array, *, config: TransformerConfig,
+                             capture: Callable[[LayerView], Any]):
+  """``apply`` that also returns ``capture(view)`` of every layer, stacked over layers (analysis)."""
+  return merge(config, params).intermediates(latents, timesteps, text_embeddings, capture)
