@@ -41,8 +41,11 @@ def diffusers_forward(model, latents_tchw, timesteps, text):
   return model(latents_tchw, text, timesteps, image_rotary_emb=rope, return_dict=False)[0]
 
 
-def repvideo_reference_forward(model, latents_tchw, timesteps, text, gates, window=6):
-  """RepVideo forward, spec 2.2 loop: list cache of block outputs, reset when i % window == 0."""
+def repvideo_reference_forward(model, latents_tchw, timesteps, text, gates, window=6, record=None):
+  """RepVideo forward, spec 2.2 loop: list cache of block outputs, reset when i % window == 0.
+
+  ``record``: a list that receives every block's output ([text | video] tokens), in layer order.
+  """
   cfg = model.config
   b, t, c, h, w = latents_tchw.shape
   rope = rotary_embeddings(model, t, h, w) if cfg.use_rotary_positional_embeddings else None
@@ -56,6 +59,8 @@ def repvideo_reference_forward(model, latents_tchw, timesteps, text, gates, wind
     x = gates[i] * m + (1 - gates[i]) * hstate
     video, txt = block(x[:, text_len:], x[:, :text_len], emb, rope)
     hstate = torch.cat([txt, video], dim=1)
+    if record is not None:
+      record.append(hstate)
     cache = [hstate] if i % window == 0 else cache + [hstate]
   video = model.norm_final(hstate[:, text_len:])
   video = model.norm_out(video, temb=emb)
