@@ -1,0 +1,95 @@
+"""The small single-host training loop shared by the demo's VAE and text-encoder trainers.
+
+The RepVideo transformer trains with ``train.py`` (sharded, multi-host). The demo's other two parts are
+small enough for one process: this loop gives them the same optimizer (``training.optim``:
+AdamW, warmup, clipping, the non-finite guard), orbax checkpoints that a killed run resumes from
+exactly (``training.checkpoints``), a progress bar and a loss log.
+
+Exact resume needs the batches to be a pure function of the step: ``batches(step)`` returns the
+batch of that step (the demo renders its clips from seeds derived from the step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from repvideo_jax.training import optim
+from repvideo_jax.training.checkpoints import Checkpointer, abstract_like
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], *, optim_config: optim.OptimConfig,
+          steps: int, out_dir: str | pathlib.Path, seed: int = 0, log_every: int = 25,
+          save_every: int = 200, desc: str = "train", progress: bool = True,
+          stop_at: int | None = None) -> tuple[Any, list]:
+  """Minimises ``loss_fn(params, batch, key) -> (loss, metrics)`` for ``steps`` steps.
+
+  Resumes from the last checkpoint in ``out_dir/checkpoints`` if there is one. ``stop_at`` ends the
+  run early at that step with a checkpoint, as a preempted run would (the next call resumes).
+  Returns (params as numpy, log) where log is a list of {"step", "loss", ...metrics} rows, also
+  written to ``out_dir/log.jsonl`` (appended, so a resumed run keeps its history).
+  """
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  optimizer = optim.make_optimizer(optim_config, params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": optimizer.init(params), "key": jax.random.key_data(jax.random.key(seed))}
+  ckpt = Checkpointer(out / "checkpoints", save_every=save_every, keep=2, async_save=False)
+  if ckpt.latest_step() is not None:
+    state, _, _ = ckpt.restore(abstract_like(state))
+    log.info("%s: resumed from step %d", desc, int(state["step"]))
+
+  @jax.jit
+  def step_fn(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optim.grad_norm(opt_state)}
+    return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  start = int(state["step"])
+  rows = []
+  t0 = time.perf_counter()
+  log_path = out / "log.jsonl"
+  bar = None
+  if progress and start < steps:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", leave=False)
+  with open(log_path, "a") as log_file:
+    for step in range(start, steps if stop_at is None else min(steps, stop_at)):
+      state, metrics = step_fn(state, batches(step))
+      done = step + 1
+      if done % log_every == 0 or done == steps or done == start + 1:
+        row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()},
+               "seconds": round(time.perf_counter() - t0, 2)}
+        if not np.isfinite(row["loss"]):
+          raise RuntimeError(f"{desc}: loss is {row['loss']} at step {done}; lower the learning rate")
+        rows.append(row)
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+        if bar is not None:
+          bar.set_postfix(loss=f"{row['loss']:.4f}")
+      optim.check_nonfinite(state["opt_state"], optim_config.max_nonfinite_in_a_row)
+      if bar is not None:
+        bar.update(1)
+      if ckpt.should_save(done) and done < steps and done != stop_at:
+        ckpt.save(done, state, {}, {"desc": desc})
+  if bar is not None:
+    bar.close()
+  if ckpt.latest_step() != int(state["step"]):
+    ckpt.save(int(state["step"]), state, {}, {"desc": desc}, force=True)
+  ckpt.close()
+  return jax.tree.map(np.asarray, jax.device_get(state["params"])), rows

@@ -1,0 +1,101 @@
+"""Trains a (small) CogVideoX 3D causal VAE from scratch: reconstruction + a light KL term.
+
+    loss = mean |x_hat - x| + mean (x_hat - x)^2 + kl_weight * KL(q(z|x) || N(0, I)) / elements
+    z ~ q(z|x) (reparameterised), x_hat = decode(z), video x in [-1, 1]
+
+The VAE trains with ``scaling_factor = 1``; afterwards ``latent_scale`` measures the standard
+deviation of the posterior means over a sample of clips and the saved config gets
+``scaling_factor = 1 / std``, so the transformer sees unit-variance latents (what the released
+factor 1.15258426 does for CogVideoX, spec 4.6). Encoding and decoding run on the whole clip
+(``chunking='whole'``); clips are 4k+1 frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvideo_jax import vae as V
+from repvideo_jax.demo import loop
+from repvideo_jax.training.optim import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETrainConfig:
+  steps: int = 800  # in all, image steps included
+  batch_size: int = 8
+  frames: int = 9  # clip length the VAE trains on (8k + 1: an odd number of latent frames)
+  image_steps: int = 0  # first steps on single frames (the first frame of each clip)
+  image_batch_size: int = 32
+  lr: float = 1e-3
+  warmup_steps: int = 50
+  kl_weight: float = 1e-4
+  clip_norm: float = 1.0
+  seed: int = 0
+  log_every: int = 25
+  save_every: int = 200
+
+
+def loss_terms(params, video: jax.Array, key: jax.Array, *, config: V.VAEConfig, kl_weight: float):
+  """(loss, {l1, mse, kl}) for a batch of videos (B, T, H, W, 3) in [-1, 1]."""
+  post = V.encode_posterior(params, video, config=config)
+  z = post.sample(key)
+  recon = V.decode(params, z * config.scaling_factor, config=config, chunking="whole")
+  err = recon.astype(jnp.float32) - video.astype(jnp.float32)
+  l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+  kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1.0 - post.logvar)
+  return l1 + mse + kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
+
+
+def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[int], np.ndarray],
+          out_dir: str | pathlib.Path, *, images: Callable[[int], np.ndarray] | None = None,
+          progress: bool = True, stop_at: int | None = None):
+  """Trains from scratch (or resumes in ``out_dir``). ``clips(step)`` gives that step's batch of
+  uint8 (B, frames, H, W, 3) videos, ``images(step)`` (needed when ``image_steps`` > 0) a batch of
+  single frames (B, 1, H, W, 3): the VAE is causal, so a frame alone is a 1-frame clip and teaches
+  the spatial part at a ninth of a 9-frame clip's cost. Returns (params, log rows); the params go
+  with ``config`` (whose ``scaling_factor`` should be 1 while training: see ``latent_scale``).
+  ``stop_at``: end early with a checkpoint, as a preempted run would (see ``loop.train``)."""
+  tc = train_config
+  r = config.temporal_compression_ratio
+  if (tc.frames - 1) % (2 * r):
+    # An even latent count decodes to r frames per latent (no lone first frame): no round trip.
+    raise ValueError(f"vae_training.frames={tc.frames} must be {2 * r}k+1 (1, {2 * r + 1}, "
+                     f"{4 * r + 1}, ...) so that the clip has an odd number of latent frames and "
+                     f"decodes back to {tc.frames} frames")
+  if tc.image_steps and images is None:
+    raise ValueError("vae_training.image_steps > 0 needs an images(step) batch function")
+  params = V.init(config, jax.random.key(tc.seed))
+  optim_config = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, schedule="cosine",
+                             total_steps=max(tc.steps, tc.warmup_steps + 1), weight_decay=0.0,
+                             clip_norm=tc.clip_norm)
+
+  def loss_fn(p, video, key):
+    return loss_terms(p, video, key, config=config, kl_weight=tc.kl_weight)
+
+  def batches(step):
+    if step < tc.image_steps:
+      return jnp.asarray(to_model_range(images(step)))
+    return jnp.asarray(to_model_range(clips(step)))
+
+  return loop.train(loss_fn, params, batches, optim_config=optim_config, steps=tc.steps,
+                    out_dir=out_dir, seed=tc.seed, log_every=tc.log_every, save_every=tc.save_every,
+                    desc="vae", progress=progress, stop_at=stop_at)
+
+
+def to_model_range(frames: np.ndarray) -> np.ndarray:
+  """uint8 frames -> float32 in [-1, 1]."""
+  return np.asarray(frames, np.float32) / 127.5 - 1.0
+
+
+def latent_scale(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8) -> float:
+  """1 / std of the unscaled posterior means of ``videos`` (uint8, (N, T, H, W, 3))."""
+  encode = jax.jit(lambda p, x: V.encode_posterior(p, x, config=config).mean)
+  means = [np.asarray(encode(params, jnp.asarray(to_model_range(videos[i:i + batch_size]))))
+           for i in range(0, len(videos), batch_size)]
+  return float(1.0 / np.std(np.concatenate(means)))

@@ -1,0 +1,134 @@
+"""The demo's small trainers: the tokenizer, T5 denoising pretraining and VAE training.
+
+Each trainer must lower its loss in a few steps, and a run stopped and restarted must end with
+exactly the params of an uninterrupted run (the loop checkpoints and its batches are a function of
+the step).
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from repvideo_jax import text_encoder as TE
+from repvideo_jax import vae as V
+from repvideo_jax.demo import domain as D
+from repvideo_jax.demo import text_training, vae_training
+
+CAPTIONS = sorted({D.caption(s) for s in D.all_specs()})
+T5 = TE.T5Config(vocab_size=48, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=16, max_length=16)
+VAE = V.VAEConfig(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1,
+                  norm_num_groups=8, scaling_factor=1.0, sample_height=32, sample_width=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return text_training.train_tokenizer(CAPTIONS, tmp_path_factory.mktemp("tok"), vocab_size=48)
+
+
+def test_tokenizer_has_t5_specials_and_round_trips(tokenizer):
+  assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+  assert len(tokenizer) == 3 + 19  # the specials and one piece per caption word
+  ids, mask = TE.tokenize(tokenizer, CAPTIONS[:5], 16)
+  assert (mask.sum(1) == np.array([len(c.split()) + 1 for c in CAPTIONS[:5]])).all()
+  for caption, row, m in zip(CAPTIONS[:5], ids, mask):
+    real = row[m > 0]
+    assert real[-1] == 1 and (row[m == 0] == 0).all()  # EOS, then padding
+    assert tokenizer.decode(real[:-1]) == caption
+  # Every caption word is known: no <unk>; an unseen word is <unk>.
+  all_ids, all_mask = TE.tokenize(tokenizer, CAPTIONS, 16)
+  assert not (all_ids[all_mask > 0] == 2).any()
+  assert tokenizer("a purple circle")["input_ids"][1] == 2
+
+
+def test_corrupt_replaces_only_real_tokens_at_the_rate():
+  ids = jnp.tile(jnp.array([[5, 6, 7, 8, 1, 0, 0, 0]], jnp.int32), (4000, 1))
+  out = np.asarray(text_training.corrupt(jax.random.key(0), ids, 0.3, 40))
+  changed = out != np.asarray(ids)
+  assert not changed[:, 5:].any()  # padding untouched
+  # A replacement can draw the original id (1 in 37 ordinary ids): rate 0.3 * 36/37 of real tokens.
+  assert changed[:, :5].mean() == pytest.approx(0.3 * 36 / 37, abs=0.01)
+  assert out.min() >= 0 and out[changed].min() >= text_training.FIRST_ORDINARY_ID and out.max() < 40
+
+
+def test_text_pretraining_lowers_the_loss_and_resumes_exactly(tokenizer, tmp_path):
+  cfg = TE.T5Config(**{**T5.__dict__, "vocab_size": len(tokenizer)})
+  tc = text_training.TextTrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, log_every=1,
+                                     save_every=20)
+  params, rows = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "a",
+                                                max_length=16, progress=False)
+  losses = [r["loss"] for r in rows]
+  # 30% of the tokens are corrupted and a corrupted slot can only be guessed from the template, so
+  # the loss has a floor well above 0: ask for a clear fall, and most tokens right.
+  assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+  assert rows[-1]["accuracy"] > 0.7, rows[-1]
+  # Preempted at step 25 (a checkpoint at 20 and one at 25), then the same call again: the params
+  # of one uninterrupted run.
+  text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16,
+                                 progress=False, stop_at=25)
+  resumed, _ = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16,
+                                              progress=False)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_text_pretraining_refuses_a_too_small_vocabulary(tokenizer, tmp_path):
+  cfg = TE.T5Config(**{**T5.__dict__, "vocab_size": 10})
+  with pytest.raises(ValueError, match="raise vocab_size to at least"):
+    text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, text_training.TextTrainConfig(steps=1),
+                                   tmp_path, max_length=16, progress=False)
+
+
+def _clips(step, n=2, frames=9):
+  rng = np.random.default_rng(step)
+  specs = D.all_specs()
+  return np.stack([D.render(specs[rng.integers(len(specs))], num_frames=frames, height=32, width=32,
+                            seed=int(rng.integers(1000))) for _ in range(n)])
+
+
+def _images(step):
+  return _clips(step, n=4)[:, :1]
+
+
+def test_vae_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+  tc = vae_training.VAETrainConfig(steps=24, batch_size=2, frames=9, image_steps=12, image_batch_size=4,
+                                   lr=3e-3, warmup_steps=2, log_every=1, save_every=10)
+  params, rows = vae_training.train(VAE, tc, _clips, tmp_path / "a", images=_images, progress=False)
+  image_losses = [r["loss"] for r in rows if r["step"] <= 12]
+  assert np.mean(image_losses[-3:]) < 0.5 * np.mean(image_losses[:3]), image_losses
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  vae_training.train(VAE, tc, _clips, tmp_path / "b", images=_images, progress=False, stop_at=15)
+  resumed, _ = vae_training.train(VAE, tc, _clips, tmp_path / "b", images=_images, progress=False)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_vae_loss_terms_and_latent_scale():
+  params = V.init(VAE, 1)
+  video = _clips(3)
+  x = jnp.asarray(video, jnp.float32) / 127.5 - 1.0
+  key = jax.random.key(2)
+  loss, terms = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.5)
+  # Independently: the same posterior sample through the decoder, and the Gaussian KL formula.
+  post = V.encode_posterior(params, x, config=VAE)
+  mean, logvar = np.asarray(post.mean, np.float64), np.asarray(post.logvar, np.float64)
+  z = post.sample(key)
+  recon = np.asarray(V.decode(params, z, config=VAE, chunking="whole"), np.float64)
+  err = recon - np.asarray(x, np.float64)
+  kl = 0.5 * np.mean(mean ** 2 + np.exp(logvar) - 1 - logvar)
+  assert float(terms["l1"]) == pytest.approx(np.abs(err).mean(), rel=1e-5)
+  assert float(terms["mse"]) == pytest.approx((err ** 2).mean(), rel=1e-5)
+  assert float(terms["kl"]) == pytest.approx(kl, rel=1e-5)
+  assert float(loss) == pytest.approx(np.abs(err).mean() + (err ** 2).mean() + 0.5 * kl, rel=1e-5)
+  scale = vae_training.latent_scale(params, VAE, video, batch_size=1)
+  assert scale == pytest.approx(1.0 / mean.std(), rel=1e-5)
+
+
+def test_vae_training_rejects_bad_settings(tmp_path):
+  for frames in (6, 5):  # not 4k+1; 4k+1 but an even latent count
+    with pytest.raises(ValueError, match="must be 8k\\+1"):
+      vae_training.train(VAE, vae_training.VAETrainConfig(frames=frames), _clips, tmp_path, progress=False)
+  with pytest.raises(ValueError, match="needs an images"):
+    vae_training.train(VAE, vae_training.VAETrainConfig(image_steps=3), _clips, tmp_path, progress=False)
