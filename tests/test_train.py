@@ -152,3 +152,35 @@ def test_bad_config_errors(tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "train-tiny-cpu",
                          "optim.schedule=wavy"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and "optim.schedule" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_a_run_as_a_transformer_folder(tmp_path):
+  """export_transformer writes the run's last params (its EMA by default when kept) in the format
+  transformer_weights.load reads; it restores on one device whatever the run's layout."""
+  import dataclasses
+  from repvideo_jax import transformer_weights
+  cfg = tiny_config(tmp_path, steps=4, save_every=2)
+  cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, ema_decay=0.5))
+  result = trainer.train(cfg, data_iterator=FixedBatches())
+  state = jax.device_get(result["state"])
+  run = tmp_path / "run"
+  for use_ema, key, dst in ((None, "ema", "default"), (False, "params", "raw")):
+    tcfg = trainer.export_transformer(run, tmp_path / dst, use_ema=use_ema)
+    assert tcfg == cfg.transformer
+    loaded_cfg, loaded = transformer_weights.load(tmp_path / dst)
+    assert loaded_cfg == cfg.transformer
+    expected = _flat(state[key])
+    for k, v in _flat(loaded).items():
+      np.testing.assert_array_equal(v, expected[k], err_msg=k)
+  assert not np.array_equal(_flat(state["ema"])["['gates']"], _flat(state["params"])["['gates']"])
+  meta = json.loads((tmp_path / "default" / "metadata.json").read_text())
+  assert "step 4 (EMA)" in meta["source"]
+  trainer.export_transformer(run, tmp_path / "s2", step=2)  # an earlier checkpoint
+  _, earlier = transformer_weights.load(tmp_path / "s2")
+  assert not np.array_equal(_flat(earlier)["['gates']"], _flat(state["ema"])["['gates']"])
+  with pytest.raises(FileNotFoundError, match="not a train.py run folder"):
+    trainer.export_transformer(tmp_path / "nothing", tmp_path / "x")
+  cfg_no_ema = tiny_config(tmp_path / "plain", steps=1)
+  trainer.train(cfg_no_ema, data_iterator=FixedBatches())
+  with pytest.raises(ValueError, match="kept no EMA"):
+    trainer.export_transformer(tmp_path / "plain" / "run", tmp_path / "y", use_ema=True)

@@ -98,17 +98,7 @@ class TrainConfig:
 
 def load_config(preset: str, overrides=()) -> TrainConfig:
   """A training preset (YAML with transformer/optim/mesh/data/run sections) plus overrides."""
-  from repvideo_jax.training.optim import OptimConfig
-  tree = config_lib.load_yaml(preset, overrides)
-  unknown = set(tree) - {"transformer", "optim", "mesh", "data", "run"}
-  if unknown:
-    raise ValueError(f"{preset}: unknown section(s) {sorted(unknown)}")
-  return TrainConfig(
-      transformer=config_lib.from_dict(T.TransformerConfig, tree.get("transformer") or {}, "transformer"),
-      optim=config_lib.from_dict(OptimConfig, tree.get("optim") or {}, "optim"),
-      mesh=config_lib.from_dict(MeshConfig, tree.get("mesh") or {}, "mesh"),
-      data=config_lib.from_dict(DataConfig, tree.get("data") or {}, "data"),
-      run=config_lib.from_dict(RunConfig, tree.get("run") or {}, "run"))
+  return config_from_dict(config_lib.load_yaml(preset, overrides), str(preset))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -219,6 +209,67 @@ class Logger:
 # The loop.
 
 
+def optimizer_and_abstract_state(cfg: TrainConfig):
+  """(optimizer, train state as ShapeDtypeStructs) for a config: what a checkpoint holds."""
+  from repvideo_jax.training import optim
+  abstract_params = T.abstract_params(cfg.transformer)
+  optimizer = optim.make_optimizer(cfg.optim, abstract_params)
+  ema = bool(cfg.optim.ema_decay)
+  return optimizer, jax.eval_shape(lambda p: optim.init_train_state(p, optimizer, 0, ema), abstract_params)
+
+
+def config_from_dict(tree: dict[str, Any], where: str = "config") -> TrainConfig:
+  """A ``TrainConfig`` from ``config_to_dict``'s output (e.g. a run's config.resolved.json)."""
+  from repvideo_jax.training.optim import OptimConfig
+  sections = {"transformer": T.TransformerConfig, "optim": OptimConfig, "mesh": MeshConfig,
+              "data": DataConfig, "run": RunConfig}
+  unknown = set(tree) - set(sections)
+  if unknown:
+    raise ValueError(f"{where}: unknown section(s) {sorted(unknown)}")
+  return TrainConfig(**{k: config_lib.from_dict(cls, tree.get(k) or {}, f"{where}:{k}")
+                        for k, cls in sections.items()})
+
+
+def load_run(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[TrainConfig, dict, int]:
+  """(config, train state as host arrays, step) of a ``train.py`` run folder's last (or ``step``)
+  checkpoint, restored on one device whatever mesh it was trained on."""
+  from repvideo_jax.training.checkpoints import Checkpointer
+  run_dir = pathlib.Path(run_dir)
+  resolved = run_dir / "config.resolved.json"
+  if not resolved.is_file() or not (run_dir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"{run_dir} is not a train.py run folder (needs config.resolved.json and "
+                            "checkpoints/); pass the run.output_dir of a training run")
+  cfg = config_from_dict(json.loads(resolved.read_text()), str(resolved))
+  _, abstract = optimizer_and_abstract_state(cfg)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint yet")
+    step = ckpt.latest_step() if step is None else step
+    state, _, _ = ckpt.restore(target, step)
+  finally:
+    ckpt.close()
+  return cfg, jax.device_get(state), step
+
+
+def export_transformer(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, step: int | None = None,
+                       use_ema: bool | None = None, overwrite: bool = False) -> T.TransformerConfig:
+  """Writes a run's trained transformer (its EMA when the run kept one, unless ``use_ema=False``) as
+  a converted transformer folder that ``transformer_weights.load`` and model folders use."""
+  from repvideo_jax import transformer_weights
+  cfg, state, step = load_run(run_dir, step)
+  if use_ema and state.get("ema") is None:
+    raise ValueError(f"{run_dir} kept no EMA (optim.ema_decay unset); export without use_ema")
+  ema = state.get("ema") is not None and use_ema is not False
+  params = state["ema"] if ema else state["params"]
+  transformer_weights.save(dst, cfg.transformer, params, overwrite=overwrite,
+                           source=f"train.py run {pathlib.Path(run_dir).resolve()} step {step}"
+                                  f"{' (EMA)' if ema else ''}")
+  return cfg.transformer
+
+
 def _transformer_source(path: str) -> pathlib.Path:
   p = pathlib.Path(path)
   return p / "transformer" if (p / "transformer").is_dir() else p
@@ -306,10 +357,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
              jax.process_count())
 
   param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh)
-  abstract_params = T.abstract_params(tcfg)
-  optimizer = optim.make_optimizer(cfg.optim, abstract_params)
+  optimizer, abstract_state = optimizer_and_abstract_state(cfg)
   ema = bool(cfg.optim.ema_decay)
-  abstract_state = jax.eval_shape(lambda p: optim.init_train_state(p, optimizer, 0, ema), abstract_params)
   state_sh = state_shardings(abstract_state, param_sh, mesh)
   batch_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",)))
   table = jnp.asarray(schedule.sqrt_alpha_table(), jnp.float32)
