@@ -4,6 +4,7 @@
     python -m repvideo_jax.convert text_encoder --src PATH --dst DIR
     python -m repvideo_jax.convert vae          --src PATH --dst DIR
     python -m repvideo_jax.convert pipeline     --src COGVIDEOX_DIR [--repvideo SAT_CKPT] --dst DIR
+    python -m repvideo_jax.convert run          --src RUN_DIR --dst DIR [--step N] [--no-ema]
 
 transformer: a diffusers folder (``config.json`` + safetensors, single or sharded, or a pipeline
 folder with ``transformer/``), an official SAT checkpoint (folder with ``latest`` or
@@ -12,6 +13,8 @@ text_encoder: a Hugging Face T5 folder (CogVideoX-2b's ``text_encoder/``). vae: 
 ``vae/`` folder or the SAT ``3d-vae.pt``. pipeline: a whole diffusers CogVideoX-2b folder
 (``transformer/ vae/ text_encoder/ tokenizer/ scheduler/``), optionally with the RepVideo SAT
 transformer replacing the CogVideoX one; writes one folder that ``repvideo_jax`` loads in one call.
+run: the transformer trained by ``train.py`` (its ``run.output_dir``), from the last checkpoint (or
+``--step``), its EMA weights when the run kept them (``--no-ema`` for the raw ones).
 """
 
 from __future__ import annotations
@@ -126,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--feature-cache", dest="feature_cache", action=argparse.BooleanOptionalAction,
                  default=None, help="force the transformer's RepVideo cache on/off")
   p.add_argument("--overwrite", action="store_true")
+  p = sub.add_parser("run", help="the transformer of a train.py run (its last checkpoint)")
+  p.add_argument("--src", required=True, help="the run's output_dir (config.resolved.json + checkpoints/)")
+  p.add_argument("--dst", required=True)
+  p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
+  p.add_argument("--no-ema", dest="ema", action="store_false", help="the raw params, not the EMA")
+  p.add_argument("--overwrite", action="store_true")
   return parser
 
 
@@ -133,7 +142,12 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
   args = build_parser().parse_args(argv)
   try:
-    if args.component == "pipeline":
+    if args.component == "run":
+      from repvideo_jax.training import trainer
+      trainer.export_transformer(args.src, args.dst, step=args.step, use_ema=None if args.ema else False,
+                                 overwrite=args.overwrite)
+      _say(f"run: wrote {args.dst}")
+    elif args.component == "pipeline":
       t_over = {} if args.feature_cache is None else {"feature_cache": args.feature_cache}
       convert_pipeline(args.src, args.dst, repvideo=args.repvideo, overwrite=args.overwrite,
                        transformer_overrides=t_over)

@@ -178,6 +178,12 @@ def test_export_a_run_as_a_transformer_folder(tmp_path):
   trainer.export_transformer(run, tmp_path / "s2", step=2)  # an earlier checkpoint
   _, earlier = transformer_weights.load(tmp_path / "s2")
   assert not np.array_equal(_flat(earlier)["['gates']"], _flat(state["ema"])["['gates']"])
+  from repvideo_jax import convert  # the same through the CLI
+  assert convert.main(["run", "--src", str(run), "--dst", str(tmp_path / "cli"), "--no-ema"]) == 0
+  _, via_cli = transformer_weights.load(tmp_path / "cli")
+  for k, v in _flat(via_cli).items():
+    np.testing.assert_array_equal(v, _flat(state["params"])[k], err_msg=k)
+  assert convert.main(["run", "--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "z")]) == 2
   with pytest.raises(FileNotFoundError, match="not a train.py run folder"):
     trainer.export_transformer(tmp_path / "nothing", tmp_path / "x")
   cfg_no_ema = tiny_config(tmp_path / "plain", steps=1)
