@@ -112,11 +112,16 @@ class GenerationSettings:
       k = max(0, round((self.num_frames - 1) / tcr))
       raise ValueError(f"num_frames={self.num_frames} must be {tcr}k+1 (the VAE keeps frame 0 and "
                        f"compresses the rest {tcr}x), e.g. {tcr * k + 1} or {tcr * (k + 1) + 1}")
+    lat = (self.num_frames - 1) // tcr + 1
+    if lat % 2 == 0:  # the VAE keeps a lone first frame only for an odd latent count
+      raise ValueError(f"num_frames={self.num_frames} gives {lat} latent frames, and the VAE decodes an "
+                       f"even count to {tcr} frames each ({tcr * lat}, not {self.num_frames}): use "
+                       f"{2 * tcr}k+1 frames, e.g. {tcr * (lat - 2) + 1} or {tcr * lat + 1}")
     unit = 8 * tcfg.patch_size
     if self.height % unit or self.width % unit or self.height <= 0 or self.width <= 0:
       raise ValueError(f"height and width must be positive multiples of {unit} (VAE 8x times patch "
                        f"{tcfg.patch_size}), got {self.height}x{self.width}")
-    lat_t, lat_h, lat_w = (self.num_frames - 1) // tcr + 1, self.height // 8, self.width // 8
+    lat_t, lat_h, lat_w = lat, self.height // 8, self.width // 8
     if tcfg.positional_embedding == "sincos" and (
         lat_t > tcfg.sample_frames or lat_h > tcfg.sample_height or lat_w > tcfg.sample_width):
       raise ValueError(
@@ -135,6 +140,26 @@ class GenerationSettings:
   def latent_shape(self, tcfg: TransformerConfig, vcfg: VAEConfig) -> tuple[int, int, int, int]:
     return ((self.num_frames - 1) // vcfg.temporal_compression_ratio + 1, self.height // 8,
             self.width // 8, tcfg.in_channels)
+
+
+def model_defaults(pipe: Pipeline) -> dict[str, Any]:
+  """The model folder's own generation defaults (``pipeline.json`` "defaults": any
+  ``GenerationSettings`` field, plus "fps"), e.g. 17 frames at 64x64 for the bundled demo model.
+  Folders without them (converted CogVideoX / RepVideo) use the released settings."""
+  defaults = dict(pipe.manifest.get("defaults") or {})
+  fields = {f.name for f in dataclasses.fields(GenerationSettings)} | {"fps"}
+  unknown = sorted(set(defaults) - fields)
+  if unknown:
+    raise ValueError(f"{pipe.path}/pipeline.json: unknown generation default(s) {unknown}; valid "
+                     f"keys are {sorted(fields)}")
+  return defaults
+
+
+def settings_for(pipe: Pipeline, **overrides) -> GenerationSettings:
+  """``GenerationSettings`` from the model folder's defaults, then ``overrides`` (None = keep)."""
+  values = {k: v for k, v in model_defaults(pipe).items() if k != "fps"}
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return GenerationSettings(**values)
 
 
 def cfg_weights(settings: GenerationSettings, timesteps) -> "np.ndarray":

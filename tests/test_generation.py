@@ -69,7 +69,7 @@ def test_progress_callback_counts_every_step(tiny):
 
 @pytest.mark.parametrize("field,value,match", [
     ("num_frames", 10, "4k\\+1"), ("height", 60, "multiples of 16"), ("width", 0, "multiples of 16"),
-    ("num_frames", 13, "positional table"), ("steps", 0, "steps must be"), ("guidance", 0.5, "guidance"),
+    ("num_frames", 17, "positional table"), ("num_frames", 13, "4 latent frames.*use 8k\\+1 frames, e.g. 9 or 17"), ("steps", 0, "steps must be"), ("guidance", 0.5, "guidance"),
     ("sampler", "euler", "sampler must be"), ("cfg_schedule", "wild", "cfg_schedule")])
 def test_bad_settings_raise_clear_errors(tiny, field, value, match):
   pipe, _ = tiny
