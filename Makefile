@@ -1,17 +1,27 @@
+# `make demo` sets up .venv (runtime requirements only) and generates a video with the bundled demo model.
 # `make test` is the one command that sets up a fresh machine and runs the test suite (CI runs it).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_PROMPT ?= a red circle moving left on a black background
+DEMO_OUT ?= outputs/demo
 
-.PHONY: install test test-fast bench clean
+.PHONY: install demo test test-fast bench clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+$(VENV)/.installed: $(VENV)/.runtime requirements-test.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	touch $@
+
 install: $(VENV)/.installed
+
+demo: $(VENV)/.runtime
+	$(PY) sample.py --prompt "$(DEMO_PROMPT)" --out $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest -q

@@ -1,11 +1,14 @@
 """Generate videos from text prompts with a RepVideo / CogVideoX model folder.
 
+    python sample.py --prompt "a red circle moving left on a black background"     # bundled demo model
     python sample.py --model DIR --prompt "a panda playing guitar" [--prompt ...] --out outputs/
 
-DIR is a folder written by `python -m repvideo_jax.convert pipeline` (or a diffusers-layout
+Without --model, the tiny demo model bundled with the package is used (no download; 17 frames at
+64x64). DIR is a folder written by `python -m repvideo_jax.convert pipeline` (or a diffusers-layout
 CogVideoX folder). Writes one mp4 per prompt plus a JSON sidecar with every setting, the seed and
-the timings. Defaults reproduce the released RepVideo sampler: 50 steps of DPM-Solver++(2M) SDE,
-dynamic CFG (scale 6, as released), zero unconditional embedding, 49 frames at 480x720, 8 fps.
+the timings. Settings left unset come from the model folder's own defaults (pipeline.json), else
+the released RepVideo sampler: 50 steps of DPM-Solver++(2M) SDE, dynamic CFG (scale 6, as
+released), zero unconditional embedding, 49 frames at 480x720, 8 fps.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="model folder (converted pipeline or diffusers layout)")
+  p.add_argument("--model", default=None,
+                 help="model folder (converted pipeline or diffusers layout); default: the bundled "
+                 "demo model")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="text file with one prompt per line")
   p.add_argument("--negative-prompt", default=None,
@@ -31,17 +36,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "released zero embedding")
   p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--guidance", type=float, default=6.0,
-                 help="CFG scale (constant w, or the scale of the released/smooth schedules)")
-  p.add_argument("--cfg-schedule", choices=["released", "constant", "smooth"], default="released",
-                 help="released: dynamic CFG with the raw-timestep formula; smooth: the same formula "
-                 "over the step index (a deviation from the release)")
-  p.add_argument("--sampler", choices=["dpmpp2m", "ddim"], default="dpmpp2m")
-  p.add_argument("--frames", type=int, default=49, help="video frames, 4k+1 (default 49)")
-  p.add_argument("--height", type=int, default=480)
-  p.add_argument("--width", type=int, default=720)
-  p.add_argument("--fps", type=float, default=8.0)
+  p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="CFG scale (constant w, or the scale of the released/smooth schedules; default 6)")
+  p.add_argument("--cfg-schedule", choices=["released", "constant", "smooth"], default=None,
+                 help="released (default): dynamic CFG with the raw-timestep formula; smooth: the same "
+                 "formula over the step index (a deviation from the release)")
+  p.add_argument("--sampler", choices=["dpmpp2m", "ddim"], default=None, help="default dpmpp2m")
+  p.add_argument("--frames", type=int, default=None, help="video frames, 8k+1 (default 49)")
+  p.add_argument("--height", type=int, default=None, help="default 480")
+  p.add_argument("--width", type=int, default=None, help="default 720")
+  p.add_argument("--fps", type=float, default=None, help="default 8")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute dtype of all models (default: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
@@ -80,19 +85,21 @@ def run(args) -> int:
 
   from repvideo_jax import pipeline as P
   from repvideo_jax import sharding, video_io
+  from repvideo_jax.demo import demo_model_dir
   prompts = read_prompts(args)
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-  if args.fps <= 0:
-    raise ValueError(f"--fps must be positive, got {args.fps}")
-  settings = P.GenerationSettings(num_frames=args.frames, height=args.height, width=args.width,
-                                  steps=args.steps, guidance=args.guidance,
-                                  cfg_schedule=args.cfg_schedule, sampler=args.sampler, seed=args.seed,
-                                  negative_prompt=args.negative_prompt)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  model = args.model or str(demo_model_dir())
   t0 = time.perf_counter()
-  pipe = P.load_pipeline(args.model, transformer_overrides={"dtype": dtype},
+  pipe = P.load_pipeline(model, transformer_overrides={"dtype": dtype},
                          text_encoder_overrides={"dtype": dtype}, vae_overrides={"dtype": dtype})
+  fps = args.fps if args.fps is not None else P.model_defaults(pipe).get("fps", 8.0)
+  if fps <= 0:
+    raise ValueError(f"--fps must be positive, got {fps}")
+  settings = P.settings_for(pipe, num_frames=args.frames, height=args.height, width=args.width,
+                            steps=args.steps, guidance=args.guidance, cfg_schedule=args.cfg_schedule,
+                            sampler=args.sampler, seed=args.seed, negative_prompt=args.negative_prompt)
   settings.validate(pipe.transformer_config, pipe.vae_config)
   load_s = time.perf_counter() - t0
   out = pathlib.Path(args.out)
@@ -115,10 +122,10 @@ def run(args) -> int:
     for k, prompt in enumerate(batch):
       index = start + k
       stem = out / f"{index:04d}_{slug(prompt)}"
-      video_io.write_mp4(stem.with_suffix(".mp4"), frames[k], fps=args.fps)
+      video_io.write_mp4(stem.with_suffix(".mp4"), frames[k], fps=fps)
       sidecar = {"prompt": prompt, "index": index, "video": stem.with_suffix(".mp4").name,
                  "frames_sha256": hashlib.sha256(frames[k].tobytes()).hexdigest(),
-                 "model": str(pathlib.Path(args.model).resolve()), "fps": args.fps, "dtype": dtype,
+                 "model": str(pathlib.Path(model).resolve()), "fps": fps, "dtype": dtype,
                  "batch_size": args.batch_size, "batch_prompts": batch, "devices": n_dev,
                  "settings": settings.__dict__, "timings": {**timings, "load_s": load_s},
                  "transformer": {"feature_cache": pipe.transformer_config.feature_cache,

@@ -97,3 +97,35 @@ def test_eight_prompts_in_one_sharded_call_equal_single_device(model_dir):
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith("ok")
+
+
+def test_model_folder_defaults_and_flag_overrides(model_dir, tmp_path):
+  """Unset flags take the folder's pipeline.json defaults (as the bundled demo model's 17x64x64);
+  explicit flags win; an unknown default key is a clear error."""
+  import shutil
+  folder = tmp_path / "model"
+  shutil.copytree(model_dir, folder)
+  manifest = json.loads((folder / "pipeline.json").read_text())
+  manifest["defaults"] = {"num_frames": 9, "height": 64, "width": 64, "steps": 2, "fps": 4,
+                          "guidance": 3.0, "cfg_schedule": "constant"}
+  (folder / "pipeline.json").write_text(json.dumps(manifest))
+  proc = _sample("--model", folder, "--prompt", "a cat", "--out", tmp_path / "a", "--no-progress")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  mp4 = tmp_path / "a" / "0000_a_cat.mp4"
+  info = video_io.probe(mp4)
+  assert (info.frames, info.width, info.height, info.fps) == (9, 64, 64, 4)
+  meta = json.loads(mp4.with_suffix(".json").read_text())
+  assert (meta["settings"]["steps"], meta["settings"]["guidance"], meta["settings"]["cfg_schedule"]) == (
+      2, 3.0, "constant")
+  proc = _sample("--model", folder, "--prompt", "a cat", "--out", tmp_path / "b", "--no-progress",
+                 "--steps", 3, "--fps", 8, "--frames", 1, "--cfg-schedule", "released")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  mp4 = tmp_path / "b" / "0000_a_cat.mp4"
+  info = video_io.probe(mp4)
+  assert (info.frames, info.fps) == (1, 8)
+  meta = json.loads(mp4.with_suffix(".json").read_text())
+  assert (meta["settings"]["steps"], meta["settings"]["cfg_schedule"]) == (3, "released")
+  manifest["defaults"]["frame_count"] = 9
+  (folder / "pipeline.json").write_text(json.dumps(manifest))
+  proc = _sample("--model", folder, "--prompt", "a cat", "--out", tmp_path / "c")
+  assert proc.returncode == 2 and "unknown generation default(s) ['frame_count']" in proc.stderr

@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["SHAPES", "COLORS", "MOTIONS", "PALETTE", "Spec", "caption", "render", "all_specs",
+__all__ = ["SHAPES", "COLORS", "MOTIONS", "PALETTE", "Spec", "caption", "parse_caption", "render", "all_specs",
            "split_specs", "write_dataset", "detect", "score"]
 
 SHAPES = ("circle", "square", "triangle")
@@ -60,6 +60,15 @@ class Spec:
 def caption(spec: Spec) -> str:
   """E.g. "a red circle moving left on a black background"."""
   return f"a {spec.color} {spec.shape} {spec.motion} on a {BACKGROUND} background"
+
+
+def parse_caption(text: str) -> Spec | None:
+  """The ``Spec`` a caption of ``caption``'s template describes, or None for any other text."""
+  words = " ".join(text.lower().split())
+  for spec in all_specs():
+    if caption(spec) == words:
+      return spec
+  return None
 
 
 def all_specs() -> list[Spec]:
