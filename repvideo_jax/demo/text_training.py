@@ -4,7 +4,8 @@ pretrained on them with a token-denoising objective.
 Tokenizer: a sentencepiece model with T5's special ids (pad 0, EOS 1, unk 2, no BOS), saved as
 ``spiece.model`` so ``text_encoder.load_tokenizer`` reads it like the CogVideoX one. The demo uses
 ``model_type='word'``: one piece per caption word (the subword trainers split the few words of a
-template vocabulary into letters), and any other word becomes <unk>.
+template vocabulary into letters), and any other word becomes <unk>. Text is NFKC-normalised and
+case-folded (sentencepiece's ``nmt_nfkc_cf``), so "A Red Circle" reads as "a red circle".
 
 Encoder pretraining (the encoder alone; T5's span corruption needs a decoder). Each real token
 (not padding) is replaced, with probability ``corrupt_rate``, by a uniformly random ordinary token.
@@ -52,7 +53,7 @@ def train_tokenizer(texts: Sequence[str], folder: str | pathlib.Path, *, vocab_s
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, hard_vocab_limit=False,
       model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-      character_coverage=1.0, minloglevel=2)
+      character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", minloglevel=2)
   (folder / "spiece.model").write_bytes(buf.getvalue())
   tokenizer = T5Tokenizer.from_pretrained(folder, extra_ids=0)
   tokenizer.save_pretrained(folder)  # records extra_ids=0, so a plain from_pretrained works later

@@ -3,11 +3,12 @@
     loss = mean |x_hat - x| + mean (x_hat - x)^2 + kl_weight * KL(q(z|x) || N(0, I)) / elements
     z ~ q(z|x) (reparameterised), x_hat = decode(z), video x in [-1, 1]
 
-The VAE trains with ``scaling_factor = 1``; afterwards ``latent_scale`` measures the standard
+Clips are encoded whole (as ``data.prepare`` encodes them) and decoded with the chunking sampling
+uses (``decode_chunking``, default the released [0:3], [3:5], ... with the conv cache carried), so
+the decoder learns the path it runs at inference. The VAE trains with ``scaling_factor = 1``; afterwards ``latent_scale`` measures the standard
 deviation of the posterior means over a sample of clips and the saved config gets
 ``scaling_factor = 1 / std``, so the transformer sees unit-variance latents (what the released
-factor 1.15258426 does for CogVideoX, spec 4.6). Encoding and decoding run on the whole clip
-(``chunking='whole'``); clips are 4k+1 frames.
+factor 1.15258426 does for CogVideoX, spec 4.6).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from repvideo_jax.training.optim import OptimConfig
 
 @dataclasses.dataclass(frozen=True)
 class VAETrainConfig:
-  steps: int = 800  # in all, image steps included
-  batch_size: int = 8
-  frames: int = 9  # clip length the VAE trains on (8k + 1: an odd number of latent frames)
+  steps: int = 1000  # in all, image steps included
+  batch_size: int = 4
+  frames: int = 17  # clip length the VAE trains on (8k + 1: an odd number of latent frames)
   image_steps: int = 0  # first steps on single frames (the first frame of each clip)
   image_batch_size: int = 32
+  decode_chunking: str = "released"  # as pipeline.decode_latents decodes an odd latent count
   lr: float = 1e-3
   warmup_steps: int = 50
   kl_weight: float = 1e-4
@@ -41,11 +43,12 @@ class VAETrainConfig:
   save_every: int = 200
 
 
-def loss_terms(params, video: jax.Array, key: jax.Array, *, config: V.VAEConfig, kl_weight: float):
+def loss_terms(params, video: jax.Array, key: jax.Array, *, config: V.VAEConfig, kl_weight: float,
+               chunking: str = "released"):
   """(loss, {l1, mse, kl}) for a batch of videos (B, T, H, W, 3) in [-1, 1]."""
   post = V.encode_posterior(params, video, config=config)
   z = post.sample(key)
-  recon = V.decode(params, z * config.scaling_factor, config=config, chunking="whole")
+  recon = V.decode(params, z * config.scaling_factor, config=config, chunking=chunking)
   err = recon.astype(jnp.float32) - video.astype(jnp.float32)
   l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
   kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1.0 - post.logvar)
@@ -76,7 +79,7 @@ def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[in
                              clip_norm=tc.clip_norm)
 
   def loss_fn(p, video, key):
-    return loss_terms(p, video, key, config=config, kl_weight=tc.kl_weight)
+    return loss_terms(p, video, key, config=config, kl_weight=tc.kl_weight, chunking=tc.decode_chunking)
 
   def batches(step):
     if step < tc.image_steps:
