@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -85,17 +86,21 @@ def _capture(view: T.LayerView, *, frames: int) -> dict[str, jax.Array]:
   return {"token_attention": attention, "adjacent_similarity": cosine}
 
 
-def record(params, config: T.TransformerConfig, noisy_latents, timestep: int, text) -> dict[str, np.ndarray]:
-  """Runs the transformer once and returns, for batch element 0, ``token_attention``
-  (layers, T, S) and ``adjacent_similarity`` (layers, T - 1) as numpy (module docstring)."""
-  frames = noisy_latents.shape[1]
-
+@functools.lru_cache(maxsize=8)
+def _recorder(config: T.TransformerConfig, frames: int):
+  """One compiled recording forward per (config, frame count), reused across calls."""
   @jax.jit
   def run(params, x, t, text):
     _, captured = T.apply_with_intermediates(
         params, x, t, text, config=config, capture=lambda v: _capture(v, frames=frames))
     return captured
+  return run
 
+
+def record(params, config: T.TransformerConfig, noisy_latents, timestep: int, text) -> dict[str, np.ndarray]:
+  """Runs the transformer once and returns, for batch element 0, ``token_attention``
+  (layers, T, S) and ``adjacent_similarity`` (layers, T - 1) as numpy (module docstring)."""
+  run = _recorder(config, noisy_latents.shape[1])
   t = jnp.full((noisy_latents.shape[0],), timestep, jnp.int32)
   captured = jax.device_get(run(params, jnp.asarray(noisy_latents), t, jnp.asarray(text)))
   return {k: np.asarray(v[:, 0], np.float64) for k, v in captured.items()}
