@@ -123,6 +123,9 @@ def test_released_chunked_decode(tiny):
   assert ours.shape == (2, 25, 32, 32, 3)
   np.testing.assert_allclose(ours, ref, atol=ATOL_DEC)
   np.testing.assert_allclose(ours, _cl(model.decode(z).sample), atol=ATOL_DEC)  # same chunks for odd T
+  # The unrolled chunk loop (what training differentiates through) is the same computation.
+  unrolled = V.decode(params, _cl(z) * cfg.scaling_factor, config=cfg, chunking="released", scan_chunks=False)
+  np.testing.assert_allclose(unrolled, ref, atol=ATOL_DEC)
   # Independent checks: causality, and per-chunk GroupNorm makes chunking matter.
   first = V.decode(params, _cl(z[:, :, :3]) * cfg.scaling_factor, config=cfg, chunking="whole")
   np.testing.assert_allclose(ours[:, :9], first, atol=ATOL_DEC)
