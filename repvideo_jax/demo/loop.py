@@ -11,6 +11,7 @@ batch of that step (the demo renders its clips from seeds derived from the step)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -30,11 +31,29 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], *, optim_config: optim.OptimConfig,
-          steps: int, out_dir: str | pathlib.Path, seed: int = 0, log_every: int = 25,
-          save_every: int = 200, desc: str = "train", progress: bool = True,
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """The loop's settings: AdamW (no weight decay) with linear warmup then cosine decay to 10%,
+  global-norm clipping, and the logging / checkpoint cadence. The trainers' configs extend it."""
+  steps: int = 300
+  batch_size: int = 32
+  lr: float = 1e-3
+  warmup_steps: int = 20
+  clip_norm: float | None = 1.0
+  seed: int = 0
+  log_every: int = 25
+  save_every: int = 200
+
+  def optim_config(self) -> optim.OptimConfig:
+    return optim.OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, schedule="cosine",
+                             total_steps=max(self.steps, self.warmup_steps + 1), weight_decay=0.0,
+                             clip_norm=self.clip_norm)
+
+
+def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: LoopConfig,
+          out_dir: str | pathlib.Path, *, desc: str = "train", progress: bool = True,
           stop_at: int | None = None) -> tuple[Any, list]:
-  """Minimises ``loss_fn(params, batch, key) -> (loss, metrics)`` for ``steps`` steps.
+  """Minimises ``loss_fn(params, batch, key) -> (loss, metrics)`` for ``config.steps`` steps.
 
   Resumes from the last checkpoint in ``out_dir/checkpoints`` if there is one. ``stop_at`` ends the
   run early at that step with a checkpoint, as a preempted run would (the next call resumes).
@@ -43,10 +62,11 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], *, optim_
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  steps, optim_config = config.steps, config.optim_config()
   optimizer = optim.make_optimizer(optim_config, params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": optimizer.init(params), "key": jax.random.key_data(jax.random.key(seed))}
-  ckpt = Checkpointer(out / "checkpoints", save_every=save_every, keep=2, async_save=False)
+           "opt_state": optimizer.init(params), "key": jax.random.key_data(jax.random.key(config.seed))}
+  ckpt = Checkpointer(out / "checkpoints", save_every=config.save_every, keep=2, async_save=False)
   if ckpt.latest_step() is not None:
     state, _, _ = ckpt.restore(abstract_like(state))
     log.info("%s: resumed from step %d", desc, int(state["step"]))
@@ -72,7 +92,7 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], *, optim_
     for step in range(start, steps if stop_at is None else min(steps, stop_at)):
       state, metrics = step_fn(state, batches(step))
       done = step + 1
-      if done % log_every == 0 or done == steps or done == start + 1:
+      if done % config.log_every == 0 or done == steps or done == start + 1:
         row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()},
                "seconds": round(time.perf_counter() - t0, 2)}
         if not np.isfinite(row["loss"]):

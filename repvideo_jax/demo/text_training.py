@@ -30,7 +30,6 @@ import numpy as np
 
 from repvideo_jax import text_encoder as TE
 from repvideo_jax.demo import loop
-from repvideo_jax.training.optim import OptimConfig
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 FIRST_ORDINARY_ID = 3
@@ -61,15 +60,12 @@ def train_tokenizer(texts: Sequence[str], folder: str | pathlib.Path, *, vocab_s
 
 
 @dataclasses.dataclass(frozen=True)
-class TextTrainConfig:
+class TextTrainConfig(loop.LoopConfig):
   steps: int = 300
   batch_size: int = 64
   lr: float = 3e-3
-  warmup_steps: int = 20
-  corrupt_rate: float = 0.3
-  seed: int = 0
-  log_every: int = 25
   save_every: int = 100
+  corrupt_rate: float = 0.3
 
 
 def corrupt(key: jax.Array, ids: jax.Array, rate: float, vocab_size: int) -> jax.Array:
@@ -104,8 +100,6 @@ def pretrain_encoder(config: TE.T5Config, tokenizer, texts: Sequence[str], train
                      f"{config.vocab_size}: raise vocab_size to at least {len(tokenizer)}")
   ids, _ = TE.tokenize(tokenizer, list(texts), max_length)
   params = TE.init(config, jax.random.key(tc.seed))
-  optim_config = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, schedule="cosine",
-                             total_steps=max(tc.steps, tc.warmup_steps + 1), weight_decay=0.0)
 
   def loss_fn(p, batch, key):
     return denoising_loss(p, batch, key, config=config, corrupt_rate=tc.corrupt_rate)
@@ -114,6 +108,5 @@ def pretrain_encoder(config: TE.T5Config, tokenizer, texts: Sequence[str], train
     rng = np.random.default_rng([tc.seed, step])
     return jnp.asarray(ids[rng.integers(0, len(ids), tc.batch_size)])
 
-  return loop.train(loss_fn, params, batches, optim_config=optim_config, steps=tc.steps,
-                    out_dir=out_dir, seed=tc.seed, log_every=tc.log_every, save_every=tc.save_every,
-                    desc="text encoder", progress=progress, stop_at=stop_at)
+  return loop.train(loss_fn, params, batches, tc, out_dir, desc="text encoder", progress=progress,
+                    stop_at=stop_at)

@@ -23,24 +23,19 @@ import numpy as np
 
 from repvideo_jax import vae as V
 from repvideo_jax.demo import loop
-from repvideo_jax.training.optim import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class VAETrainConfig:
+class VAETrainConfig(loop.LoopConfig):
   steps: int = 1000  # in all, image steps included
   batch_size: int = 4
-  frames: int = 17  # clip length the VAE trains on (8k + 1: an odd number of latent frames)
-  image_steps: int = 0  # first steps on single frames (the first frame of each clip)
-  image_batch_size: int = 32
-  decode_chunking: str = "released"  # as pipeline.decode_latents decodes an odd latent count
   lr: float = 1e-3
   warmup_steps: int = 50
+  frames: int = 17  # clip length the VAE trains on (8k + 1: an odd number of latent frames)
+  image_steps: int = 0  # first steps on single frames
+  image_batch_size: int = 32
+  decode_chunking: str = "released"  # as pipeline.decode_latents decodes an odd latent count
   kl_weight: float = 1e-4
-  clip_norm: float = 1.0
-  seed: int = 0
-  log_every: int = 25
-  save_every: int = 200
 
 
 def loss_terms(params, video: jax.Array, key: jax.Array, *, config: V.VAEConfig, kl_weight: float,
@@ -75,9 +70,6 @@ def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[in
   if tc.image_steps and images is None:
     raise ValueError("vae_training.image_steps > 0 needs an images(step) batch function")
   params = V.init(config, jax.random.key(tc.seed))
-  optim_config = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, schedule="cosine",
-                             total_steps=max(tc.steps, tc.warmup_steps + 1), weight_decay=0.0,
-                             clip_norm=tc.clip_norm)
 
   def loss_fn(p, video, key):
     return loss_terms(p, video, key, config=config, kl_weight=tc.kl_weight, chunking=tc.decode_chunking)
@@ -87,9 +79,7 @@ def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[in
       return jnp.asarray(to_model_range(images(step)))
     return jnp.asarray(to_model_range(clips(step)))
 
-  return loop.train(loss_fn, params, batches, optim_config=optim_config, steps=tc.steps,
-                    out_dir=out_dir, seed=tc.seed, log_every=tc.log_every, save_every=tc.save_every,
-                    desc="vae", progress=progress, stop_at=stop_at)
+  return loop.train(loss_fn, params, batches, tc, out_dir, desc="vae", progress=progress, stop_at=stop_at)
 
 
 def to_model_range(frames: np.ndarray) -> np.ndarray:
