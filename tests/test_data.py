@@ -122,6 +122,38 @@ def test_example_roundtrip_dtypes_and_overflow():
     R.encode_example({**ex, "latents": np.full(LATENT_SHAPE, np.nan, np.float32)})
 
 
+def test_records_are_decoded_one_at_a_time(monkeypatch):
+  """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run in two threads
+  at once (cpython gh-106905): concurrent readers (grain's prefetch threads) must take turns."""
+  import ast
+  import threading
+  import time
+  data = R.encode_example({"latents": np.zeros(LATENT_SHAPE, np.float32),
+                           "text_emb": np.zeros(TEXT_SHAPE, np.float32), "caption": "c", "source": "v.mp4",
+                           "index": 0})
+  inside, most, guard = [0], [0], threading.Lock()
+  real = ast.literal_eval
+
+  def slow_literal_eval(text):  # widens the window two unserialised readers would overlap in
+    with guard:
+      inside[0] += 1
+      most[0] = max(most[0], inside[0])
+    time.sleep(0.002)
+    try:
+      return real(text)
+    finally:
+      with guard:
+        inside[0] -= 1
+
+  monkeypatch.setattr(ast, "literal_eval", slow_literal_eval)
+  threads = [threading.Thread(target=lambda: [R.read_example(data) for _ in range(10)]) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert most[0] == 1
+
+
 def test_read_captions_csv_and_jsonl(tmp_path):
   jl = tmp_path / "c.jsonl"
   jl.write_text('{"path": "a.mp4", "caption": "one"}\n\n{"path": "b/c.mp4", "caption": "two, three"}\n')

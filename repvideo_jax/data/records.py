@@ -32,6 +32,7 @@ import io
 import json
 import os
 import pathlib
+import threading
 import time
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
@@ -101,9 +102,16 @@ def encode_example(example: Mapping[str, Any], *, latent_dtype: str = "float32",
   return buf.getvalue()
 
 
+# CPython 3.11 keeps the AST constructor's recursion counter per interpreter, not per thread, so
+# concurrent ast.literal_eval calls (numpy parses every .npy header with it) can fail with a spurious
+# "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905; seen here after ~20k
+# records read by grain's prefetch threads). Records are decoded one at a time: a few microseconds.
+_NPZ_LOCK = threading.Lock()
+
+
 def read_example(data: bytes) -> dict[str, Any]:
   """Record bytes -> example dict: arrays in their storage dtype, the other fields as written."""
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+  with _NPZ_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as z:
     meta = json.loads(str(z["meta"][()]))
     out = {}
     for name in ARRAY_FIELDS:
