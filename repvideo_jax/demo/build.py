@@ -164,7 +164,6 @@ def build(recipe: dict[str, Any], out: str | pathlib.Path, *, name: str = "model
   ds = config_lib.from_dict(DatasetConfig, recipe["dataset"], "dataset")
   train_specs, heldout = D.split_specs(ds.split_seed, ds.holdout_fraction)
   captions = sorted({D.caption(s) for s in train_specs})
-  t_start = time.time()
 
   stage = Stage(out, "data", recipe["dataset"])
   if not stage.done:
@@ -301,8 +300,7 @@ def build(recipe: dict[str, Any], out: str | pathlib.Path, *, name: str = "model
   _write_pipeline(tmp, {"defaults": defaults, "source": {
       "recipe": recipe_name, "config": recipe, "command": "python -m repvideo_jax.demo.build",
       "train_command": f"train.py --config {train_yaml.name}", "feature_cache": tcfg.feature_cache,
-      "heldout": [D.caption(s) for s in heldout],
-      "build_seconds": round(time.time() - t_start, 1)}})
+      "heldout": [D.caption(s) for s in heldout]}})
   _replace_dir(tmp, model)
   _say(f"wrote {model}")
   if install:
