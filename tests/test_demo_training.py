@@ -69,9 +69,18 @@ def test_text_pretraining_lowers_the_loss_and_resumes_exactly(tokenizer, tmp_pat
   # of one uninterrupted run.
   text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16,
                                  progress=False, stop_at=25)
-  resumed, _ = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16,
-                                              progress=False)
+  resumed, resumed_rows = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b",
+                                                         max_length=16, progress=False)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # The log is the whole history, both starts: the same losses as the uninterrupted run's.
+  assert [r["step"] for r in resumed_rows] == list(range(1, 41))
+  assert [r["loss"] for r in resumed_rows] == losses
+  # A call on a finished run trains nothing and still returns the params and the history.
+  again, again_rows = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b",
+                                                     max_length=16, progress=False)
+  assert again_rows == resumed_rows
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
 
 

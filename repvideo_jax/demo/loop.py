@@ -57,8 +57,9 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: L
 
   Resumes from the last checkpoint in ``out_dir/checkpoints`` if there is one. ``stop_at`` ends the
   run early at that step with a checkpoint, as a preempted run would (the next call resumes).
-  Returns (params as numpy, log) where log is a list of {"step", "loss", ...metrics} rows, also
-  written to ``out_dir/log.jsonl`` (appended, so a resumed run keeps its history).
+  Returns (params as numpy, log): the run's whole history of {"step", "loss", ...metrics,
+  "seconds" (since this start)} rows, earlier starts included. Rows are appended to
+  ``out_dir/log.jsonl`` as they come; after a resume, a re-run step's new row replaces the old one.
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,6 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: L
     return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   start = int(state["step"])
-  rows = []
   t0 = time.perf_counter()
   log_path = out / "log.jsonl"
   bar = None
@@ -97,7 +97,6 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: L
                "seconds": round(time.perf_counter() - t0, 2)}
         if not np.isfinite(row["loss"]):
           raise RuntimeError(f"{desc}: loss is {row['loss']} at step {done}; lower the learning rate")
-        rows.append(row)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
         if bar is not None:
@@ -112,4 +111,13 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: L
   if ckpt.latest_step() != int(state["step"]):
     ckpt.save(int(state["step"]), state, {}, {"desc": desc}, force=True)
   ckpt.close()
-  return jax.tree.map(np.asarray, jax.device_get(state["params"])), rows
+  return jax.tree.map(np.asarray, jax.device_get(state["params"])), history(log_path)
+
+
+def history(log_path: str | pathlib.Path) -> list[dict]:
+  """The rows of a ``log.jsonl``, one per step (the last written wins), in step order."""
+  by_step = {}
+  for line in pathlib.Path(log_path).read_text().splitlines():
+    row = json.loads(line)
+    by_step[row["step"]] = row
+  return [by_step[k] for k in sorted(by_step)]
