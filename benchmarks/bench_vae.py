@@ -26,6 +26,8 @@ Programs:
                  the device memory of a streamed decode (plus the host-side output video).
   tile chunk     the two chunk steps at the largest tile size: the bound of streaming tile by tile and
                  chunk by chunk.
+``--conv3d`` picks the causal 3D conv form (``VAEConfig.conv3d``) for both parts: 'auto' (the default)
+is 'taps', a sum of per-frame 2D convs, on this CPU backend, and 'native', one 3D conv, on GPU/TPU.
 Each program is compiled in a child process with a time limit (--compile-timeout, default 180 s); on a
 timeout the latent height and width are halved and the program is retried (the table says which size
 was used). On the CPU backend, XLA runs bfloat16 convolutions and matmuls in float32 (it upcasts ops
@@ -116,6 +118,8 @@ def parse_args(argv=None):
   ap.add_argument("--omp-wait-policy", default="PASSIVE",
                   help="OMP_WAIT_POLICY for torch's OpenMP pool unless already set ('' leaves it alone)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--conv3d", choices=("auto", "native", "taps"), default="auto",
+                  help="VAEConfig.conv3d for both parts ('auto' is 'taps' on CPU, 'native' on GPU/TPU)")
   ap.add_argument("--mem-worker", help=argparse.SUPPRESS)  # internal: one compile, JSON on stdout
   args = ap.parse_args(argv)
   if args.quick:
@@ -141,7 +145,7 @@ def _mem_worker(spec: dict) -> dict:
 
   from repvideo_jax import vae as V
 
-  cfg = V.VAEConfig(dtype=spec["dtype"], param_dtype=spec["dtype"])
+  cfg = V.VAEConfig(dtype=spec["dtype"], param_dtype=spec["dtype"], conv3d=spec["conv3d"])
   params = V.abstract_params(cfg)
   b, t, h, w, c = 1, spec["frames"], spec["height"], spec["width"], cfg.latent_channels
   kind = spec["kind"]
@@ -243,7 +247,7 @@ def memory_section(a) -> list[dict]:
         continue
       log(f"memory: compiling {name} ({dtype}, {sched} scheduler, latents {size['frames']}x"
           f"{size['height']}x{size['width']}) ...")
-      res = run_mem_program(dict(size, kind=kind, dtype=dtype, sched=sched,
+      res = run_mem_program(dict(size, kind=kind, dtype=dtype, sched=sched, conv3d=a.conv3d,
                                  xla_flags=MEM_SCHED_FLAG if sched == "mem" else ""), a.compile_timeout)
       res["program"] = name
       rows.append(res)
@@ -316,7 +320,7 @@ def speed_section(a) -> dict:
       block_out_channels=blocks, latent_channels=a.latent_channels, layers_per_block=a.layers_per_block,
       norm_num_groups=a.groups, temporal_compression_ratio=4,
       sample_height=8 * a.height, sample_width=8 * a.width).eval()
-  cfg = W.config_from_diffusers(dict(model.config))
+  cfg = W.config_from_diffusers(dict(model.config), conv3d=a.conv3d)
   params = jax.device_put(W.from_diffusers(
       {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, cfg))
   n_params = sum(p.numel() for p in model.parameters())
@@ -453,6 +457,7 @@ def main(argv=None) -> dict:
     os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy  # before torch is imported
   t_start = time.perf_counter()
   import jax
+  from repvideo_jax import vae as V
   import torch
   results = dict(args={k: v for k, v in vars(a).items() if k != "mem_worker"},
                  env=dict(python=platform.python_version(), jax=jax.__version__, torch=torch.__version__,
@@ -466,7 +471,8 @@ def main(argv=None) -> dict:
   results["total_s"] = time.perf_counter() - t_start
   e = results["env"]
   print(f"bench_vae: jax {e['jax']}, torch {e['torch']}, diffusers {e['diffusers']}, {e['cpus']} CPUs, "
-        f"{'quick' if a.quick else 'default'} flags")
+        f"{'quick' if a.quick else 'default'} flags, conv3d={a.conv3d} "
+        f"({V.VAEConfig(conv3d=a.conv3d).conv3d_impl()})")
   if "memory" in results:
     print_memory(results["memory"], a)
   if "speed" in results:

@@ -69,6 +69,10 @@ class VAEConfig:
   sample_width: int = 720
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  # How causal 3D convs are computed (same numbers): 'native' = one 3D convolution, 'taps' = a sum of
+  # k per-frame 2D convolutions (about 3x faster forward and backward on XLA:CPU, whose 3D convolution
+  # is slow; more live temporaries), 'auto' = 'taps' on CPU, 'native' on GPU/TPU.
+  conv3d: Literal["auto", "native", "taps"] = "auto"
 
   @property
   def spatial_compression(self) -> int:
@@ -83,6 +87,8 @@ class VAEConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
+    if self.conv3d not in ("auto", "native", "taps"):
+      raise ValueError(f"conv3d must be 'auto', 'native' or 'taps', got {self.conv3d!r}")
     tcr = self.temporal_compression_ratio
     if tcr < 1 or 2 ** self.time_levels != tcr or self.time_levels > len(self.block_out_channels) - 1:
       raise ValueError(f"temporal_compression_ratio must be a power of 2 up to "
@@ -95,6 +101,13 @@ class VAEConfig:
   def latent_frames(self, frames: int) -> int:
     """Latent frames for ``frames`` video frames (1 + 4k -> 1 + k)."""
     return (frames - 1) // self.temporal_compression_ratio + 1
+
+  def conv3d_impl(self) -> str:
+    """The causal 3D conv implementation in effect: ``conv3d``, with 'auto' resolved for the default
+    backend (read at trace time)."""
+    if self.conv3d != "auto":
+      return self.conv3d
+    return "taps" if jax.default_backend() == "cpu" else "native"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +175,7 @@ class CausalConv3d(nnx.Module):
     pdt = DTYPES[cfg.param_dtype]
     self.k = k
     self.dtype = DTYPES[cfg.dtype]
+    self.impl = cfg.conv3d_impl()
     self.kernel = nnx.Param(annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4),
                                       (None, None, None, "conv_in", "conv_out"))(
                                           rngs.params(), (k, k, k, cin, cout), pdt))
@@ -174,19 +188,22 @@ class CausalConv3d(nnx.Module):
     if k > 1:
       x = _causal_pad(x, k, cache)
       new_cache = x[:, -(k - 1):]
-    # A sum over the k time taps of per-frame 2D convs: the same numbers as one 3D conv, and ~3x
-    # faster forward and backward on CPU, where XLA's 3D convolution is slow.
     p = (k - 1) // 2
     kernel = self.kernel[...].astype(self.dtype)
-    b, t_in, h, w, c = x.shape
-    t_out = t_in - (k - 1)
-    y = 0
-    for i in range(k):
-      frames = x[:, i:i + t_out].reshape(b * t_out, h, w, c)
-      y = y + jax.lax.conv_general_dilated(frames, kernel[i], window_strides=(1, 1),
-                                           padding=((p, p), (p, p)),
-                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = y.reshape(b, t_out, h, w, -1)
+    if self.impl == "native":
+      y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1, 1),
+                                       padding=((0, 0), (p, p), (p, p)),
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    else:  # 'taps': output frame t = sum over taps i of conv2d(input frame t + i, kernel[i])
+      b, t_in, h, w, c = x.shape
+      t_out = t_in - (k - 1)
+      y = 0
+      for i in range(k):
+        frames = x[:, i:i + t_out].reshape(b * t_out, h, w, c)
+        y = y + jax.lax.conv_general_dilated(frames, kernel[i], window_strides=(1, 1),
+                                             padding=((p, p), (p, p)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = y.reshape(b, t_out, h, w, -1)
     return y + self.bias[...].astype(self.dtype), new_cache
 
 
