@@ -157,7 +157,7 @@ def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_s
   roundtrip_scores = []
   for i in range(0, len(renders), batch_size):
     chunk = np.stack(renders[i:i + batch_size])
-    z = encode(pipe.vae_params, jnp.asarray(chunk, jnp.float32) / 127.5 - 1.0)
+    z = encode(pipe.vae_params, jnp.asarray(video_io.from_uint8(chunk)))
     recon = video_io.to_uint8(np.asarray(P.decode_latents(pipe, z)))
     roundtrip_scores += [D.score(spec, D.detect(r)) for (spec, _), r in zip(jobs[i:i + batch_size], recon)]
 

@@ -353,11 +353,16 @@ def load_clip(path, *, num_frames: int = 49, height: int = 480, width: int = 720
     except VideoError as e:
       raise VideoError(f"{path!r}: {e}") from None
     raise VideoError(f"{path!r}: missing frames {sorted(wanted)} (corrupt?)")
-  return out.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+  return from_uint8(out)
 
 
 # ------------------------------------------------------------------------------------------------
 # Writing
+
+
+def from_uint8(frames: np.ndarray) -> np.ndarray:
+  """Maps uint8 frames 0..255 to float32 in [-1, 1] (what the VAE takes): x / 127.5 - 1."""
+  return np.asarray(frames, np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:

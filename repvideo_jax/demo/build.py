@@ -204,18 +204,17 @@ def build(recipe: dict[str, Any], out: str | pathlib.Path, *, name: str = "model
     vt = config_lib.from_dict(vae_training.VAETrainConfig, recipe["vae_training"], "vae_training")
     _say(f"vae: training {vae_cfg.block_out_channels} on {vt.frames}-frame clips, {vt.steps} steps")
 
+    def random_clip(rng):  # a fresh render of a random train-split combination
+      return D.render(train_specs[rng.integers(len(train_specs))], num_frames=vt.frames,
+                      height=ds.height, width=ds.width, seed=int(rng.integers(1 << 31)))
+
     def clips(step):
       rng = np.random.default_rng([ds.seed, 7, step])
-      return np.stack([D.render(train_specs[rng.integers(len(train_specs))], num_frames=vt.frames,
-                                height=ds.height, width=ds.width, seed=int(rng.integers(1 << 31)))
-                       for _ in range(vt.batch_size)])
+      return np.stack([random_clip(rng) for _ in range(vt.batch_size)])
 
     def images(step):  # one random frame of each of image_batch_size clips
       rng = np.random.default_rng([ds.seed, 8, step])
-      return np.stack([D.render(train_specs[rng.integers(len(train_specs))], num_frames=vt.frames,
-                                height=ds.height, width=ds.width,
-                                seed=int(rng.integers(1 << 31)))[rng.integers(vt.frames)][None]
-                       for _ in range(vt.image_batch_size)])
+      return np.stack([random_clip(rng)[rng.integers(vt.frames)][None] for _ in range(vt.image_batch_size)])
 
     params, rows = vae_training.train(vae_cfg, vt, clips, stage.path / "run", images=images,
                                       progress=progress)
@@ -335,11 +334,15 @@ def _store_as(folder: pathlib.Path, dtype: str) -> None:
 
 
 def _finished_step(run_dir: pathlib.Path) -> int | None:
-  ckpts = run_dir / "checkpoints"
-  if not ckpts.is_dir():
+  """The step of the run's last complete checkpoint (None before the first)."""
+  from repvideo_jax.training.checkpoints import Checkpointer
+  if not (run_dir / "checkpoints").is_dir():
     return None
-  steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
-  return max(steps) if steps else None
+  ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
 
 
 def _install(model: pathlib.Path, target: pathlib.Path) -> None:

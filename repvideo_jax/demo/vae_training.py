@@ -5,10 +5,10 @@
 
 Clips are encoded whole (as ``data.prepare`` encodes them) and decoded with the chunking sampling
 uses (``decode_chunking``, default the released [0:3], [3:5], ... with the conv cache carried), so
-the decoder learns the path it runs at inference. The VAE trains with ``scaling_factor = 1``; afterwards ``latent_scale`` measures the standard
-deviation of the posterior means over a sample of clips and the saved config gets
-``scaling_factor = 1 / std``, so the transformer sees unit-variance latents (what the released
-factor 1.15258426 does for CogVideoX, spec 4.6).
+the decoder learns the path it runs at inference. The VAE trains with ``scaling_factor = 1``;
+afterwards ``latent_scale`` measures the standard deviation of the posterior means over a sample of
+clips and the saved config gets ``scaling_factor = 1 / std``, so the transformer sees unit-variance
+latents (what the released factor 1.15258426 does for CogVideoX, spec 4.6).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvideo_jax import vae as V
+from repvideo_jax import video_io
 from repvideo_jax.demo import loop
 
 
@@ -76,20 +77,15 @@ def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[in
 
   def batches(step):
     if step < tc.image_steps:
-      return jnp.asarray(to_model_range(images(step)))
-    return jnp.asarray(to_model_range(clips(step)))
+      return jnp.asarray(video_io.from_uint8(images(step)))
+    return jnp.asarray(video_io.from_uint8(clips(step)))
 
   return loop.train(loss_fn, params, batches, tc, out_dir, desc="vae", progress=progress, stop_at=stop_at)
-
-
-def to_model_range(frames: np.ndarray) -> np.ndarray:
-  """uint8 frames -> float32 in [-1, 1]."""
-  return np.asarray(frames, np.float32) / 127.5 - 1.0
 
 
 def latent_scale(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8) -> float:
   """1 / std of the unscaled posterior means of ``videos`` (uint8, (N, T, H, W, 3))."""
   encode = jax.jit(lambda p, x: V.encode_posterior(p, x, config=config).mean)
-  means = [np.asarray(encode(params, jnp.asarray(to_model_range(videos[i:i + batch_size]))))
+  means = [np.asarray(encode(params, jnp.asarray(video_io.from_uint8(videos[i:i + batch_size]))))
            for i in range(0, len(videos), batch_size)]
   return float(1.0 / np.std(np.concatenate(means)))
