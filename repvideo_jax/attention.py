@@ -10,6 +10,17 @@ Backends:
                   which is how the CPU tests exercise it).
   * ``auto``   -- ``cudnn`` on GPU, ``splash`` on TPU, ``xla`` elsewhere.
 
+The platform is the one the computation is placed on (``sharding.target_platform``: the active mesh's
+devices), not the host's, so a CPU machine can compile for a TPU topology.
+
+On a mesh (``jax.set_mesh``) every backend runs inside ``jax.shard_map`` -- Pallas kernels cannot be
+partitioned by XLA, and the exchange is explicit for the others too. q, k and v enter as
+(batch over data x fsdp, sequence over context, heads over tensor); inside, one all-to-all over the
+context axis trades the sequence split for a heads split, so each device holds the whole sequence for
+``num_heads / (tensor * context)`` heads (Ulysses-style context parallelism); the output goes back
+the same way. A sequence the context axis does not divide is zero-padded and the padded keys masked;
+a batch the data axes do not divide is computed whole on each of them.
+
 All take q, k, v laid out (batch, seq, heads, head_dim) and return the same layout.
 """
 
@@ -21,14 +32,21 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from repvideo_jax import sharding
 
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 _PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
+# The logical layout of q, k, v (and the output) at the shard_map boundary.
+QKV_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
-  """Maps ``auto`` to a concrete backend and checks the platform supports the requested one."""
-  platform = platform or jax.default_backend()
+  """Maps ``auto`` to a concrete backend and checks the platform supports the requested one.
+
+  ``platform`` defaults to where the computation is placed (``sharding.target_platform``)."""
+  platform = platform or sharding.target_platform()
   if backend not in BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
   if backend == "auto":
@@ -36,36 +54,108 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
   needed = _PLATFORM_OF.get(backend)
   if needed is not None and platform != needed:
     raise ValueError(
-        f"attention backend {backend!r} needs a {needed.upper()} but JAX is running on {platform!r}; "
-        f"set attention_backend='xla' (works everywhere) or 'auto'")
+        f"attention backend {backend!r} needs a {needed.upper()} but the computation is placed on "
+        f"{platform!r}; set attention_backend='xla' (works everywhere) or 'auto'")
   return backend
+
+
+def valid_parallel_degrees(num_heads: int) -> list[int]:
+  """The tensor x context degrees that split ``num_heads`` evenly (its divisors)."""
+  return [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+
+
+def check_head_split(num_heads: int, tensor: int, context: int) -> None:
+  """Raises a ValueError naming the valid degrees when tensor x context does not divide the heads."""
+  if num_heads % (tensor * context):
+    raise ValueError(
+        f"{num_heads} attention heads cannot be split over mesh tensor={tensor} x context={context} "
+        f"= {tensor * context}: tensor x context must divide the heads, one of "
+        f"{valid_parallel_degrees(num_heads)}")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
               interpret: bool = False) -> jax.Array:
   """Softmax(q k^T / sqrt(d)) v over the full sequence, no mask. Shapes (B, S, H, D) -> (B, S, H, D)."""
-  if interpret and backend == "splash":
-    return _splash(q, k, v, interpret=True)
-  backend = resolve_backend(backend)
-  if backend == "xla":
-    return _xla_attention(q, k, v)
+  if not (interpret and backend == "splash"):
+    backend = resolve_backend(backend, sharding.target_platform(q))
+  local = functools.partial(_local_attention, backend=backend, interpret=interpret)
+  mesh = sharding.active_mesh()
+  if mesh is None:
+    return local(q, k, v, kv_len=q.shape[1])
+  return _sharded(local, q, k, v, mesh)
+
+
+def _local_attention(q, k, v, *, kv_len: int, backend: str, interpret: bool):
+  """One device's attention over the whole sequence; keys at positions >= kv_len are masked."""
+  if backend == "splash":
+    return _splash(q, k, v, interpret=interpret, kv_len=kv_len)
   if backend == "cudnn":
     if q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"cudnn attention needs bfloat16/float16 inputs, got {q.dtype}; "
                        "set dtype='bfloat16' or attention_backend='xla'")
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  return _splash(q, k, v, interpret=False)
+    lengths = None
+    if kv_len < k.shape[1]:
+      lengths = jnp.full((q.shape[0],), kv_len, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+  return _xla_attention(q, k, v, kv_len)
 
 
-def _xla_attention(q, k, v):
+def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
+  spec = sharding.logical_to_spec((logical,))[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return tuple(a for a in axes if a in mesh.shape)
+
+
+def _sharded(local, q, k, v, mesh):
+  """``local`` attention in a shard_map over the active mesh (see the module docstring)."""
+  batch, seq, heads, _ = q.shape
+  batch_axes = _mesh_axes(mesh, "activation_batch")
+  while batch_axes and batch % sharding.mesh_size(mesh, batch_axes):
+    batch_axes = batch_axes[:-1]  # e.g. one video on a data=2 mesh: computed whole on both
+  seq_axes = _mesh_axes(mesh, "activation_length")
+  head_axes = _mesh_axes(mesh, "activation_heads")
+  n_seq, n_head = sharding.mesh_size(mesh, seq_axes), sharding.mesh_size(mesh, head_axes)
+  check_head_split(heads, n_head, n_seq)
+  padded = -(-seq // n_seq) * n_seq
+  if padded != seq:
+    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - seq), (0, 0), (0, 0))) for t in (q, k, v))
+  spec = PartitionSpec(batch_axes or None, seq_axes or None, head_axes or None, None)
+
+  def body(q, k, v):
+    if seq_axes:  # sequence-split -> heads-split: the whole sequence, fewer heads
+      q, k, v = (jax.lax.all_to_all(t, seq_axes, 2, 1, tiled=True) for t in (q, k, v))
+    out = local(q, k, v, kv_len=seq)
+    if seq_axes:
+      out = jax.lax.all_to_all(out, seq_axes, 1, 2, tiled=True)
+    return out
+
+  out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                      check_vma=False)(q, k, v)
+  return out[:, :seq] if padded != seq else out
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA backend.
+
+
+def _xla_attention(q, k, v, kv_len: int | None = None):
   """softmax(q k^T / sqrt(d)) v in (B, H, S, D) layout; see ``_attention_hm`` for the gradient."""
+  kv_len = None if kv_len is None or kv_len >= k.shape[1] else int(kv_len)
   qh = (q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  return _attention_hm(qh, kh, vh).transpose(0, 2, 1, 3)
+  return _attention_hm(qh, kh, vh, kv_len).transpose(0, 2, 1, 3)
 
 
-def _attention_fwd(q, k, v):
+def _scores(q, k, kv_len):
   scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if kv_len is not None:  # padded keys get no weight
+    keep = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, k.shape[2]), 3) < kv_len
+    scores = jnp.where(keep, scores, jnp.float32(-1e30))
+  return scores
+
+
+def _attention_fwd(q, k, v, kv_len):
+  scores = _scores(q, k, kv_len)
   peak = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
   e = jnp.exp(scores - peak)
   total = e.sum(-1, keepdims=True)
@@ -74,11 +164,11 @@ def _attention_fwd(q, k, v):
   return out, (q, k, v, out, peak + jnp.log(total))
 
 
-def _attention_bwd(res, d_out):
+def _attention_bwd(kv_len, res, d_out):
   # The S x S probabilities are recomputed from q, k and the log-sum-exp instead of being saved:
   # the backward keeps O(S) per head, like a flash kernel's (and is faster on CPU than saving them).
   q, k, v, out, lse = res
-  probs = jnp.exp(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) - lse)
+  probs = jnp.exp(_scores(q, k, kv_len) - lse)
   d_out32 = d_out.astype(jnp.float32)
   dv = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out32)
   dp = jnp.einsum("bhqd,bhkd->bhqk", d_out32, v.astype(jnp.float32))
@@ -89,17 +179,23 @@ def _attention_bwd(res, d_out):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@jax.custom_vjp
-def _attention_hm(q, k, v):
-  """Heads-major attention on pre-scaled q: (B, H, S, D) -> (B, H, S, D), float32 softmax."""
-  return _attention_fwd(q, k, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_hm(q, k, v, kv_len=None):
+  """Heads-major attention on pre-scaled q: (B, H, S, D) -> (B, H, S, D), float32 softmax; keys at
+  positions >= kv_len (a static int, or None for none) are masked."""
+  return _attention_fwd(q, k, v, kv_len)[0]
 
 
 _attention_hm.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.lru_cache(maxsize=16)
+# ----------------------------------------------------------------------------------------------
+# Splash (Pallas, TPU).
+
+
 def _splash_kernel(num_heads: int, padded_len: int, block: int, interpret: bool):
+  """The kernel for one shape. Built afresh in each trace, not cached: its mask tables are arrays that
+  belong to the trace (and to the mesh context) they are made in; building them is cheap host work."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   mask = sm.MultiHeadMask([sm.FullMask((padded_len, padded_len)) for _ in range(num_heads)])
@@ -110,18 +206,20 @@ def _splash_kernel(num_heads: int, padded_len: int, block: int, interpret: bool)
                             interpret=interpret)
 
 
-def _splash(q, k, v, *, interpret: bool, block: int = 128):
-  """Splash attention; pads the sequence to a block multiple and masks the padding with segment ids."""
+def _splash(q, k, v, *, interpret: bool, kv_len: int | None = None, block: int = 128):
+  """Splash attention; pads the sequence to a block multiple (the kernel's blocks are multiples of
+  128 lanes) and masks everything from ``kv_len`` on (block padding and any padding of the caller)
+  with segment ids."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   batch, seq, heads, dim = q.shape
-  block = min(block, 128 if seq >= 128 else max(8, 1 << (seq - 1).bit_length()))
+  kv_len = seq if kv_len is None else kv_len
   padded = -(-seq // block) * block
   pad = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
   # The kernel takes (heads, seq, dim) per example and does not scale q itself.
   to_kernel = lambda x: jnp.pad(x, pad).transpose(0, 2, 1, 3)
   qh = to_kernel(q * jnp.asarray(1.0 / math.sqrt(dim), q.dtype))
   kh, vh = to_kernel(k), to_kernel(v)
-  ids = jnp.asarray(np.arange(padded) >= seq, jnp.int32)  # padding is its own segment
+  ids = jnp.asarray(np.arange(padded) >= kv_len, jnp.int32)  # padding is its own segment
   segment_ids = sk.SegmentIds(q=ids, kv=ids)
   kernel = _splash_kernel(heads, padded, block, interpret)
   out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segment_ids))(qh, kh, vh)

@@ -21,14 +21,16 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "activation_length": "context",
     "activation_embed": None,
     "activation_heads": "tensor",
-    # Inside attention the full sequence is needed: heads are split over tensor *and* context, so
-    # sequence-sharded activations are exchanged with one all-to-all (Ulysses-style context
-    # parallelism) instead of gathering K/V. Needs num_heads divisible by tensor * context.
-    "activation_attn_heads": ("tensor", "context"),
+    # Attention (attention.py) takes q/k/v as (activation_batch, activation_length, activation_heads)
+    # and, inside a shard_map, swaps the context split from the sequence to the heads with one
+    # all-to-all (Ulysses-style context parallelism), so each device sees the whole sequence for
+    # num_heads / (tensor * context) heads.
     "embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",
-    "modulation": "tensor",
+    # AdaLN modulation kernels (time_embed -> 6 or 12 x hidden): 21% of the 2B's params, so sharded
+    # over fsdp as well (their input dim, time_embed, is too small to split).
+    "modulation": ("tensor", "fsdp"),
     "text_embed": None,
     "patch": None,
     "time_embed": None,
@@ -58,6 +60,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1,
   return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  """``'data=2,context=2'`` -> {'data': 2, 'fsdp': 1, 'tensor': 1, 'context': 2}."""
+  out = dict.fromkeys(MESH_AXES, 1)
+  for part in text.split(","):
+    key, _, value = part.partition("=")
+    if key.strip() not in out or not value.strip().lstrip("-").isdigit():
+      raise ValueError(f"--mesh {text!r}: use axis=size pairs over {list(out)}, e.g. data=2,context=2")
+    out[key.strip()] = int(value)
+  return out
+
+
 def logical_to_spec(logical_axes: Sequence[str | None] | None,
                     rules: dict[str, tuple[str, ...] | str | None] | None = None) -> P:
   """Turns a tuple of logical axis names into a PartitionSpec; unknown names raise."""
@@ -83,6 +96,32 @@ def tree_shardings(logical_tree, mesh: Mesh, rules=None):
   """A tree of logical-axis tuples (e.g. ``transformer.logical_axes(cfg)``) -> NamedShardings."""
   return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, rules)), logical_tree,
                       is_leaf=lambda x: isinstance(x, tuple))
+
+
+def active_mesh():
+  """The mesh set with ``jax.set_mesh`` (an AbstractMesh inside jit), or None when there is none."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def target_platform(*arrays) -> str:
+  """The platform the computation is placed on: the active mesh's devices, else the devices of a
+  concrete input array, else JAX's default backend. A CPU host compiling for a TPU topology (with the
+  topology's mesh set) gets ``'tpu'``; ``jax.default_backend()`` alone would say ``'cpu'``."""
+  mesh = active_mesh()
+  if mesh is not None:
+    return mesh.abstract_device.platform
+  for x in arrays:
+    devices = getattr(getattr(x, "sharding", None), "device_set", None)
+    if devices and not isinstance(x, jax.core.Tracer):
+      return next(iter(devices)).platform
+  return jax.default_backend()
+
+
+def mesh_size(mesh, axes: str | Sequence[str] | None) -> int:
+  """Number of devices along the named mesh axes (1 for None or an empty tuple)."""
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

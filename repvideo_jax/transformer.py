@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from repvideo_jax import sharding
-from repvideo_jax.attention import attention, resolve_backend
+from repvideo_jax.attention import QKV_AXES, attention, resolve_backend
 from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate, remat
 
 
@@ -258,8 +258,7 @@ class Block(nnx.Module):
     cfg = self.cfg
     b, s, d = x.shape
     q, k, v, gate = self.attention_inputs(x, temb, text_len, rope)
-    q, k, v = (sharding.constrain(t, ("activation_batch", None, "activation_attn_heads", None))
-               for t in (q, k, v))
+    q, k, v = (sharding.constrain(t, QKV_AXES) for t in (q, k, v))
     o = attention(q, k, v, backend=cfg.attention_backend).reshape(b, s, d)
     x = x + gate * self.to_out(o)
     f, gate = self._modulated(self.norm2, self.norm2_mod(temb), x, text_len)

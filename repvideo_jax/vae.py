@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repvideo_jax import sharding
 from repvideo_jax.functional import DTYPES, Functional, annotate
 
 Cache = dict[str, Any]  # nested dict of per-conv (B, k-1, H, W, C) arrays
@@ -103,11 +104,11 @@ class VAEConfig:
     return (frames - 1) // self.temporal_compression_ratio + 1
 
   def conv3d_impl(self) -> str:
-    """The causal 3D conv implementation in effect: ``conv3d``, with 'auto' resolved for the default
-    backend (read at trace time)."""
+    """The causal 3D conv implementation in effect: ``conv3d``, with 'auto' resolved for the platform
+    the computation is placed on (``sharding.target_platform``, read at trace time)."""
     if self.conv3d != "auto":
       return self.conv3d
-    return "taps" if jax.default_backend() == "cpu" else "native"
+    return "taps" if sharding.target_platform() == "cpu" else "native"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,14 +738,55 @@ def decode(params: dict[str, Any], latents_scaled: jax.Array, *, config: VAEConf
       return _decode_chunk(params, zz, None, config=config)[0]
     return _decode_frames(params, zz, config=config, chunking=chunking, frame_batch=fb, scan=scan_chunks)
 
-  h, w = z.shape[2], z.shape[3]
-  if tiling is not None:
-    sh, sw, lh, lw, fh, fw = tiling.resolve(config)
-  if tiling is not None and (w > lw or h > lh):
-    ext = (int(sh * fh), int(sw * fw))
-    return _tiled(run, z, tile_in=(lh, lw), stride=(int(lh * (1 - fh)), int(lw * (1 - fw))),
-                  extent=ext, limit=(sh - ext[0], sw - ext[1]))
-  return run(z)
+  plan = _tile_plan(tiling, config, z.shape[2], z.shape[3])
+  return _tiled(run, z, **plan) if plan else run(z)
+
+
+def _tile_plan(tiling: TilingConfig | None, config: VAEConfig, h: int, w: int) -> dict | None:
+  """``_tiled`` arguments for latents of h x w, or None when they fit one tile (or tiling is off)."""
+  if tiling is None:
+    return None
+  sh, sw, lh, lw, fh, fw = tiling.resolve(config)
+  if w <= lw and h <= lh:
+    return None
+  ext = (int(sh * fh), int(sw * fw))
+  return dict(tile_in=(lh, lw), stride=(int(lh * (1 - fh)), int(lw * (1 - fw))), extent=ext,
+              limit=(sh - ext[0], sw - ext[1]))
+
+
+def decode_streamed(params: dict[str, Any], latents_scaled: jax.Array, *, config: VAEConfig,
+                    tiling: TilingConfig | None = None) -> jax.Array:
+  """``decode(..., chunking='released', tiling=tiling)`` computed one video, one tile and one
+  temporal chunk at a time, each a separate compiled call of ``decode_chunk`` with the conv cache
+  carried between chunks: device memory is bounded by the largest tile-chunk step, not the video
+  (what a 16 GB accelerator needs at 49 x 480 x 720). Same numbers as ``decode``; not jittable as a
+  whole (a host loop)."""
+  z = jnp.asarray(latents_scaled)
+  _check_latents(z, config)
+  chunking = "released" if z.shape[1] % 2 == 1 else "framewise"
+  bounds = chunk_bounds(z.shape[1], chunking, 2)
+
+  def run(zz):  # one video's tile through every chunk
+    ys, cache = [], None
+    for s, e in bounds:
+      y, cache = decode_chunk(params, zz[:, s:e], cache, config=config)
+      ys.append(y)
+    return jnp.concatenate(ys, axis=1)
+
+  plan = _tile_plan(tiling, config, z.shape[2], z.shape[3])
+  videos = [_tiled(run, z[i:i + 1], **plan) if plan else run(z[i:i + 1]) for i in range(z.shape[0])]
+  return jnp.concatenate(videos, axis=0)
+
+
+def streamed_steps(config: VAEConfig, latent_shape: tuple[int, ...], tiling: TilingConfig | None = None):
+  """The distinct compiled steps of ``decode_streamed`` for one video of ``latent_shape`` (t, h, w, c):
+  [(latents chunk shape, with_cache)], the largest tile first. For memory checks (``aot``)."""
+  t, h, w, c = latent_shape
+  plan = _tile_plan(tiling, config, h, w)
+  th, tw = (min(plan["tile_in"][0], h), min(plan["tile_in"][1], w)) if plan else (h, w)
+  bounds = chunk_bounds(t, "released" if t % 2 == 1 else "framewise", 2)
+  sizes = sorted({e - s for s, e in bounds[1:]})
+  return [((1, bounds[0][1] - bounds[0][0], th, tw, c), False)] + [((1, n, th, tw, c), True) for n in sizes]
 
 
 def decode_chunk(params: dict[str, Any], latents_scaled: jax.Array, cache: Cache | None = None, *,

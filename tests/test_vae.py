@@ -216,6 +216,31 @@ def test_tiled_decode_and_encode_match_diffusers(tiny):
     model.disable_tiling()
 
 
+def test_streamed_tiled_decode_matches_diffusers_tiled_decode(tiny):
+  """decode_streamed: one compiled decode_chunk call per video x tile x chunk (the bounded-memory
+  path sample presets use) equals diffusers' tiled decode; 7 latent frames -> chunks [0:3] [3:5]
+  [5:7] in both (diffusers decodes each tile 2 latent frames at a time, the first with 3)."""
+  model, cfg, params = tiny
+  tiling = V.TilingConfig(tile_sample_height=32, tile_sample_width=32, overlap_factor_height=0.25,
+                          overlap_factor_width=0.25)
+  z = _randn(2, 4, 7, 3, 8, seed=8)
+  model.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_overlap_factor_height=0.25,
+                      tile_overlap_factor_width=0.25)
+  try:
+    ref = _cl(model.decode(z).sample)
+  finally:
+    model.disable_tiling()
+  out = V.decode_streamed(params, _cl(z) * cfg.scaling_factor, config=cfg, tiling=tiling)
+  assert out.shape == ref.shape == (2, 25, 24, 64, 3)
+  np.testing.assert_allclose(out, ref, atol=ATOL_DEC)
+  # Untiled, it is the released chunked decode.
+  np.testing.assert_allclose(V.decode_streamed(params, _cl(z) * cfg.scaling_factor, config=cfg),
+                             V.decode(params, _cl(z) * cfg.scaling_factor, config=cfg), atol=1e-5)
+  # The distinct compiled steps (for memory checks): first chunk, then chunks with a cache.
+  assert V.streamed_steps(cfg, (7, 3, 8, 4), tiling) == [((1, 3, 3, 4, 4), False), ((1, 2, 3, 4, 4), True)]
+  assert V.streamed_steps(cfg, (13, 60, 90, 16)) == [((1, 3, 60, 90, 16), False), ((1, 2, 60, 90, 16), True)]
+
+
 def _assert_same_params(a, b):
   fa, fb = dict(W.flatten(a)), dict(W.flatten(b))
   assert fa.keys() == fb.keys()
