@@ -1,5 +1,6 @@
 # `make demo` sets up .venv (runtime requirements only) and generates a video with the bundled demo model.
-# `make test` is the one command that sets up a fresh machine and runs the test suite (CI runs it).
+# `make test` is the one command that sets up a fresh machine and runs the test suite (CI runs it);
+# it installs libtpu too, so the TPU compiler checks the TPU code paths (deviceless, no TPU needed).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,8 +15,8 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.runtime requirements-test.txt
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+$(VENV)/.installed: $(VENV)/.runtime requirements-test.txt requirements-tpu.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt -r requirements-tpu.txt
 	touch $@
 
 install: $(VENV)/.installed

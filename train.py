@@ -8,6 +8,9 @@ the config. Multi-host: on TPU pods and SLURM `jax.distributed` initialises itse
 --coordinator HOST:PORT --num-processes N --process-id I to every process. Only process 0 logs.
 Checkpoints go to <run.output_dir>/checkpoints (async, keep-last-K); --resume continues exactly from
 the last complete one, including the data order. SIGTERM saves a checkpoint and exits.
+--compile-only compiles the train step for the devices at hand (e.g. on the pod, before a run) and
+prints per-device memory and whether it fits, running nothing: exit 0 fits, 1 does not. To check a
+TPU topology from any machine, see `python -m repvideo_jax.aot train`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def main(argv=None) -> int:
   parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
   parser.add_argument("--init-from", help="shortcut for run.init_from=DIR (a converted model folder)")
   parser.add_argument("--output-dir", help="shortcut for run.output_dir=DIR")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="compile the train step for these devices, print memory and fit, run nothing")
   parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process without a scheduler)")
   parser.add_argument("--num-processes", type=int)
   parser.add_argument("--process-id", type=int)
@@ -40,6 +45,8 @@ def main(argv=None) -> int:
   try:
     trainer.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = trainer.load_config(args.config, overrides)
+    if args.compile_only:
+      return _compile_only(cfg)
     result = trainer.train(cfg, resume=args.resume)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -49,6 +56,18 @@ def main(argv=None) -> int:
     return 3
   print(f"done: step {result['final_step']}", file=sys.stderr)
   return 0
+
+
+def _compile_only(cfg) -> int:
+  import jax
+
+  from repvideo_jax import aot
+  devices = jax.devices()
+  where = f"{len(devices)} {devices[0].device_kind} device(s)"
+  report = aot.compile_train_config(cfg, devices, where, name="train")
+  if jax.process_index() == 0:
+    print("\n".join(report.lines()))
+  return 0 if report.fits else 1
 
 
 if __name__ == "__main__":

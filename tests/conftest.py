@@ -42,3 +42,11 @@ def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
 def _no_grad():
   with torch.no_grad():
     yield
+
+
+@pytest.fixture(scope="session")
+def tpu_devices():
+  """``tpu_devices('v5p:2x2x2')``: abstract devices of a TPU topology from libtpu (no TPU needed).
+  libtpu is a test requirement (requirements-tpu.txt): without it these tests fail, not skip."""
+  from repvideo_jax import aot
+  return aot.topology_devices

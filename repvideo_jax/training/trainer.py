@@ -28,7 +28,7 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ import numpy as np
 from repvideo_jax import config as config_lib
 from repvideo_jax import sharding
 from repvideo_jax import transformer as T
+from repvideo_jax.attention import check_head_split
 
 log = logging.getLogger("repvideo_jax.train")
 
@@ -48,6 +49,9 @@ class MeshConfig:
   tensor: int = 1
   context: int = 1
   dcn_data: int = 1  # data-parallel slices across DCN (multi-slice pods); multiplies `data`
+  # The TPU topology this layout is meant for (libtpu names, e.g. v5p:4x4x2): what
+  # `python -m repvideo_jax.aot train` compiles for. Not read when training.
+  topology: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,16 +127,18 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
       log.info("jax.distributed.initialize skipped: %s", e)
 
 
-def build_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
+def build_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+  """The config's mesh over ``devices`` (default: all of them)."""
   if cfg.dcn_data > 1:
     from jax.experimental import mesh_utils
-    per_slice = jax.device_count() // cfg.dcn_data
+    devices = list(devices if devices is not None else jax.devices())
+    per_slice = len(devices) // cfg.dcn_data
     data = cfg.data if cfg.data != -1 else per_slice // (cfg.fsdp * cfg.tensor * cfg.context)
     devices = mesh_utils.create_hybrid_device_mesh(
-        (data, cfg.fsdp, cfg.tensor, cfg.context), (cfg.dcn_data, 1, 1, 1))
+        (data, cfg.fsdp, cfg.tensor, cfg.context), (cfg.dcn_data, 1, 1, 1), devices=devices)
     return jax.sharding.Mesh(devices, sharding.MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * 4)
-  return sharding.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context)
+  return sharding.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context, devices=devices)
 
 
 def _keys(path) -> tuple:
@@ -279,11 +285,10 @@ class SyntheticBatches:
   """Random (latents, text) batches with the config's shapes; state = position (deterministic)."""
 
   def __init__(self, cfg: TrainConfig):
-    d, t = cfg.data, cfg.transformer
+    shapes = batch_shapes(cfg)
     self.batch = cfg.run.global_batch // jax.process_count()
-    self.latent_shape = ((d.frames - 1) // 4 + 1, d.height // 8, d.width // 8, t.in_channels)
-    self.text_shape = (t.text_length, t.text_embed_dim)
-    self.seed, self.position = d.shuffle_seed + 1000 * jax.process_index(), 0
+    self.latent_shape, self.text_shape = shapes["latents"][1:], shapes["text"][1:]
+    self.seed, self.position = cfg.data.shuffle_seed + 1000 * jax.process_index(), 0
 
   def __iter__(self):
     return self
@@ -330,13 +335,64 @@ def initial_params(cfg: TrainConfig):
   return T.init(cfg.transformer, jax.random.key(cfg.run.seed))
 
 
+class TrainStep(NamedTuple):
+  """The compiled-to-be train step of a config on a mesh, with everything needed to feed it."""
+  fn: Any  # jax.jit(train_step) with in/out shardings, state donated: fn(state, batch) -> (state, metrics)
+  optimizer: Any
+  abstract_state: Any  # the train state as ShapeDtypeStructs (no sharding)
+  param_shardings: Any
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def batch_shapes(cfg: TrainConfig) -> dict[str, tuple[int, ...]]:
+  """Global shapes of one training batch: latents (B, T, h, w, C) and text (B, L, D)."""
+  d, t = cfg.data, cfg.transformer
+  latent = ((d.frames - 1) // 4 + 1, d.height // 8, d.width // 8, t.in_channels)
+  return {"latents": (cfg.run.global_batch, *latent),
+          "text": (cfg.run.global_batch, t.text_length, t.text_embed_dim)}
+
+
+def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
+  """The train step jitted with the mesh's shardings (params by ``transformer.logical_axes`` and
+  ``sharding.tree_shardings``; optimizer state and EMA like their params; batch over data x fsdp).
+  ``train`` runs it; ``aot`` and ``train.py --compile-only`` only compile it."""
+  from repvideo_jax import schedule
+  from repvideo_jax.training import optim
+  run, tcfg = cfg.run, cfg.transformer
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if run.global_batch % dp:
+    raise ValueError(f"global_batch {run.global_batch} must be a multiple of the data-parallel size "
+                     f"{dp} (mesh data x fsdp)")
+  check_head_split(tcfg.num_heads, mesh.shape["tensor"], mesh.shape["context"])
+  param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh)
+  optimizer, abstract_state = optimizer_and_abstract_state(cfg)
+  state_sh = state_shardings(abstract_state, param_sh, mesh)
+  batch_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",)))
+  table = jnp.asarray(schedule.sqrt_alpha_table(), jnp.float32)
+  fn = jax.jit(
+      lambda state, batch: optim.train_step(
+          state, batch, apply_fn=T.make_apply(tcfg), optimizer=optimizer, table=table,
+          world_size=run.timestep_strata or dp, ucg_rate=run.ucg_rate, ema_decay=cfg.optim.ema_decay),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+  return TrainStep(fn, optimizer, abstract_state, param_sh, state_sh, batch_sh)
+
+
+def abstract_inputs(step: TrainStep, cfg: TrainConfig):
+  """(state, batch) as ShapeDtypeStructs carrying the step's shardings: ``step.fn.lower(*these)``."""
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       step.abstract_state, step.state_shardings)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=step.batch_sharding)
+           for k, shape in batch_shapes(cfg).items()}
+  return state, batch
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step=None) -> dict[str, Any]:
   """Runs (or resumes) training; returns {'losses': [...], 'final_step': n, 'params': host params}.
 
   ``data_iterator``: any iterator of {'latents', 'text'} per-process batches with get_state/set_state
   (default from ``cfg.data``). ``on_step(step, metrics)`` is called after each logged step (tests).
   """
-  from repvideo_jax import schedule
   from repvideo_jax.training import optim
   from repvideo_jax.training.checkpoints import Checkpointer
 
@@ -344,10 +400,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
   out = pathlib.Path(run.output_dir)
   is_main = jax.process_index() == 0
   mesh = build_mesh(cfg.mesh)
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  if run.global_batch % dp:
-    raise ValueError(f"global_batch {run.global_batch} must be a multiple of the data-parallel size "
-                     f"{dp} (mesh data x fsdp)")
+  built = build_train_step(cfg, mesh)
+  optimizer, abstract_state, state_sh, batch_sh, step_fn = (
+      built.optimizer, built.abstract_state, built.state_shardings, built.batch_sharding, built.fn)
+  param_sh, ema = built.param_shardings, bool(cfg.optim.ema_decay)
   config_dict = config_to_dict(cfg)
   if is_main:
     out.mkdir(parents=True, exist_ok=True)
@@ -355,18 +411,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
     log.info("resolved config:\n%s", json.dumps(config_dict, indent=2))
     log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
              jax.process_count())
-
-  param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh)
-  optimizer, abstract_state = optimizer_and_abstract_state(cfg)
-  ema = bool(cfg.optim.ema_decay)
-  state_sh = state_shardings(abstract_state, param_sh, mesh)
-  batch_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",)))
-  table = jnp.asarray(schedule.sqrt_alpha_table(), jnp.float32)
-  step_fn = jax.jit(
-      lambda state, batch: optim.train_step(
-          state, batch, apply_fn=T.make_apply(tcfg), optimizer=optimizer, table=table,
-          world_size=run.timestep_strata or dp, ucg_rate=run.ucg_rate, ema_decay=cfg.optim.ema_decay),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
   data = data_iterator if data_iterator is not None else make_data_iterator(cfg)
   ckpt = Checkpointer(out / "checkpoints", save_every=run.save_every, keep=run.keep,
