@@ -49,7 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--fps", type=float, default=None, help="default 8")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute dtype of all models (default: bfloat16 on GPU/TPU, float32 on CPU)")
-  p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together")
+  p.add_argument("--batch-size", type=int, default=None, help="prompts sampled together (default 1)")
+  p.add_argument("--preset", default=None,
+                 help="sampling preset (configs/sample-*.yaml): batch size, sizes, weight dtypes, VAE "
+                 "tiling and device mesh for an accelerator; flags given here still win")
+  p.add_argument("--mesh", default=None, metavar="data=N,context=M",
+                 help="device mesh for one call (axes data, fsdp, tensor, context): batch and its CFG "
+                 "pair over data, each video's sequence over context. Default: the preset's, else the "
+                 "batch over all devices when it divides them")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p.parse_args(argv)
 
@@ -83,17 +90,36 @@ def main(argv=None) -> int:
 def run(args) -> int:
   import jax
 
-  from repvideo_jax import pipeline as P
   from repvideo_jax import sharding, video_io
+  from repvideo_jax import pipeline as P
   from repvideo_jax.demo import demo_model_dir
   prompts = read_prompts(args)
+  preset = P.load_sampling_preset(args.preset) if args.preset else None
+  if preset is not None:  # the preset fills what the command line leaves unset
+    for flag, value in (("batch_size", preset.batch), ("frames", preset.frames),
+                        ("height", preset.height), ("width", preset.width)):
+      if getattr(args, flag) is None:
+        setattr(args, flag, value)
+  args.batch_size = 1 if args.batch_size is None else args.batch_size
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+  n_dev = jax.device_count()
+  layout = None
+  if args.mesh:
+    layout = sharding.parse_mesh(args.mesh)
+  elif preset is not None and n_dev > 1:
+    layout = preset.mesh or P.default_sample_mesh(n_dev, args.batch_size, preset.guidance)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   model = args.model or str(demo_model_dir())
   t0 = time.perf_counter()
-  pipe = P.load_pipeline(model, transformer_overrides={"dtype": dtype},
-                         text_encoder_overrides={"dtype": dtype}, vae_overrides={"dtype": dtype})
+  overrides = {c: {"dtype": dtype, **((getattr(preset, c) or {}) if preset is not None else {})}
+               for c in ("transformer", "text_encoder", "vae")}
+  if args.dtype:  # an explicit --dtype wins over the preset's compute dtypes
+    for c in overrides.values():
+      c["dtype"] = dtype
+  pipe = P.load_pipeline(model, transformer_overrides=overrides["transformer"],
+                         text_encoder_overrides=overrides["text_encoder"],
+                         vae_overrides=overrides["vae"])
   fps = args.fps if args.fps is not None else P.model_defaults(pipe).get("fps", 8.0)
   if fps <= 0:
     raise ValueError(f"--fps must be positive, got {fps}")
@@ -104,16 +130,19 @@ def run(args) -> int:
   load_s = time.perf_counter() - t0
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  n_dev = jax.device_count()
   from tqdm.auto import tqdm
   total_steps, sampling_s, written = 0, 0.0, []
   for start in range(0, len(prompts), args.batch_size):
     batch = prompts[start:start + args.batch_size]
-    mesh = sharding.make_mesh(data=n_dev) if n_dev > 1 and len(batch) % n_dev == 0 else None
+    if layout is not None:
+      mesh = sharding.make_mesh(**layout)
+    else:
+      mesh = sharding.make_mesh(data=n_dev) if n_dev > 1 and len(batch) % n_dev == 0 else None
     bar = None if args.no_progress else tqdm(total=settings.steps, unit="step", leave=False,
                                               desc=f"prompts {start + 1}-{start + len(batch)}/{len(prompts)}")
     timings: dict = {}
     frames = P.generate(pipe, batch, settings, mesh=mesh, timings=timings, first_index=start,
+                        vae_tiling=bool(preset is not None and preset.vae_tiling),
                         progress=None if bar is None else (lambda _i: bar.update(1)))
     if bar is not None:
       bar.close()
@@ -127,6 +156,7 @@ def run(args) -> int:
                  "frames_sha256": hashlib.sha256(frames[k].tobytes()).hexdigest(),
                  "model": str(pathlib.Path(model).resolve()), "fps": fps, "dtype": dtype,
                  "batch_size": args.batch_size, "batch_prompts": batch, "devices": n_dev,
+                 "preset": args.preset, "mesh": dict(mesh.shape) if mesh is not None else None,
                  "settings": settings.__dict__, "timings": {**timings, "load_s": load_s},
                  "transformer": {"feature_cache": pipe.transformer_config.feature_cache,
                                  "num_layers": pipe.transformer_config.num_layers},

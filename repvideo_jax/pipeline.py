@@ -7,6 +7,7 @@ folder (``transformer/ vae/ text_encoder/ tokenizer/``), which is converted in m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -172,6 +173,43 @@ def cfg_weights(settings: GenerationSettings, timesteps) -> "np.ndarray":
   return schedule.dynamic_cfg_weights(timesteps, scale=settings.guidance, sampler_steps=n)
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingPreset:
+  """A sampling preset (``configs/sample-*.yaml``, section ``sample:``): sizes, dtypes, mesh and the
+  TPU topology it is checked for. ``sample.py --preset`` runs it; ``python -m repvideo_jax.aot sample
+  --preset`` compiles it for ``topology`` and says whether each stage fits."""
+  model_config: str = "repvideo-2b"  # transformer preset the AOT check compiles (sample.py: --model)
+  topology: str | None = None  # libtpu name, e.g. v5e:1x1 or v5e:2x2
+  batch: int = 1  # videos per call (the denoiser sees 2 x batch with CFG)
+  frames: int = 49
+  height: int = 480
+  width: int = 720
+  guidance: bool = True
+  transformer: dict | None = None  # TransformerConfig overrides (dtype, param_dtype, attention_backend)
+  text_encoder: dict | None = None  # T5Config overrides
+  vae: dict | None = None  # VAEConfig overrides
+  vae_tiling: bool = False  # decode in overlapping spatial tiles (diffusers' tiled_decode)
+  mesh: dict | None = None  # {data, fsdp, tensor, context}; default: default_sample_mesh
+
+
+def load_sampling_preset(name_or_path, overrides=()) -> SamplingPreset:
+  """A ``SamplingPreset`` from ``configs/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides."""
+  from repvideo_jax import config as config_lib
+  overrides = [o if o.startswith("sample.") else f"sample.{o}" for o in overrides]
+  tree = config_lib.load_yaml(name_or_path, overrides)
+  if set(tree) != {"sample"}:
+    raise ValueError(f"{name_or_path}: a sampling preset has one section, 'sample:' (has {sorted(tree)})")
+  return config_lib.from_dict(SamplingPreset, tree["sample"] or {}, where=f"{name_or_path}:sample")
+
+
+def default_sample_mesh(devices: int, batch: int, guidance: bool = True) -> dict[str, int]:
+  """The batch and its CFG pair over ``data`` as far as they divide the devices, the remaining
+  devices over ``context`` (each video's sequence), so one video's latency falls with devices."""
+  import math
+  data = math.gcd(batch * (2 if guidance else 1), devices)
+  return {"data": data, "fsdp": 1, "tensor": 1, "context": devices // data}
+
+
 def initial_noise(settings: GenerationSettings, shape, batch: int, first_index: int = 0):
   """x_T ~ N(0, I) per video, keyed by (seed, the video's index in the whole prompt list): a prompt's
   starting noise does not depend on which other prompts share its batch."""
@@ -199,11 +237,14 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
   if use_cfg and text_uncond is None:
     text_uncond = jnp.zeros_like(text)  # released: force_uc_zero_embeddings
   if mesh is not None:
-    batch = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",)))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_axes = sharding.logical_to_spec(("activation_batch",))[0]
+    # One video on a data=2 mesh: the inputs are replicated and the CFG pair (made inside) is split.
+    batch = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+             if b % sharding.mesh_size(mesh, batch_axes) == 0 else replicated)
     noise, text = jax.device_put(noise, batch), jax.device_put(text, batch)
     if text_uncond is not None:
-      text_uncond = jax.device_put(text_uncond, batch)
+      text_uncond = jax.device_put(text_uncond, batch if text_uncond.shape[0] == b else replicated)
     params = jax.device_put(params, replicated)
   model_fn = _model_fn(tcfg)
   if settings.sampler == "ddim":
@@ -213,7 +254,8 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
   weights = cfg_weights(settings, sched.timesteps)
   kwargs = dict(schedule=sched, cfg_weights=weights, params=params, use_cfg=use_cfg,
                 progress=progress is not None)
-  with samplers.progress_hook(progress):
+  # On a mesh the model's sharding hints and attention's shard_map read it from the context.
+  with samplers.progress_hook(progress), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     if settings.sampler == "ddim":
       out = samplers.sample_ddim(model_fn, noise, text, text_uncond, **kwargs)
     else:
@@ -231,22 +273,27 @@ def _model_fn(tcfg: TransformerConfig):
   return T.make_apply(tcfg)
 
 
-def decode_latents(pipe: Pipeline, latents):
-  """Scaled latents -> float video in [-1, 1]-ish, (B, F, H, W, 3), with the released chunking."""
+def decode_latents(pipe: Pipeline, latents, tiling: bool = False):
+  """Scaled latents -> float video in [-1, 1]-ish, (B, F, H, W, 3), with the released chunking.
+  ``tiling`` decodes in overlapping spatial tiles (diffusers' ``tiled_decode``), streamed one video,
+  tile and chunk at a time (``vae.decode_streamed``): the memory of one tile-chunk step."""
   from repvideo_jax import vae as V
+  if tiling:
+    return V.decode_streamed(pipe.vae_params, latents, config=pipe.vae_config, tiling=V.TilingConfig())
   chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
   return V.decode(pipe.vae_params, latents, config=pipe.vae_config, chunking=chunking)
 
 
 def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationSettings(), *,
              mesh=None, progress=None, timings: dict | None = None, noise=None,
-             output: str = "uint8", first_index: int = 0):
+             output: str = "uint8", first_index: int = 0, vae_tiling: bool = False):
   """Prompts -> frames (B, num_frames, height, width, 3): uint8, or float in [0, 1] with
   ``output="float"``. ``noise`` overrides the seeded initial latents; ``timings`` is filled in.
 
   Randomness: the initial latents of video k are keyed by (seed, first_index + k), and the sampler's
   per-step noise by (seed, first_index); the same seed, prompts and batching give the same videos.
-  ``mesh``: shard the batch over the mesh's data axes (params replicated).
+  ``mesh``: shard the batch over the mesh's data axes and each video's sequence over its context
+  axis (params replicated).
   """
   import time
 
@@ -264,7 +311,7 @@ def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationS
   latents = sample_latents(pipe, text, settings, text_uncond=uncond, mesh=mesh, progress=progress,
                            noise=noise, first_index=first_index)
   t2 = time.perf_counter()
-  video = np.asarray(decode_latents(pipe, latents))
+  video = np.asarray(decode_latents(pipe, latents, tiling=vae_tiling))
   t3 = time.perf_counter()
   if timings is not None:
     timings.update(text_encode_s=t1 - t0, sampling_s=t2 - t1, vae_decode_s=t3 - t2,

@@ -88,7 +88,13 @@ SHARDED = textwrap.dedent("""
     err = float(np.abs(sharded - single).max())
     # frames in [0, 1]; 1e-4 is 40x below one uint8 level (sharding changes reduction order only)
     assert jax.device_count() == 8 and err < 1e-4, err
-    print("ok", err)
+    # One video on 4 devices: its CFG pair over data=2, its sequence over context=2 (attention's
+    # all-to-all; 8 text + 16 video tokens per frame).
+    mesh = sharding.make_mesh(data=2, context=2, devices=jax.devices()[:4])
+    one = P.generate(pipe, prompts[:1], s, mesh=mesh, output="float")
+    err1 = float(np.abs(one - single[:1]).max())
+    assert err1 < 1e-4, err1
+    print("ok", err, err1)
 """)
 
 
@@ -129,3 +135,25 @@ def test_model_folder_defaults_and_flag_overrides(model_dir, tmp_path):
   (folder / "pipeline.json").write_text(json.dumps(manifest))
   proc = _sample("--model", folder, "--prompt", "a cat", "--out", tmp_path / "c")
   assert proc.returncode == 2 and "unknown generation default(s) ['frame_count']" in proc.stderr
+
+
+def test_sampling_preset_and_mesh_flags(model_dir, tmp_path):
+  """--preset fills batch size, sizes, dtypes and VAE tiling (streamed decode) unless flags are given;
+  the sidecar records it. A malformed --mesh is one clear line, exit 2."""
+  preset = tmp_path / "my-preset.yaml"
+  preset.write_text("sample:\n  batch: 2\n  frames: 9\n  height: 64\n  width: 64\n"
+                    "  transformer: {dtype: float32}\n  vae_tiling: true\n")
+  out = tmp_path / "out"
+  proc = _sample("--model", model_dir, "--preset", preset, "--prompt", "a cat", "--prompt", "a dog",
+                 "--steps", 2, "--out", out, "--no-progress")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  side = json.loads((out / "0001_a_dog.json").read_text())
+  assert side["batch_size"] == 2 and side["batch_prompts"] == ["a cat", "a dog"]
+  assert side["settings"]["num_frames"] == 9 and side["preset"] == str(preset)
+  assert video_io.probe(out / "0001_a_dog.mp4").frames == 9
+  proc = _sample("--model", model_dir, "--prompt", "a cat", "--mesh", "data=2,rows=2", "--out", out)
+  assert proc.returncode == 2 and "--mesh 'data=2,rows=2': use axis=size pairs" in proc.stderr
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("sample:\n  batches: 2\n")
+  proc = _sample("--model", model_dir, "--preset", bad, "--prompt", "a cat", "--out", out)
+  assert proc.returncode == 2 and "unknown key(s) ['batches']" in proc.stderr
