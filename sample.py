@@ -17,10 +17,13 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import pathlib
 import re
 import sys
 import time
+
+from repvideo_jax.outputs import check_output
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--negative-prompt", default=None,
                  help="encode this as the unconditional branch (diffusers style); default: the "
                  "released zero embedding")
-  p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+  p.add_argument("--out", default="outputs", help="output folder (default: outputs); videos already "
+                 "there are kept and numbering continues after them")
+  p.add_argument("--overwrite", action="store_true",
+                 help="number from 0000 again, replacing videos of the same number and prompt")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50)")
   p.add_argument("--guidance", type=float, default=None,
@@ -58,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "pair over data, each video's sequence over context. Default: the preset's, else the "
                  "batch over all devices when it divides them")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--no-verify", action="store_true",
+                 help="skip the SHA-256 check of the converted weight files on load")
   return p.parse_args(argv)
 
 
@@ -77,17 +85,45 @@ def slug(text: str, n: int = 48) -> str:
   return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "video"
 
 
+def check_args(args) -> None:
+  """The cheap checks, before any model is loaded: one clear error naming the flag."""
+  if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+    raise ValueError(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
+  if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
+    raise ValueError(f"--guidance must be a finite number >= 1 (1 = no guidance), got {args.guidance}")
+  if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+    raise ValueError(f"--fps must be a finite number > 0, got {args.fps}")
+  for flag, value in (("--steps", args.steps), ("--frames", args.frames), ("--height", args.height),
+                      ("--width", args.width), ("--batch-size", args.batch_size)):
+    if value is not None and value < 1:
+      raise ValueError(f"{flag} must be >= 1, got {value}")
+  check_output(args.out, "--out", folder=True)
+
+
+def next_number(out: pathlib.Path) -> int:
+  """The first file number after the videos already in ``out`` (0000_<prompt>.mp4 ...)."""
+  numbers = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"(\d{4,})_.*\.(mp4|json)$", p.name))]
+  return max(numbers, default=-1) + 1
+
+
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   args = parse_args(argv)
+  written: list[pathlib.Path] = []
   try:
-    return run(args)
+    check_args(args)
+    return run(args, written)
   except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"interrupted: kept the {len(written)} finished video(s) in {args.out}"
+          f"{' (' + ', '.join(p.name for p in written) + ')' if written else ''}; the batch in progress "
+          "was not written", file=sys.stderr)
+    return 130
 
 
-def run(args) -> int:
+def run(args, written: list) -> int:
   import jax
 
   from repvideo_jax import sharding, video_io
@@ -119,10 +155,11 @@ def run(args) -> int:
       c["dtype"] = dtype
   pipe = P.load_pipeline(model, transformer_overrides=overrides["transformer"],
                          text_encoder_overrides=overrides["text_encoder"],
-                         vae_overrides=overrides["vae"])
+                         vae_overrides=overrides["vae"], verify=not args.no_verify)
   fps = args.fps if args.fps is not None else P.model_defaults(pipe).get("fps", 8.0)
-  if fps <= 0:
-    raise ValueError(f"--fps must be positive, got {fps}")
+  if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+    raise ValueError(f"fps must be a positive number (--fps, or \"fps\" in {model}/pipeline.json "
+                     f"defaults), got {fps!r}")
   settings = P.settings_for(pipe, num_frames=args.frames, height=args.height, width=args.width,
                             steps=args.steps, guidance=args.guidance, cfg_schedule=args.cfg_schedule,
                             sampler=args.sampler, seed=args.seed, negative_prompt=args.negative_prompt)
@@ -130,8 +167,9 @@ def run(args) -> int:
   load_s = time.perf_counter() - t0
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  first_number = 0 if args.overwrite else next_number(out)
   from tqdm.auto import tqdm
-  total_steps, sampling_s, written = 0, 0.0, []
+  total_steps, sampling_s = 0, 0.0
   for start in range(0, len(prompts), args.batch_size):
     batch = prompts[start:start + args.batch_size]
     if layout is not None:
@@ -149,8 +187,8 @@ def run(args) -> int:
     total_steps += settings.steps
     sampling_s += timings["sampling_s"]
     for k, prompt in enumerate(batch):
-      index = start + k
-      stem = out / f"{index:04d}_{slug(prompt)}"
+      index = start + k  # the video's noise key: position in this run, whatever the file number
+      stem = out / f"{first_number + index:04d}_{slug(prompt)}"
       video_io.write_mp4(stem.with_suffix(".mp4"), frames[k], fps=fps)
       sidecar = {"prompt": prompt, "index": index, "video": stem.with_suffix(".mp4").name,
                  "frames_sha256": hashlib.sha256(frames[k].tobytes()).hexdigest(),

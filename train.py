@@ -7,7 +7,10 @@ The same command runs on CPU, one GPU or a multi-host pod: the mesh, batch and s
 the config. Multi-host: on TPU pods and SLURM `jax.distributed` initialises itself; elsewhere pass
 --coordinator HOST:PORT --num-processes N --process-id I to every process. Only process 0 logs.
 Checkpoints go to <run.output_dir>/checkpoints (async, keep-last-K); --resume continues exactly from
-the last complete one, including the data order. SIGTERM saves a checkpoint and exits.
+the last complete one, including the data order; a folder holding an earlier run is refused without
+--resume (or --overwrite, which moves it aside), and one run at a time holds a folder's lock.
+SIGTERM saves a checkpoint and exits with status 143 ("stopped", not "done"); a run that ends on
+non-finite (skipped) steps exits with 3; bad configuration or arguments exit with 2.
 --compile-only compiles the train step for the devices at hand (e.g. on the pod, before a run) and
 prints per-device memory and whether it fits, running nothing: exit 0 fits, 1 does not. To check a
 TPU topology from any machine, see `python -m repvideo_jax.aot train`.
@@ -27,6 +30,9 @@ def main(argv=None) -> int:
   parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="config overrides, e.g. run.steps=100 optim.lr=1e-4 mesh.fsdp=8")
   parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="run.output_dir holds an earlier run: move it aside (to <dir>.old-<time>) "
+                      "and start fresh")
   parser.add_argument("--init-from", help="shortcut for run.init_from=DIR (a converted model folder)")
   parser.add_argument("--output-dir", help="shortcut for run.output_dir=DIR")
   parser.add_argument("--compile-only", action="store_true",
@@ -47,14 +53,20 @@ def main(argv=None) -> int:
     cfg = trainer.load_config(args.config, overrides)
     if args.compile_only:
       return _compile_only(cfg)
-    result = trainer.train(cfg, resume=args.resume)
+    result = trainer.train(cfg, resume=args.resume, overwrite=args.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except RuntimeError as e:  # e.g. too many non-finite steps in a row
+  except RuntimeError as e:  # non-finite steps: too many in a row, or the run ended on them
     print(f"error: {e}", file=sys.stderr)
     return 3
-  print(f"done: step {result['final_step']}", file=sys.stderr)
+  if result["stopped"] == "sigterm":  # saved and stopped early: not a finished run
+    print(f"stopped by SIGTERM at step {result['final_step']} of {cfg.run.steps}, checkpoint saved; "
+          "continue with --resume", file=sys.stderr)
+    return 143
+  print(f"done: step {result['final_step']}"
+        f"{' (max_wall_seconds reached; continue with --resume)' if result['stopped'] else ''}",
+        file=sys.stderr)
   return 0
 
 

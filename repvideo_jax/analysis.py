@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvideo_jax import transformer as T
+from repvideo_jax.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,14 @@ def main(argv=None) -> int:
   try:
     from repvideo_jax import pipeline as P
     from repvideo_jax.demo import demo_model_dir
+    check_output(args.out, "--out", folder=True)
+    if not 0 <= args.timestep < 1000:  # the cheap checks, before the model is loaded
+      raise ValueError(f"--timestep must be in [0, 1000) (a DDPM timestep), got {args.timestep}")
+    if args.frame < 0 or not 0 <= args.seed < 2 ** 32:
+      raise ValueError(f"--frame must be >= 0 and --seed in [0, 2^32 - 1], got {args.frame} and {args.seed}")
+    for spec in args.compare:
+      if "=" not in spec:
+        raise ValueError(f"--compare {spec!r} must look like LABEL=off, LABEL=on or LABEL=TRANSFORMER_DIR")
     pipe = P.load_pipeline(args.model or demo_model_dir())
     settings = P.settings_for(pipe, steps=args.steps, seed=args.seed)
     fps = P.model_defaults(pipe).get("fps", 8.0)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import builtins
 import collections
+import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -91,10 +93,26 @@ def _atomic_write(path: Path, chunks) -> None:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a written file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(new: Path, dst: Path) -> None:
+    """Puts the complete folder ``new`` at ``dst``, replacing what was there, so that at every moment
+    one complete version exists: the old folder is moved aside, the new one moved in, and only then
+    the old one deleted. (A crash in between leaves the old one at ``<dst>.old-<pid>``.)"""
+    new, dst = Path(new), Path(dst)
+    old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(new, dst)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
@@ -249,6 +267,9 @@ def _rebuild_tensor(storage, offset, size, stride, *_unused) -> np.ndarray:
                          f"storage of {storage.size} elements; the checkpoint is corrupt")
     if not all(size):
         return np.zeros(size, storage.dtype)
+    if int(np.prod(size, dtype=object)) > storage.size:  # e.g. stride 0: a few bytes claiming gigabytes
+        raise ValueError(f"tensor of size {size} (stride {stride}) has more elements than its storage of "
+                         f"{storage.size}; refusing to expand it: the checkpoint is corrupt or crafted")
     view = np.lib.stride_tricks.as_strided(
         storage[offset:], size, [s * storage.itemsize for s in stride], writeable=False)
     return np.array(view, order="C")
@@ -356,15 +377,18 @@ def read_torch_pickle(path: PathLike) -> Any:
             raw = np.memmap(path, np.uint8, "r")
             with zf.open(pkls[0]) as f:
                 return _SafeUnpickler(f, zf, archive, path, raw).load()
-    except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, TypeError, struct.error) as e:
+    except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, TypeError, struct.error,
+            AttributeError, IndexError, RecursionError, MemoryError, UnicodeDecodeError, OverflowError) as e:
         raise ValueError(f"{path}: corrupt or unsupported torch checkpoint ({type(e).__name__}: {e}).") from e
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Mapping, prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    if depth > 32:  # state dicts nest a few levels; a deeper tree is malformed (or crafted)
+        raise ValueError(f"nested more than 32 dicts deep at {prefix[:200]!r}: not a state dict")
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(_flatten(v, f"{prefix}{k}.", depth + 1))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -413,7 +437,10 @@ def load_sat_checkpoint(path: PathLike) -> dict[str, np.ndarray]:
     if (path.parent / "mp_rank_01_model_states.pt").exists():
         raise NotImplementedError(f"{path.parent} holds a model-parallel checkpoint (mp_rank_01 present), "
                                   "which is not supported; merge it to a single rank (mp_size=1) first.")
-    return _state_dict_of(read_torch_pickle(path), path)
+    try:
+        return _state_dict_of(read_torch_pickle(path), path)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
 
 
 # ----------------------------------------------------------------------------- own format (orbax)
@@ -438,19 +465,63 @@ def save_params(directory: PathLike, params: Any, *, metadata: dict | None = Non
     directory = Path(directory).absolute()
     _check_keys(params)
     meta = json.dumps(metadata or {}, indent=2, sort_keys=True).encode()  # fail early if not JSON-able
-    if (directory / "params").exists() or (directory / "metadata.json").exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True or use a "
-                                  "new directory.")
-        (directory / "metadata.json").unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", params, force=overwrite)
-        ckptr.wait_until_finished()
-    _atomic_write(directory / "metadata.json", [meta])
+    replacing = (directory / "params").exists() or (directory / "metadata.json").exists()
+    if replacing and not overwrite:
+        raise FileExistsError(f"{directory} already holds a checkpoint; replace it with --overwrite "
+                              "(overwrite=True in Python) or write to a new folder")
+    # A replacement is written beside the old checkpoint and swapped in once complete: a failed or
+    # interrupted save never costs the checkpoint that was there.
+    target = directory
+    if replacing:
+        target = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+        shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(target / "params", params)
+            ckptr.wait_until_finished()
+        # A SHA-256 per file, checked on load: flipped bytes must not load silently.
+        meta = json.dumps({**(metadata or {}), "checksums": file_digests(target / "params")}, indent=2,
+                          sort_keys=True).encode()
+        _atomic_write(target / "metadata.json", [meta])
+    except BaseException:
+        if replacing:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if replacing:
+        replace_dir(target, directory)
 
 
-def load_params(directory: PathLike, *, target: Any = None) -> tuple[Any, dict]:
+def file_digests(folder: Path) -> dict[str, str]:
+    """{path relative to ``folder``.parent: SHA-256} of every file below ``folder``, read in 8 MiB
+    blocks (streaming: the memory of one block)."""
+    folder = Path(folder)
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                digest.update(block)
+        out[path.relative_to(folder.parent).as_posix()] = digest.hexdigest()
+    return out
+
+
+def verify_checksums(directory: Path, metadata: dict) -> None:
+    """Raises ValueError naming the first file whose bytes differ from the SHA-256 recorded at save
+    time (folders written before checksums were recorded are not checked)."""
+    expected = metadata.get("checksums")
+    if not expected:
+        return
+    actual = file_digests(Path(directory) / "params")
+    for name, digest in sorted(expected.items()):
+        if actual.get(name) != digest:
+            state = "is missing" if name not in actual else "does not match its checksum"
+            raise ValueError(f"{Path(directory) / name} {state} in metadata.json: the converted weights "
+                             "are corrupt or were modified; convert them again (or skip the check with "
+                             "--no-verify / verify=False)")
+
+
+def load_params(directory: PathLike, *, target: Any = None, verify: bool = True) -> tuple[Any, dict]:
     """Loads ``(params, metadata)`` written by :func:`save_params`.
 
     Without ``target`` every leaf is restored as a numpy array (use
@@ -468,14 +539,26 @@ def load_params(directory: PathLike, *, target: Any = None) -> tuple[Any, dict]:
     if not (directory / "params").is_dir() or not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (params/ or metadata.json "
                                 "missing, e.g. an interrupted save); re-run save_params().")
-    metadata = json.loads((directory / "metadata.json").read_text())
-    if target is None:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            tree = ckptr.metadata(directory / "params").item_metadata.tree
-            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            params = ckptr.restore(directory / "params", args=ocp.args.PyTreeRestore(restore_args=args))
-        return params, metadata
-    target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(directory / "params", target), metadata
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{directory}/metadata.json is not valid JSON ({e}); convert the weights again") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{directory}/metadata.json must be a JSON object; convert the weights again")
+    if verify:
+        verify_checksums(directory, metadata)
+    metadata = {k: v for k, v in metadata.items() if k != "checksums"}  # the caller's metadata, as saved
+    try:
+        if target is None:
+            with ocp.PyTreeCheckpointer() as ckptr:
+                tree = ckptr.metadata(directory / "params").item_metadata.tree
+                args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+                params = ckptr.restore(directory / "params", args=ocp.args.PyTreeRestore(restore_args=args))
+            return params, metadata
+        target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(directory / "params", target), metadata
+    except (AttributeError, KeyError, OSError, TypeError) as e:  # orbax on a damaged params/ folder
+        raise ValueError(f"{directory}/params cannot be read ({type(e).__name__}: {str(e)[:200]}): the "
+                         "checkpoint is damaged or incomplete; convert the weights again") from None

@@ -23,13 +23,16 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import pathlib
 import shutil
 import sys
 import time
 
+import numpy as np
+
+from repvideo_jax import checkpoint_io
 from repvideo_jax.config import parse_override
+from repvideo_jax.weights_common import flatten
 
 COMPONENT_MODULES = {"transformer": "repvideo_jax.transformer_weights",
                      "text_encoder": "repvideo_jax.text_encoder_weights",
@@ -68,6 +71,10 @@ def convert_component(component: str, src, dst, *, overrides=None, overwrite=Fal
   _say(f"{component}: reading {fmt} checkpoint from {src}")
   kwargs = {"progress": True} if component == "transformer" else {}
   cfg, params = weights.load(src, config, **kwargs, **overrides)
+  bad = [".".join(map(str, path)) for path, a in flatten(params) if not np.isfinite(np.asarray(a)).all()]
+  if bad:
+    _say(f"{component}: WARNING: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:8])}"
+         f"{' ...' if len(bad) > 8 else ''}; the source checkpoint is probably damaged")
   weights.save(dst, cfg, params, source=f"{fmt}:{src}", overwrite=overwrite)
   import jax
   n = sum(a.size for a in jax.tree.leaves(params))
@@ -82,25 +89,29 @@ def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_ov
     if not (src / sub).is_dir():
       raise FileNotFoundError(f"{src} is not a CogVideoX pipeline folder: missing {sub}/ "
                               f"(found {sorted(p.name for p in src.iterdir()) if src.is_dir() else 'nothing'})")
-  if dst.exists():
-    if not overwrite:
-      raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    shutil.rmtree(dst)
+  if dst.exists() and not overwrite:
+    raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+  # The new folder is built beside the old one and swapped in only when complete: a bad source
+  # fails before anything at --dst is touched.
   tmp = dst.with_name(dst.name + ".partial")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   t_src = repvideo or src / "transformer"
-  convert_component("transformer", t_src, tmp / "transformer", overrides=transformer_overrides)
-  convert_component("text_encoder", src / "text_encoder", tmp / "text_encoder")
-  convert_component("vae", src / "vae", tmp / "vae")
-  shutil.copytree(src / "tokenizer", tmp / "tokenizer")
-  if (src / "scheduler").is_dir():
-    shutil.copytree(src / "scheduler", tmp / "scheduler")
-  manifest = {"format": "repvideo-jax-pipeline", "version": 1,
-              "components": ["transformer", "text_encoder", "vae", "tokenizer"],
-              "source": {"pipeline": str(src), "transformer": str(t_src)}}
-  (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=2))
-  os.replace(tmp, dst)  # the folder appears only when complete
+  try:
+    convert_component("transformer", t_src, tmp / "transformer", overrides=transformer_overrides)
+    convert_component("text_encoder", src / "text_encoder", tmp / "text_encoder")
+    convert_component("vae", src / "vae", tmp / "vae")
+    shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+    if (src / "scheduler").is_dir():
+      shutil.copytree(src / "scheduler", tmp / "scheduler")
+    manifest = {"format": "repvideo-jax-pipeline", "version": 1,
+                "components": ["transformer", "text_encoder", "vae", "tokenizer"],
+                "source": {"pipeline": str(src), "transformer": str(t_src)}}
+    (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=2))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  checkpoint_io.replace_dir(tmp, dst)  # the folder appears (or is replaced) only when complete
   _say(f"pipeline: wrote {dst}")
 
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvideo_jax.demo import domain as D
+from repvideo_jax.outputs import check_output
 
 ATTRIBUTES = ("color", "shape", "motion")
 CHANCE = {"color": 1 / len(D.COLORS), "shape": 1 / len(D.SHAPES), "motion": 1 / len(D.MOTIONS),
@@ -244,6 +245,7 @@ def main(argv=None) -> int:
     from repvideo_jax import pipeline as P
     if args.seeds < 1 or args.batch_size < 1:
       raise ValueError("--seeds and --batch-size must be >= 1")
+    check_output(args.out, "--out", folder=False)  # before the work, not after it
     pipe = load(args.model, args.transformer)
     settings = P.settings_for(pipe, steps=args.steps, guidance=args.guidance, seed=args.seed,
                               cfg_schedule=args.cfg_schedule, sampler=args.sampler)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import pathlib
 from typing import Any
 
@@ -46,12 +47,13 @@ class Pipeline:
 
 def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | None = None,
                   text_encoder_overrides: dict | None = None, vae_overrides: dict | None = None,
-                  load_transformer: bool = True) -> Pipeline:
+                  load_transformer: bool = True, verify: bool = True) -> Pipeline:
   """Loads every component of a model folder; overrides replace config fields (e.g. dtype).
 
   ``load_transformer=False`` reads only the transformer's config (for data preparation, which
   needs the VAE, T5 and the text length but not the multi-GB denoiser); SAT transformers, whose
-  config comes from their weights' shapes, are still read in full.
+  config comes from their weights' shapes, are still read in full. ``verify=False`` skips the
+  SHA-256 check of converted weight files.
   """
   path = pathlib.Path(path)
   if not path.is_dir():
@@ -63,7 +65,15 @@ def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | Non
                             f"{sorted(p.name for p in path.iterdir())})")
   manifest = {}
   if (path / "pipeline.json").exists():
-    manifest = json.loads((path / "pipeline.json").read_text())
+    try:
+      manifest = json.loads((path / "pipeline.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}/pipeline.json is not valid JSON ({e}); re-create the folder with "
+                       "`python -m repvideo_jax.convert pipeline`") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("defaults") or {}, dict):
+      raise ValueError(f"{path}/pipeline.json must be a JSON object (with an optional \"defaults\" "
+                       "object of generation settings); re-create the folder with "
+                       "`python -m repvideo_jax.convert pipeline`")
   else:
     log.info("%s has no pipeline.json: loading the diffusers layout directly (convert it once with "
              "`python -m repvideo_jax.convert pipeline` for faster loads)", path)
@@ -73,9 +83,11 @@ def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | Non
     if t_cfg is not None and transformer_overrides:
       t_cfg = dataclasses.replace(t_cfg, **transformer_overrides)
   if t_cfg is None:
-    t_cfg, t_params = transformer_weights.load(path / "transformer", **(transformer_overrides or {}))
-  e_cfg, e_params = text_encoder_weights.load(path / "text_encoder", **(text_encoder_overrides or {}))
-  v_cfg, v_params = vae_weights.load(path / "vae", **(vae_overrides or {}))
+    t_cfg, t_params = transformer_weights.load(path / "transformer", verify=verify,
+                                               **(transformer_overrides or {}))
+  e_cfg, e_params = text_encoder_weights.load(path / "text_encoder", verify=verify,
+                                              **(text_encoder_overrides or {}))
+  v_cfg, v_params = vae_weights.load(path / "vae", verify=verify, **(vae_overrides or {}))
   if e_cfg.d_model != t_cfg.text_embed_dim:
     raise ValueError(f"text encoder width {e_cfg.d_model} != transformer text_embed_dim "
                      f"{t_cfg.text_embed_dim}: the components come from different models")
@@ -131,8 +143,11 @@ class GenerationSettings:
           f"{8 * tcfg.sample_height}x{8 * tcfg.sample_width}")
     if self.steps < 1:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
-    if self.guidance < 1:
-      raise ValueError(f"guidance must be >= 1 (1 = no guidance), got {self.guidance}")
+    if not math.isfinite(self.guidance) or self.guidance < 1:
+      raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {self.guidance}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+      raise ValueError(f"seed must be an integer in [0, 2^32 - 1] (the range the sampler's random keys "
+                       f"use; larger seeds would repeat smaller ones), got {self.seed}")
     if self.sampler not in SAMPLERS:
       raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
     if self.cfg_schedule not in CFG_SCHEDULES:
@@ -158,9 +173,10 @@ def model_defaults(pipe: Pipeline) -> dict[str, Any]:
 
 def settings_for(pipe: Pipeline, **overrides) -> GenerationSettings:
   """``GenerationSettings`` from the model folder's defaults, then ``overrides`` (None = keep)."""
+  from repvideo_jax import config as config_lib
   values = {k: v for k, v in model_defaults(pipe).items() if k != "fps"}
   values.update({k: v for k, v in overrides.items() if v is not None})
-  return GenerationSettings(**values)
+  return config_lib.from_dict(GenerationSettings, values, where=f"{pipe.path}/pipeline.json defaults")
 
 
 def cfg_weights(settings: GenerationSettings, timesteps) -> "np.ndarray":
@@ -205,7 +221,6 @@ def load_sampling_preset(name_or_path, overrides=()) -> SamplingPreset:
 def default_sample_mesh(devices: int, batch: int, guidance: bool = True) -> dict[str, int]:
   """The batch and its CFG pair over ``data`` as far as they divide the devices, the remaining
   devices over ``context`` (each video's sequence), so one video's latency falls with devices."""
-  import math
   data = math.gcd(batch * (2 if guidance else 1), devices)
   return {"data": data, "fsdp": 1, "tensor": 1, "context": devices // data}
 

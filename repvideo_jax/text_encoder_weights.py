@@ -197,8 +197,8 @@ def save(path: str | pathlib.Path, config: T5Config, params: dict[str, Any], *,
       "component": "text_encoder", "config": to_dict(config), "source": source})
 
 
-def load(path: str | pathlib.Path, config: T5Config | None = None, **config_overrides
-         ) -> tuple[T5Config, dict[str, Any]]:
+def load(path: str | pathlib.Path, config: T5Config | None = None, *, verify: bool = True,
+         **config_overrides) -> tuple[T5Config, dict[str, Any]]:
   """Loads T5 encoder weights from a HF folder or our converted folder. Returns (config, params).
 
   ``config`` defaults to the one in ``config.json`` (HF) or stored with the weights (ours);
@@ -208,7 +208,7 @@ def load(path: str | pathlib.Path, config: T5Config | None = None, **config_over
   path = pathlib.Path(path)
   fmt = detect_format(path)
   if fmt == "ours":
-    params, meta = checkpoint_io.load_params(path)
+    params, meta = checkpoint_io.load_params(path, verify=verify)
     if meta.get("component") != "text_encoder":
       raise ValueError(f"{path} holds a converted {meta.get('component')!r}, not a text_encoder")
     from repvideo_jax.config import from_dict

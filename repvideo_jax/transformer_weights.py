@@ -340,18 +340,20 @@ def read_config(path: str | pathlib.Path) -> TransformerConfig | None:
 
 
 def load(path: str | pathlib.Path, config: TransformerConfig | None = None, *,
-         allow_missing_gates: bool = True, progress: bool = False, **config_overrides
+         allow_missing_gates: bool = True, progress: bool = False, verify: bool = True,
+         **config_overrides
          ) -> tuple[TransformerConfig, dict[str, Any]]:
   """Loads transformer weights from any supported format. Returns (config, params).
 
   ``config`` defaults to the one stored with (ours), in (diffusers ``config.json``) or inferred from
   (SAT shapes) the checkpoint; ``config_overrides`` replace fields (e.g. ``feature_cache=True`` to
-  add RepVideo gates to a CogVideoX-2B diffusers checkpoint, or ``dtype='bfloat16'``).
+  add RepVideo gates to a CogVideoX-2B diffusers checkpoint, or ``dtype='bfloat16'``). ``verify``
+  checks a converted folder's files against their recorded SHA-256 (``checkpoint_io.load_params``).
   """
   path = pathlib.Path(path)
   fmt = detect_format(path)
   if fmt == "ours":
-    params, meta = checkpoint_io.load_params(path)
+    params, meta = checkpoint_io.load_params(path, verify=verify)
     if meta.get("component", "transformer") != "transformer":
       raise ValueError(f"{path} holds a converted {meta['component']!r}, not a transformer")
     from repvideo_jax.config import from_dict

@@ -310,8 +310,8 @@ def save(path: str | pathlib.Path, config: VAEConfig, params: dict[str, Any], *,
       "component": "vae", "config": to_dict(config), "source": source})
 
 
-def load(path: str | pathlib.Path, config: VAEConfig | None = None, **config_overrides
-         ) -> tuple[VAEConfig, dict[str, Any]]:
+def load(path: str | pathlib.Path, config: VAEConfig | None = None, *, verify: bool = True,
+         **config_overrides) -> tuple[VAEConfig, dict[str, Any]]:
   """Loads VAE weights from a diffusers ``vae/`` folder (or a pipeline folder holding one), a SAT
   ``3d-vae.pt`` (or its folder), or our converted folder. Returns (config, params).
 
@@ -322,7 +322,7 @@ def load(path: str | pathlib.Path, config: VAEConfig | None = None, **config_ove
   fmt = detect_format(path)
   src = _resolve(path, fmt)
   if fmt == "ours":
-    params, meta = checkpoint_io.load_params(src)
+    params, meta = checkpoint_io.load_params(src, verify=verify)
     if meta.get("component") != "vae":
       raise ValueError(f"{path} holds a converted {meta.get('component')!r}, not a vae")
     from repvideo_jax.config import from_dict

@@ -380,6 +380,12 @@ def _check_uint8_frames(frames) -> np.ndarray:
   return frames
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _atomic_write(path, suffix: str, write) -> None:
   """Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it over ``path``."""
   path = os.fspath(path)
@@ -389,6 +395,7 @@ def _atomic_write(path, suffix: str, write) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

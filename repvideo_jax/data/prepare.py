@@ -59,6 +59,7 @@ import numpy as np
 
 from repvideo_jax import video_io
 from repvideo_jax.data import records
+from repvideo_jax.outputs import check_output
 
 log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
@@ -548,6 +549,7 @@ def main(argv=None) -> int:
                          chunking=args.chunking, dtype=args.dtype, latent_dtype=args.latent_dtype,
                          text_dtype=args.text_dtype)
   try:
+    check_output(args.out, "--out", folder=True)
     prepare(args.videos, args.captions, args.model, args.out, config, overwrite=args.overwrite,
             progress=not args.no_progress, decode_threads=args.decode_threads)
   except (ValueError, FileNotFoundError, NotImplementedError) as e:

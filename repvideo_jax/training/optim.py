@@ -68,6 +68,10 @@ class OptimConfig:
   max_nonfinite_in_a_row: int | None = 5  # check_nonfinite raises at this many; None / 0 = never
 
   def __post_init__(self):
+    for name in ("lr", "gate_lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "ema_decay", "end_lr_ratio"):
+      value = getattr(self, name)
+      if value is not None and not math.isfinite(value):
+        raise ValueError(f"optim.{name} must be a finite number, got {value}")
     if self.schedule not in ("constant", "cosine"):
       raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
     if self.train not in ("all", "gates"):

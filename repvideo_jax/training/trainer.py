@@ -21,12 +21,15 @@ FLOPs (for MFU), per training sample, with S tokens (text + video), L layers, wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import pathlib
 import signal
+import socket
 import time
 from typing import Any, NamedTuple
 
@@ -387,12 +390,62 @@ def abstract_inputs(step: TrainStep, cfg: TrainConfig):
   return state, batch
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step=None) -> dict[str, Any]:
-  """Runs (or resumes) training; returns {'losses': [...], 'final_step': n, 'params': host params}.
+@contextlib.contextmanager
+def claim_run_folder(out: pathlib.Path, *, resume: bool, overwrite: bool = False):
+  """Process 0 holds an exclusive lock on ``out/.lock`` while the run lives (released on exit, also
+  on a crash: it is a kernel lock, so a leftover file is never a stale lock). A folder that holds an
+  earlier run is refused unless ``resume`` (continue it) or ``overwrite`` (move it aside first)."""
+  if jax.process_index() != 0:
+    yield
+    return
+  out.mkdir(parents=True, exist_ok=True)
+  handle = open(out / ".lock", "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    handle.close()
+    raise FileExistsError(f"{out} is in use by another training run ({holder}); wait for it to end or "
+                          "set a different run.output_dir") from None
+  try:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    earlier = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    if earlier and not resume:
+      if not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a training run ({', '.join(earlier)}): pass --resume to continue it, "
+            f"--overwrite to move it aside, or set a different run.output_dir")
+      aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+      aside.mkdir()
+      for name in earlier:
+        os.replace(out / name, aside / name)
+      log.warning("--overwrite: moved the earlier run in %s to %s", out, aside)
+    yield
+  finally:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
 
-  ``data_iterator``: any iterator of {'latents', 'text'} per-process batches with get_state/set_state
-  (default from ``cfg.data``). ``on_step(step, metrics)`` is called after each logged step (tests).
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, data_iterator=None,
+          on_step=None) -> dict[str, Any]:
+  """Runs (or resumes) training; returns {'losses': [...], 'final_step': n, 'state': train state,
+  'stopped': None | 'sigterm' | 'max_wall_seconds', 'skipped_steps': consecutive non-finite steps at
+  the end}. Raises RuntimeError when the run ends on skipped (non-finite) steps.
+
+  ``resume`` continues the run in ``run.output_dir``; a folder holding an earlier run is refused
+  without it, unless ``overwrite`` moves that run aside. ``data_iterator``: any iterator of
+  {'latents', 'text'} per-process batches with get_state/set_state (default from ``cfg.data``).
+  ``on_step(step, metrics)`` is called after each logged step (tests).
   """
+  with claim_run_folder(pathlib.Path(cfg.run.output_dir), resume=resume, overwrite=overwrite):
+    return _train(cfg, resume, data_iterator, on_step)
+
+
+def _train(cfg: TrainConfig, resume: bool, data_iterator, on_step) -> dict[str, Any]:
   from repvideo_jax.training import optim
   from repvideo_jax.training.checkpoints import Checkpointer
 
@@ -432,8 +485,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
       state = init(params)
     start = int(state["step"])
 
-    stop = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    stop = {"flag": False, "why": None}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True, why="sigterm"))
     logger = Logger(run, out, config_dict)
     flops, sampler_cache = None, {}
     losses, t_start, t_last = [], time.time(), time.time()
@@ -472,7 +525,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
           ckpt.save(done, state, _data_state(data), meta)
         if run.max_wall_seconds and time.time() - t_start > run.max_wall_seconds:
           log.info("max_wall_seconds reached at step %d", done)
-          stop["flag"] = True
+          stop.update(flag=True, why="max_wall_seconds")
         if stop["flag"]:
           log.info("stopping at step %d: saving a checkpoint", done)
           break
@@ -483,7 +536,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, data_iterator=None, on_step
     finally:
       signal.signal(signal.SIGTERM, previous)
       logger.close()
-  return {"losses": losses, "final_step": final, "state": state}
+  skipped = int(jax.device_get(optim.nonfinite_count(state["opt_state"])))
+  if skipped:  # the guard was still dropping updates when the run ended: the result is not trained
+    raise RuntimeError(
+        f"training ended on {skipped} non-finite step(s) in a row (updates skipped; checkpoint {final} "
+        f"saved in {out / 'checkpoints'}): lower the learning rate or warmup, tighten clip_norm, or check "
+        "the data for NaN/inf")
+  return {"losses": losses, "final_step": final, "state": state, "stopped": stop["why"],
+          "skipped_steps": skipped}
 
 
 def _write_samples(cfg: TrainConfig, state, step: int, out: pathlib.Path, cache: dict) -> None:
