@@ -515,8 +515,9 @@ def verify_checksums(directory: Path, metadata: dict) -> None:
     actual = file_digests(Path(directory) / "params")
     for name, digest in sorted(expected.items()):
         if actual.get(name) != digest:
-            state = "is missing" if name not in actual else "does not match its checksum"
-            raise ValueError(f"{Path(directory) / name} {state} in metadata.json: the converted weights "
+            state = ("is missing (metadata.json lists it)" if name not in actual
+                     else "does not match its checksum in metadata.json")
+            raise ValueError(f"{Path(directory) / name} {state}: the converted weights "
                              "are corrupt or were modified; convert them again (or skip the check with "
                              "--no-verify / verify=False)")
 

@@ -163,11 +163,29 @@ def test_flipped_bytes_in_converted_weights_are_caught(model_dir, tmp_path):
   data = bytearray(f.read_bytes())
   data[len(data) // 2] ^= 0x40
   f.write_bytes(bytes(data))
-  with pytest.raises(ValueError, match=f"{name} does not match its checksum .* --no-verify"):
+  with pytest.raises(ValueError, match=f"{name} does not match its checksum in metadata.json: .* --no-verify"):
     pipeline.load_pipeline(dst)
   proc = _run(ROOT / "sample.py", "--model", dst, "--prompt", "x", "--steps", 1, "--out", tmp_path / "o")
   assert proc.returncode == 2 and "does not match its checksum" in proc.stderr
   pipeline.load_pipeline(dst, verify=False)  # the explicit escape hatch
+
+
+def test_a_damaged_orbax_folder_is_one_clear_error(tmp_path):
+  """The missing-manifest case: with checksums (every converted folder now) the missing file is
+  named; an older folder without checksums still gets one error instead of orbax's tracebacks."""
+  from repvideo_jax import transformer_weights
+  from repvideo_jax.demo import demo_model_dir
+  for name, keep_checksums in (("new", True), ("old", False)):
+    folder = tmp_path / name
+    shutil.copytree(demo_model_dir() / "transformer", folder)
+    (folder / "params" / "manifest.ocdbt").unlink()
+    if not keep_checksums:
+      meta = json.loads((folder / "metadata.json").read_text())
+      del meta["checksums"]
+      (folder / "metadata.json").write_text(json.dumps(meta))
+    match = "manifest.ocdbt is missing" if keep_checksums else "params cannot be read"
+    with pytest.raises(ValueError, match=match):
+      transformer_weights.load(folder)
 
 
 def test_conversion_warns_about_nan_weights(source, tmp_path):
