@@ -38,8 +38,11 @@ def run_one(kind: str, name: str, timeout: float, extra=()) -> tuple[list[dict],
     out = pathlib.Path(tmp) / "report.json"
     flag = "--config" if kind == "train" else "--preset"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "repvideo_jax.aot", kind, flag, name, "--json", str(out),
-                           *extra], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+      proc = subprocess.run([sys.executable, "-m", "repvideo_jax.aot", kind, flag, name, "--json", str(out),
+                             *extra], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+      return [], 3, f"no result within --timeout {timeout:.0f} s"
     wall = time.perf_counter() - t0
     rows = json.loads(out.read_text()) if out.exists() else []
   for row in rows:
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
   ap.add_argument("--only", nargs="*", help="preset names (default: every TPU preset)")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results_aot_tpu.json"))
   ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-  ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per preset")
+  ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per preset")
   ap.add_argument("--min-headroom", type=float, default=0.10, help="a preset must leave this HBM share free")
   ap.add_argument("--update", action="store_true",
                   help="replace only the rows of the presets run here in an existing --out")

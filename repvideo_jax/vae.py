@@ -750,8 +750,14 @@ def _tile_plan(tiling: TilingConfig | None, config: VAEConfig, h: int, w: int) -
   if w <= lw and h <= lh:
     return None
   ext = (int(sh * fh), int(sw * fw))
-  return dict(tile_in=(lh, lw), stride=(int(lh * (1 - fh)), int(lw * (1 - fw))), extent=ext,
-              limit=(sh - ext[0], sw - ext[1]))
+  stride = (int(lh * (1 - fh)), int(lw * (1 - fw)))
+  limit = (sh - ext[0], sw - ext[1])
+  s = config.spatial_compression
+  if stride[0] * s != limit[0] or stride[1] * s != limit[1]:
+    # Tiles so small that integer rounding breaks diffusers' plan (the crops would not meet the
+    # strides and the video would come out the wrong size): decode untiled instead.
+    return None
+  return dict(tile_in=(lh, lw), stride=stride, extent=ext, limit=limit)
 
 
 def decode_streamed(params: dict[str, Any], latents_scaled: jax.Array, *, config: VAEConfig,

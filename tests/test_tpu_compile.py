@@ -36,7 +36,7 @@ def test_tiny_train_step_with_splash_compiles_for_v5p_2x2x2(layout, tpu_devices)
 def test_sharded_sampling_stages_compile_for_v5e_2x2(tpu_devices):
   """Tiny T5, transformer (splash) and VAE; batch 1: the CFG pair over data=2, the sequence over
   context=2 (37 video+text tokens are not divisible by 2: padded and masked)."""
-  spec = aot.SampleSpec(
+  spec = aot.SamplingPreset(
       model_config="tiny", topology="v5e:2x2", batch=1, frames=9, height=64, width=64,
       transformer={"attention_backend": "splash", "sample_height": 8, "sample_width": 8,
                    "text_length": 8, "text_embed_dim": 32, "num_heads": 2},
