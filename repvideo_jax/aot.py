@@ -285,9 +285,7 @@ def compile_sample(spec: SamplingPreset, stages=("text_encoder", "denoise", "vae
   check_head_split(tcfg.num_heads, mesh.shape["tensor"], mesh.shape["context"])
   replicated = NamedSharding(mesh, PartitionSpec())
   b = spec.batch
-  batch_axes = sharding.logical_to_spec(("activation_batch",))[0]
-  batch_sh = (NamedSharding(mesh, PartitionSpec(batch_axes))
-              if b % sharding.mesh_size(mesh, batch_axes) == 0 else replicated)
+  batch_sh = sharding.batch_sharding(mesh, b)
   t = vcfg.latent_frames(spec.frames)
   s = vcfg.spatial_compression
   latent = (b, t, spec.height // s, spec.width // s, tcfg.in_channels)

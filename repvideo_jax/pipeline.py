@@ -253,10 +253,7 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
     text_uncond = jnp.zeros_like(text)  # released: force_uc_zero_embeddings
   if mesh is not None:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_axes = sharding.logical_to_spec(("activation_batch",))[0]
-    # One video on a data=2 mesh: the inputs are replicated and the CFG pair (made inside) is split.
-    batch = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
-             if b % sharding.mesh_size(mesh, batch_axes) == 0 else replicated)
+    batch = sharding.batch_sharding(mesh, b)
     noise, text = jax.device_put(noise, batch), jax.device_put(text, batch)
     if text_uncond is not None:
       text_uncond = jax.device_put(text_uncond, batch if text_uncond.shape[0] == b else replicated)

@@ -124,6 +124,15 @@ def mesh_size(mesh, axes: str | Sequence[str] | None) -> int:
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
+def batch_sharding(mesh, batch: int) -> NamedSharding:
+  """Inputs of ``batch`` examples: split over the mesh's batch axes when they divide it, else
+  replicated (e.g. one video on a data=2 mesh; its CFG pair, made inside, is what gets split)."""
+  axes = logical_to_spec(("activation_batch",))[0]
+  if batch % mesh_size(mesh, axes):
+    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P(axes))
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding hint for an activation; a no-op when no mesh is active (single device, tests)."""
   mesh = jax.sharding.get_abstract_mesh()
