@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -522,6 +524,19 @@ def verify_checksums(directory: Path, metadata: dict) -> None:
                              "--no-verify / verify=False)")
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Holds back orbax's absl warnings while reading a folder: a damaged folder gets our one error
+    (raised below) instead of orbax's 'Failed to get item metadata' lines before it."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 def load_params(directory: PathLike, *, target: Any = None, verify: bool = True) -> tuple[Any, dict]:
     """Loads ``(params, metadata)`` written by :func:`save_params`.
 
@@ -550,16 +565,17 @@ def load_params(directory: PathLike, *, target: Any = None, verify: bool = True)
         verify_checksums(directory, metadata)
     metadata = {k: v for k, v in metadata.items() if k != "checksums"}  # the caller's metadata, as saved
     try:
-        if target is None:
-            with ocp.PyTreeCheckpointer() as ckptr:
-                tree = ckptr.metadata(directory / "params").item_metadata.tree
-                args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-                params = ckptr.restore(directory / "params", args=ocp.args.PyTreeRestore(restore_args=args))
-            return params, metadata
-        target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(directory / "params", target), metadata
+        with _quiet_orbax():
+            if target is None:
+                with ocp.PyTreeCheckpointer() as ckptr:
+                    tree = ckptr.metadata(directory / "params").item_metadata.tree
+                    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+                    params = ckptr.restore(directory / "params", args=ocp.args.PyTreeRestore(restore_args=args))
+                return params, metadata
+            target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+            with ocp.StandardCheckpointer() as ckptr:
+                return ckptr.restore(directory / "params", target), metadata
     except (AttributeError, KeyError, OSError, TypeError) as e:  # orbax on a damaged params/ folder
         raise ValueError(f"{directory}/params cannot be read ({type(e).__name__}: {str(e)[:200]}): the "
                          "checkpoint is damaged or incomplete; convert the weights again") from None

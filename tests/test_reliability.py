@@ -188,6 +188,22 @@ def test_a_damaged_orbax_folder_is_one_clear_error(tmp_path):
       transformer_weights.load(folder)
 
 
+def test_a_damaged_training_checkpoint_is_one_clear_error_naming_the_way_back(tmp_path):
+  """Resuming from a step whose OCDBT manifest is gone: one error naming the step and the earlier
+  step to fall back to (not tensorstore's error inside 'Event loop is closed' tracebacks); moving
+  the damaged step out as told resumes from the earlier one."""
+  cfg = tiny_config(tmp_path, steps=2, save_every=1, keep=2)
+  trainer.train(cfg, data_iterator=FixedBatches())
+  ckpts = pathlib.Path(cfg.run.output_dir) / "checkpoints"
+  (ckpts / "2" / "state" / "manifest.ocdbt").unlink()
+  with pytest.raises(ValueError, match=r"step 2 .*/manifest.ocdbt missing.*move .*/2 out of .* resume from step 1"):
+    trainer.train(cfg, resume=True, data_iterator=FixedBatches())
+  shutil.move(ckpts / "2", tmp_path / "damaged-2")
+  resumed = trainer.train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3)), resume=True,
+                          data_iterator=FixedBatches())
+  assert resumed["final_step"] == 3
+
+
 def test_conversion_warns_about_nan_weights(source, tmp_path):
   from diffusers import AutoencoderKLCogVideoX
   vae = AutoencoderKLCogVideoX.from_pretrained(source / "vae")

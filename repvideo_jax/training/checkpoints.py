@@ -52,10 +52,33 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    self._check_complete(step)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+      raise self._damaged(step, f"{type(e).__name__}: {str(e)[:200]}") from None
     return out["state"], out["data"], out["meta"]
+
+  def _check_complete(self, step: int) -> None:
+    """Names a missing file before orbax reads the step: reading an OCDBT folder without its manifest
+    gives a tensorstore error wrapped in a screen of asyncio tracebacks ('Event loop is closed')."""
+    folder = self.directory / str(step)
+    needed = [folder / "state" / "_METADATA", folder / "data" / "metadata", folder / "meta" / "metadata"]
+    shards = sorted((folder / "state").glob("ocdbt.process_*"))
+    if shards:
+      needed += [folder / "state" / "manifest.ocdbt"] + [d / "manifest.ocdbt" for d in shards]
+    missing = [str(p.relative_to(self.directory)) for p in needed if not p.exists()]
+    if missing:
+      raise self._damaged(step, f"{', '.join(missing[:3])} missing")
+
+  def _damaged(self, step: int, why: str) -> ValueError:
+    earlier = [s for s in self.all_steps() if s < step]
+    fallback = (f"move {self.directory / str(step)} out of {self.directory} to resume from step "
+                f"{earlier[-1]}" if earlier else "start the run again with --overwrite")
+    return ValueError(f"training checkpoint step {step} in {self.directory} cannot be read ({why}): it "
+                      f"is damaged or incomplete; {fallback}")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
