@@ -1,9 +1,20 @@
-"""Checks of output paths given on a command line, run before any model is loaded or work is done."""
+"""Writing outputs so that nothing is lost: path checks run before any work, atomic file and folder
+replacement.
+
+Every file the package writes goes through :func:`atomic_path` (or :func:`atomic_write` on top of it):
+the data goes to a hidden temporary file beside the target, is flushed to disk, gets the permissions
+the umask gives an ordinary file, and only then is renamed over the target. A reader therefore sees
+the old file or the new one, never half of one; a killed writer leaves at most a ``.<name>.*.tmp``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
 
 
 def check_output(path, flag: str, *, folder: bool) -> pathlib.Path:
@@ -27,3 +38,51 @@ def check_output(path, flag: str, *, folder: bool) -> pathlib.Path:
   if not os.access(target, os.W_OK | os.X_OK):
     raise ValueError(f"{flag} {path}: {target} is not writable; pass a writable place")
   return path
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = "") -> Iterator[pathlib.Path]:
+  """Yields a temporary path beside ``path`` (ending in ``suffix``, for writers that choose a format by
+  the file name); once the block ends without an error the file there is synced, given the umask's
+  permissions and renamed over ``path``. On an error (or Ctrl-C) the temporary file is removed and
+  ``path`` is untouched. The parent folder is created if missing."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
+  try:
+    yield tmp
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def atomic_write(path, data: bytes | str | Iterable[bytes]) -> None:
+  """Writes ``data`` (bytes, text as UTF-8, or an iterable of byte chunks) to ``path`` atomically."""
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    if isinstance(data, str):
+      data = data.encode("utf-8")
+    for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+      f.write(chunk)
+
+
+def replace_dir(new, dst) -> None:
+  """Puts the complete folder ``new`` at ``dst``, replacing what was there, so that at every moment one
+  complete version exists: the old folder is moved aside, the new one moved in, and only then the old
+  one deleted. (A crash in between leaves the old one at ``<dst>.old-<pid>``.)"""
+  new, dst = pathlib.Path(new), pathlib.Path(dst)
+  old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+  if dst.exists():
+    os.replace(dst, old)
+  os.replace(new, dst)
+  if old.exists():
+    shutil.rmtree(old, ignore_errors=True)
