@@ -103,6 +103,12 @@ class VAEConfig:
     """Latent frames for ``frames`` video frames (1 + 4k -> 1 + k)."""
     return (frames - 1) // self.temporal_compression_ratio + 1
 
+  def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of a ``frames x height x width`` video: the one
+    place the VAE's compression turns video sizes into latent sizes."""
+    s = self.spatial_compression
+    return self.latent_frames(frames), height // s, width // s
+
   def conv3d_impl(self) -> str:
     """The causal 3D conv implementation in effect: ``conv3d``, with 'auto' resolved for the platform
     the computation is placed on (``sharding.target_platform``, read at trace time)."""
