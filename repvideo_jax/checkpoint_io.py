@@ -21,7 +21,6 @@ import pickle
 import re
 import shutil
 import struct
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from repvideo_jax.outputs import atomic_write, replace_dir
 
 PathLike = str | os.PathLike
 
@@ -85,38 +86,6 @@ def read_safetensors(path: PathLike, *, mmap: bool = True) -> dict[str, np.ndarr
     return out
 
 
-def _atomic_write(path: Path, chunks) -> None:
-    """Writes an iterable of bytes-like chunks to ``path`` via temp file + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a written file gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(new: Path, dst: Path) -> None:
-    """Puts the complete folder ``new`` at ``dst``, replacing what was there, so that at every moment
-    one complete version exists: the old folder is moved aside, the new one moved in, and only then
-    the old one deleted. (A crash in between leaves the old one at ``<dst>.old-<pid>``.)"""
-    new, dst = Path(new), Path(dst)
-    old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(new, dst)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
     """Writes ``tensors`` (name -> array-like) to a ``.safetensors`` file atomically."""
@@ -142,7 +111,7 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
-    _atomic_write(Path(path), [struct.pack("<Q", len(blob)), blob, *(a.data for a in arrays.values())])
+    atomic_write(path, [struct.pack("<Q", len(blob)), blob, *(a.data for a in arrays.values())])
 
 
 # ----------------------------------------------------------------------------- model folders
@@ -485,7 +454,7 @@ def save_params(directory: PathLike, params: Any, *, metadata: dict | None = Non
         # A SHA-256 per file, checked on load: flipped bytes must not load silently.
         meta = json.dumps({**(metadata or {}), "checksums": file_digests(target / "params")}, indent=2,
                           sort_keys=True).encode()
-        _atomic_write(target / "metadata.json", [meta])
+        atomic_write(target / "metadata.json", meta)
     except BaseException:
         if replacing:
             shutil.rmtree(target, ignore_errors=True)

@@ -28,11 +28,9 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
-from repvideo_jax import checkpoint_io
 from repvideo_jax.config import parse_override
-from repvideo_jax.weights_common import flatten
+from repvideo_jax.outputs import replace_dir
+from repvideo_jax.weights_common import nonfinite
 
 COMPONENT_MODULES = {"transformer": "repvideo_jax.transformer_weights",
                      "text_encoder": "repvideo_jax.text_encoder_weights",
@@ -71,7 +69,7 @@ def convert_component(component: str, src, dst, *, overrides=None, overwrite=Fal
   _say(f"{component}: reading {fmt} checkpoint from {src}")
   kwargs = {"progress": True} if component == "transformer" else {}
   cfg, params = weights.load(src, config, **kwargs, **overrides)
-  bad = [".".join(map(str, path)) for path, a in flatten(params) if not np.isfinite(np.asarray(a)).all()]
+  bad = nonfinite(params)
   if bad:
     _say(f"{component}: WARNING: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:8])}"
          f"{' ...' if len(bad) > 8 else ''}; the source checkpoint is probably damaged")
@@ -111,7 +109,7 @@ def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_ov
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  checkpoint_io.replace_dir(tmp, dst)  # the folder appears (or is replaced) only when complete
+  replace_dir(tmp, dst)  # the folder appears (or is replaced) only when complete
   _say(f"pipeline: wrote {dst}")
 
 

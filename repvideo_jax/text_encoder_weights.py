@@ -18,19 +18,17 @@ Every source key is accounted for: a key that maps nowhere, or a param that no k
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import numpy as np
 
 from repvideo_jax import checkpoint_io
+from repvideo_jax import weights_common as common
 from repvideo_jax.text_encoder import DTYPES, FEED_FORWARD, T5Config, abstract_params
-from repvideo_jax.weights_common import (CheckpointKeyError, check_param_shapes, flatten,
-                                         set_path)
+from repvideo_jax.weights_common import CheckpointKeyError, Rule, linear_kernel as _linear
 
 log = logging.getLogger(__name__)
 
@@ -46,35 +44,24 @@ HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers
                    layer_norm_epsilon=1e-6, feed_forward_proj="relu")
 
 
-def _linear(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(w).T)  # torch [out, in] -> [in, out]
-
-
-def _same(w: np.ndarray) -> np.ndarray:
-  return np.asarray(w)
-
-
-def hf_rules(cfg: T5Config) -> list[tuple[str, tuple, int | None, Callable]]:
-  """(HF key, our path, layer index or None, transform) for every param except the embedding."""
+def hf_rules(cfg: T5Config) -> list[Rule]:
+  """The rules for every tensor of a HF T5 encoder (the embedding under either tied name)."""
   rules = [
-      ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-       ("relative_attention_bias",), None, _same),
-      ("encoder.final_layer_norm.weight", ("final_norm", "scale"), None, _same),
+      Rule(EMBED_KEYS, ("embedding",)),
+      Rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+           ("relative_attention_bias",)),
+      Rule("encoder.final_layer_norm.weight", ("final_norm", "scale")),
   ]
   ffn = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
   for i in range(cfg.num_layers):
     pre = f"encoder.block.{i}.layer"
-    rules.append((f"{pre}.0.layer_norm.weight", ("blocks", "attn_norm", "scale"), i, _same))
+    rules.append(Rule(f"{pre}.0.layer_norm.weight", ("blocks", "attn_norm", "scale"), layer=i))
     for name in ("q", "k", "v", "o"):
-      rules.append((f"{pre}.0.SelfAttention.{name}.weight", ("blocks", name, "kernel"), i, _linear))
-    rules.append((f"{pre}.1.layer_norm.weight", ("blocks", "ffn_norm", "scale"), i, _same))
+      rules.append(Rule(f"{pre}.0.SelfAttention.{name}.weight", ("blocks", name, "kernel"), _linear, i))
+    rules.append(Rule(f"{pre}.1.layer_norm.weight", ("blocks", "ffn_norm", "scale"), layer=i))
     for name in ffn:
-      rules.append((f"{pre}.1.DenseReluDense.{name}.weight", ("blocks", name, "kernel"), i, _linear))
+      rules.append(Rule(f"{pre}.1.DenseReluDense.{name}.weight", ("blocks", name, "kernel"), _linear, i))
   return rules
-
-
-def _list(keys: list[str], limit: int = 20) -> str:
-  return f"({len(keys)}): {keys[:limit]}{' ...' if len(keys) > limit else ''}"
 
 
 def from_hf(state: dict[str, np.ndarray], cfg: T5Config, *, ignore_decoder: bool = False
@@ -84,58 +71,13 @@ def from_hf(state: dict[str, np.ndarray], cfg: T5Config, *, ignore_decoder: bool
   Tensors are converted one at a time into preallocated stacked arrays of ``cfg.param_dtype``, so
   peak memory is the output plus one tensor (the source may be a lazily paged memory map).
   """
-  dtype = np.dtype(DTYPES[cfg.param_dtype])
-  used: set[str] = set()
-  if ignore_decoder:
-    used |= {k for k in state if k.startswith(DECODER_PREFIXES)}
-  missing: list[str] = []
-  problems: list[str] = []
-  embeds = [k for k in EMBED_KEYS if k in state]
-  used |= set(embeds)
-  if not embeds:
-    missing.append(" or ".join(EMBED_KEYS))
-  elif len(embeds) == 2 and not (state[embeds[0]].shape == state[embeds[1]].shape
-                                 and np.array_equal(state[embeds[0]], state[embeds[1]])):
-    problems.append(f"{EMBED_KEYS[0]} and {EMBED_KEYS[1]} are both present but differ (T5 ties them; "
-                    "this checkpoint is inconsistent)")
-  rules = hf_rules(cfg)
-  for src, _, _, _ in rules:
-    if src in state:
-      used.add(src)
-    else:
-      missing.append(src)
-  unknown = sorted(set(state) - used)
-  if missing or unknown or problems:
-    decoder = [k for k in unknown if k.startswith(DECODER_PREFIXES)]
-    hint = ("\n  The unexpected keys include a T5 decoder: pass ignore_decoder=True to use only the "
-            "encoder." if decoder else "")
-    raise CheckpointKeyError(
-        "T5 checkpoint keys do not match the config "
-        f"(num_layers={cfg.num_layers}, feed_forward_proj={cfg.feed_forward_proj!r}):\n"
-        f"  missing from checkpoint {_list(missing)}\n"
-        f"  unexpected in checkpoint {_list(unknown)}"
-        + "".join(f"\n  {p}" for p in problems) + hint +
-        "\nCheck that the config matches the checkpoint (layers, feed-forward type).")
-  target = dict(flatten(abstract_params(cfg)))
-  out = {path: np.empty(leaf.shape, dtype) for path, leaf in target.items()}
-
-  def put(src: str, path: tuple, layer: int | None, arr: np.ndarray) -> None:
-    want = target[path].shape if layer is None else target[path].shape[1:]
-    if tuple(arr.shape) != tuple(want):
-      raise CheckpointKeyError(f"shape mismatch for {src} -> {'.'.join(path)}: checkpoint gives "
-                               f"{tuple(arr.shape)}, config expects {tuple(want)}")
-    if layer is None:
-      out[path][...] = arr
-    else:
-      out[path][layer] = arr
-
-  put(embeds[0], ("embedding",), None, np.asarray(state[embeds[0]]))
-  for src, path, layer, fn in rules:
-    put(src, path, layer, fn(state[src]))
-  params: dict[str, Any] = {}
-  for path, arr in out.items():
-    set_path(params, path, arr)
-  return params
+  return common.convert(
+      state, hf_rules(cfg), abstract_params(cfg), dtype=DTYPES[cfg.param_dtype], what="T5",
+      config_note=f"num_layers={cfg.num_layers}, feed_forward_proj={cfg.feed_forward_proj!r}",
+      ignore=DECODER_PREFIXES if ignore_decoder else (),
+      hints=[(DECODER_PREFIXES, "The unexpected keys include a T5 decoder: pass ignore_decoder=True to "
+                                "use only the encoder.")],
+      advice="Check that the config matches the checkpoint (layers, feed-forward type).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,38 +105,24 @@ def config_from_hf(cfg_json: dict[str, Any], **overrides) -> T5Config:
 # Loading from disk: a HF text_encoder/ folder, or our converted (orbax) folder.
 
 
+COMPONENT = common.Component(
+    name="text_encoder", label="T5 text encoder", config_cls=T5Config, abstract=abstract_params,
+    markers=(("config.json", "hf"),),
+    expected="config.json + safetensors (a HF text_encoder/ folder, possibly sharded with an index), "
+             "a pipeline folder with text_encoder/, or a converted folder (metadata.json + params/)",
+    file_error="pass the folder holding config.json and the safetensors (a HF text_encoder/ folder), or "
+               "a folder converted by repvideo_jax")
+
+
 def detect_format(path: str | pathlib.Path) -> str:
   """'ours' or 'hf' for a folder; raises FileNotFoundError with what was found."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"no text encoder checkpoint at {path}")
-  if not path.is_dir():
-    raise ValueError(f"{path}: pass the folder holding config.json and the safetensors (a HF "
-                     "text_encoder/ folder), or a folder converted by repvideo_jax")
-  if (path / "metadata.json").exists() and (path / "params").exists():
-    return "ours"
-  if (path / "text_encoder").is_dir() and not (path / "config.json").exists():
-    return detect_format(path / "text_encoder")
-  if (path / "config.json").exists():
-    return "hf"
-  raise FileNotFoundError(
-      f"{path} is not a T5 text encoder checkpoint: expected config.json + safetensors (a HF "
-      f"text_encoder/ folder, possibly sharded with an index), a pipeline folder with text_encoder/, "
-      f"or a converted folder (metadata.json + params/); found {sorted(p.name for p in path.iterdir())[:20]}")
-
-
-def _hf_folder(path: pathlib.Path) -> pathlib.Path:
-  if (path / "text_encoder").is_dir() and not (path / "config.json").exists():
-    return path / "text_encoder"
-  return path
+  return common.detect_format(path, COMPONENT)
 
 
 def save(path: str | pathlib.Path, config: T5Config, params: dict[str, Any], *,
          source: str | None = None, overwrite: bool = False) -> None:
   """Writes our converted format: orbax params plus ``metadata.json`` with the config and source."""
-  from repvideo_jax.config import to_dict
-  checkpoint_io.save_params(path, params, overwrite=overwrite, metadata={
-      "component": "text_encoder", "config": to_dict(config), "source": source})
+  common.save_converted(path, COMPONENT, config, params, source=source, overwrite=overwrite)
 
 
 def load(path: str | pathlib.Path, config: T5Config | None = None, *, verify: bool = True,
@@ -205,22 +133,10 @@ def load(path: str | pathlib.Path, config: T5Config | None = None, *, verify: bo
   ``config_overrides`` replace fields (e.g. ``dtype='bfloat16', param_dtype='bfloat16'``). Decoder
   weights in a full T5 checkpoint are skipped (logged at INFO).
   """
-  path = pathlib.Path(path)
-  fmt = detect_format(path)
+  fmt, folder = common.locate(path, COMPONENT)
   if fmt == "ours":
-    params, meta = checkpoint_io.load_params(path, verify=verify)
-    if meta.get("component") != "text_encoder":
-      raise ValueError(f"{path} holds a converted {meta.get('component')!r}, not a text_encoder")
-    from repvideo_jax.config import from_dict
-    stored = from_dict(T5Config, meta["config"], where=f"{path}/metadata.json")
-    cfg = config or dataclasses.replace(stored, **config_overrides)
-    check_param_shapes(params, abstract_params(cfg), "T5")
-    dtype = np.dtype(DTYPES[cfg.param_dtype])
-    return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
-  folder = _hf_folder(path)
-  with open(folder / "config.json") as f:
-    cfg_json = json.load(f)
-  cfg = config or config_from_hf(cfg_json, **config_overrides)
+    return common.load_converted(folder, COMPONENT, config, overrides=config_overrides, verify=verify)
+  cfg = config or config_from_hf(json.loads((folder / "config.json").read_text()), **config_overrides)
   state = checkpoint_io.read_safetensors_folder(folder)
   decoder = sorted(k for k in state if k.startswith(DECODER_PREFIXES))
   if decoder:

@@ -7,19 +7,17 @@ HWIO, channel-major output features -> channels-last) happen here and nowhere el
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from repvideo_jax import checkpoint_io
-from repvideo_jax.weights_common import (CheckpointKeyError, check_param_shapes, flatten,
-                                         set_path)
+from repvideo_jax import weights_common as common
+from repvideo_jax.weights_common import CheckpointKeyError, Rule, linear_kernel as _linear, same
 from repvideo_jax.transformer import DTYPES, TransformerConfig, abstract_params
 
 log = logging.getLogger(__name__)
@@ -30,10 +28,6 @@ SAT_IGNORED = ("mixins.pos_embed.pos_embedding",)  # frozen sin-cos table: regen
 
 # ----------------------------------------------------------------------------------------------
 # Layout helpers.
-
-
-def _linear(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(w.T)  # torch [out, in] -> [in, out]
 
 
 def _conv_patch(w: np.ndarray) -> np.ndarray:
@@ -47,32 +41,45 @@ def _out_features(x: np.ndarray, cfg: TransformerConfig) -> np.ndarray:
   return np.ascontiguousarray(np.moveaxis(y, -3, -1)).reshape(x.shape)
 
 
-def _leaf_rules(prefix_src: str, path: tuple, kind: str) -> list[tuple[str, tuple, Callable]]:
-  """(source key, our path, transform) for one module: 'linear' or 'norm'."""
-  if kind == "linear":
-    return [(f"{prefix_src}.weight", path + ("kernel",), _linear),
-            (f"{prefix_src}.bias", path + ("bias",), lambda a: a)]
-  return [(f"{prefix_src}.weight", path + ("scale",), lambda a: a),
-          (f"{prefix_src}.bias", path + ("bias",), lambda a: a)]
+def _leaf_rules(prefix_src: str, path: tuple, kind: str, layer: int | None = None) -> list[Rule]:
+  """The weight and bias rules of one module: 'linear' or 'norm'."""
+  weight = (path + ("kernel",), _linear) if kind == "linear" else (path + ("scale",), same)
+  return [Rule(f"{prefix_src}.weight", *weight, layer=layer),
+          Rule(f"{prefix_src}.bias", path + ("bias",), layer=layer)]
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-format mappings: each yields (source key, our path, transform). Block paths use the layer
-# index as the second element; ``_assemble`` stacks them.
+# Rule tables, one per source format. Block params are stacked layers-first: their rules carry the
+# layer index.
 
 
-def diffusers_rules(cfg: TransformerConfig) -> list[tuple[str, tuple, Callable]]:
+def _gates_rule(src: str, cfg: TransformerConfig, allow_missing: bool, transform=same) -> Rule:
+  """The RepVideo gates: absent from CogVideoX checkpoints, then started at ``gate_init``."""
+  def fallback() -> np.ndarray:
+    if not allow_missing:
+      raise CheckpointKeyError(f"checkpoint has no RepVideo gates ({src}) but the config has "
+                               "feature_cache=True; pass allow_missing_gates=True to start them at "
+                               f"{cfg.gate_init}, or use a config with feature_cache=False")
+    log.warning("checkpoint has no RepVideo gates: initialising all %d gates to %s (the feature cache "
+                "is not an identity at this value; fine-tune before sampling)", cfg.num_layers,
+                cfg.gate_init)
+    return np.full((cfg.num_layers,), cfg.gate_init, np.float32)
+  return Rule(src, ("gates",), transform, fallback=fallback)
+
+
+def diffusers_rules(cfg: TransformerConfig, *, allow_missing_gates: bool = True) -> list[Rule]:
+  """The rules for a diffusers ``CogVideoXTransformer3DModel`` state dict."""
   rules = [
-      ("patch_embed.proj.weight", ("patch_kernel",), _conv_patch),
-      ("patch_embed.proj.bias", ("patch_bias",), lambda a: a),
+      Rule("patch_embed.proj.weight", ("patch_kernel",), _conv_patch),
+      Rule("patch_embed.proj.bias", ("patch_bias",)),
       *_leaf_rules("patch_embed.text_proj", ("text_proj",), "linear"),
       *_leaf_rules("time_embedding.linear_1", ("time_linear_1",), "linear"),
       *_leaf_rules("time_embedding.linear_2", ("time_linear_2",), "linear"),
       *_leaf_rules("norm_final", ("norm_final",), "norm"),
       *_leaf_rules("norm_out.norm", ("norm_out",), "norm"),
       *_leaf_rules("norm_out.linear", ("norm_out_mod",), "linear"),
-      ("proj_out.weight", ("proj_out", "kernel"), lambda a: _out_features(a.T, cfg)),
-      ("proj_out.bias", ("proj_out", "bias"), lambda a: _out_features(a, cfg)),
+      Rule("proj_out.weight", ("proj_out", "kernel"), lambda a: _out_features(a.T, cfg)),
+      Rule("proj_out.bias", ("proj_out", "bias"), lambda a: _out_features(a, cfg)),
   ]
   names = {"norm1.norm": ("norm1", "norm"), "norm1.linear": ("norm1_mod", "linear"),
            "attn1.to_q": ("to_q", "linear"), "attn1.to_k": ("to_k", "linear"),
@@ -82,9 +89,9 @@ def diffusers_rules(cfg: TransformerConfig) -> list[tuple[str, tuple, Callable]]
            "ff.net.0.proj": ("ff_in", "linear"), "ff.net.2": ("ff_out", "linear")}
   for i in range(cfg.num_layers):
     for src, (ours, kind) in names.items():
-      rules += _leaf_rules(f"transformer_blocks.{i}.{src}", ("blocks", i, ours), kind)
+      rules += _leaf_rules(f"transformer_blocks.{i}.{src}", ("blocks", ours), kind, i)
   if cfg.feature_cache:  # diffusers has no gates; RepVideo exports of ours may add this key
-    rules.append(("learnable_gating", ("gates",), lambda a: a))
+    rules.append(_gates_rule("learnable_gating", cfg, allow_missing_gates))
   return rules
 
 
@@ -107,97 +114,56 @@ def _qkv(part: int, w_or_b: str) -> Callable:
   return pick
 
 
-def sat_rules(cfg: TransformerConfig) -> list[tuple[str, tuple, Callable]]:
+def sat_rules(cfg: TransformerConfig, *, allow_missing_gates: bool = True) -> list[Rule]:
+  """The rules for an official SAT state dict (``model.diffusion_model.`` already stripped)."""
   rules = [
-      ("mixins.patch_embed.proj.weight", ("patch_kernel",), _conv_patch),
-      ("mixins.patch_embed.proj.bias", ("patch_bias",), lambda a: a),
+      Rule("mixins.patch_embed.proj.weight", ("patch_kernel",), _conv_patch),
+      Rule("mixins.patch_embed.proj.bias", ("patch_bias",)),
       *_leaf_rules("mixins.patch_embed.text_proj", ("text_proj",), "linear"),
       *_leaf_rules("time_embed.0", ("time_linear_1",), "linear"),
       *_leaf_rules("time_embed.2", ("time_linear_2",), "linear"),
       *_leaf_rules("transformer.final_layernorm", ("norm_final",), "norm"),
       *_leaf_rules("mixins.final_layer.norm_final", ("norm_out",), "norm"),
       *_leaf_rules("mixins.final_layer.adaLN_modulation.1", ("norm_out_mod",), "linear"),
-      ("mixins.final_layer.linear.weight", ("proj_out", "kernel"), lambda a: _out_features(a.T, cfg)),
-      ("mixins.final_layer.linear.bias", ("proj_out", "bias"), lambda a: _out_features(a, cfg)),
+      Rule("mixins.final_layer.linear.weight", ("proj_out", "kernel"), lambda a: _out_features(a.T, cfg)),
+      Rule("mixins.final_layer.linear.bias", ("proj_out", "bias"), lambda a: _out_features(a, cfg)),
   ]
   for i in range(cfg.num_layers):
-    layer, blk = f"transformer.layers.{i}", ("blocks", i)
-    rules += _leaf_rules(f"{layer}.input_layernorm", blk + ("norm1",), "norm")
-    rules += _leaf_rules(f"{layer}.post_attention_layernorm", blk + ("norm2",), "norm")
-    rules += _leaf_rules(f"{layer}.attention.dense", blk + ("to_out",), "linear")
-    rules += _leaf_rules(f"{layer}.mlp.dense_h_to_4h", blk + ("ff_in",), "linear")
-    rules += _leaf_rules(f"{layer}.mlp.dense_4h_to_h", blk + ("ff_out",), "linear")
-    rules += _leaf_rules(f"mixins.adaln_layer.query_layernorm_list.{i}", blk + ("norm_q",), "norm")
-    rules += _leaf_rules(f"mixins.adaln_layer.key_layernorm_list.{i}", blk + ("norm_k",), "norm")
-    for part, name in enumerate(("to_q", "to_k", "to_v")):
-      for wb, leaf in (("weight", "kernel"), ("bias", "bias")):
-        rules.append((f"{layer}.attention.query_key_value.{wb}", blk + (name, leaf), _qkv(part, wb)))
-    for which in ("norm1_mod", "norm2_mod"):
-      for wb, leaf in (("weight", "kernel"), ("bias", "bias")):
-        rules.append((f"mixins.adaln_layer.adaLN_modulations.{i}.1.{wb}", blk + (which, leaf),
-                      _adaln_chunks(which, wb)))
+    layer = f"transformer.layers.{i}"
+    rules += _leaf_rules(f"{layer}.input_layernorm", ("blocks", "norm1"), "norm", i)
+    rules += _leaf_rules(f"{layer}.post_attention_layernorm", ("blocks", "norm2"), "norm", i)
+    rules += _leaf_rules(f"{layer}.attention.dense", ("blocks", "to_out"), "linear", i)
+    rules += _leaf_rules(f"{layer}.mlp.dense_h_to_4h", ("blocks", "ff_in"), "linear", i)
+    rules += _leaf_rules(f"{layer}.mlp.dense_4h_to_h", ("blocks", "ff_out"), "linear", i)
+    rules += _leaf_rules(f"mixins.adaln_layer.query_layernorm_list.{i}", ("blocks", "norm_q"), "norm", i)
+    rules += _leaf_rules(f"mixins.adaln_layer.key_layernorm_list.{i}", ("blocks", "norm_k"), "norm", i)
+    for wb, leaf in (("weight", "kernel"), ("bias", "bias")):
+      for part, name in enumerate(("to_q", "to_k", "to_v")):
+        rules.append(Rule(f"{layer}.attention.query_key_value.{wb}", ("blocks", name, leaf),
+                          _qkv(part, wb), layer=i))
+      for which in ("norm1_mod", "norm2_mod"):
+        rules.append(Rule(f"mixins.adaln_layer.adaLN_modulations.{i}.1.{wb}", ("blocks", which, leaf),
+                          _adaln_chunks(which, wb), layer=i))
   if cfg.feature_cache:
-    rules.append(("transformer.learnable_gating", ("gates",), lambda a: a.reshape(-1)))
+    rules.append(_gates_rule("transformer.learnable_gating", cfg, allow_missing_gates,
+                             lambda a: a.reshape(-1)))
   return rules
 
 
-# ----------------------------------------------------------------------------------------------
-# Assembly with strict key accounting.
-
-
-def _assemble(state: dict[str, np.ndarray], rules, cfg: TransformerConfig, *, ignored=(),
-              allow_missing_gates: bool = False, progress: bool = False) -> dict[str, Any]:
-  target = abstract_params(cfg)
-  dtype = np.dtype(DTYPES[cfg.param_dtype])
-  used = {k for k in state if k in ignored}
-  missing, flat = [], {}
-  items: Iterable = rules
-  if progress:
-    from tqdm.auto import tqdm
-    items = tqdm(rules, desc="converting transformer", unit="tensor")
-  for src, path, fn in items:
-    if src not in state:
-      missing.append(src)
-      continue
-    used.add(src)
-    flat[path] = fn(np.asarray(state[src]))
-  if missing == ["transformer.learnable_gating"] or missing == ["learnable_gating"]:
-    if not allow_missing_gates:
-      raise CheckpointKeyError(f"checkpoint has no RepVideo gates ({missing[0]}) but the config has "
-                               "feature_cache=True; pass allow_missing_gates=True to start them at "
-                               f"{cfg.gate_init}, or use a config with feature_cache=False")
-    log.warning("checkpoint has no RepVideo gates: initialising all %d gates to %s (the feature cache "
-                "is not an identity at this value; fine-tune before sampling)", cfg.num_layers,
-                cfg.gate_init)
-    flat[("gates",)] = np.full((cfg.num_layers,), cfg.gate_init, np.float32)
-    missing = []
-  unknown = sorted(set(state) - used)
-  if missing or unknown:
-    raise CheckpointKeyError(
-        "checkpoint keys do not match the config "
-        f"(num_layers={cfg.num_layers}, feature_cache={cfg.feature_cache}):\n"
-        f"  missing from checkpoint ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
-        f"  unexpected in checkpoint ({len(unknown)}): {unknown[:20]}{' ...' if len(unknown) > 20 else ''}\n"
-        "Check the checkpoint format and that the config matches the checkpoint (layers, cache on/off).")
-  # Stack per-layer tensors and check every shape against the config.
-  params: dict[str, Any] = {}
-  for path, leaf_abs in flatten(target):
-    if path[0] == "blocks":
-      arr = np.stack([flat[(path[0], i) + path[1:]] for i in range(cfg.num_layers)])
-    else:
-      arr = flat[path]
-    if tuple(arr.shape) != tuple(leaf_abs.shape):
-      raise CheckpointKeyError(f"shape mismatch for {'.'.join(map(str, path))}: checkpoint gives "
-                               f"{tuple(arr.shape)}, config expects {tuple(leaf_abs.shape)}")
-    set_path(params, path, arr.astype(dtype))
-  return params
+def _convert(state: dict[str, np.ndarray], rules: list[Rule], cfg: TransformerConfig, fmt: str, *,
+             ignore=(), progress: bool = False) -> dict[str, Any]:
+  return common.convert(
+      state, rules, abstract_params(cfg), dtype=DTYPES[cfg.param_dtype], what=f"{fmt} transformer",
+      config_note=f"num_layers={cfg.num_layers}, feature_cache={cfg.feature_cache}", ignore=ignore,
+      advice="Check the checkpoint format and that the config matches the checkpoint (layers, cache "
+             "on/off).", progress=progress)
 
 
 def from_diffusers(state: dict[str, np.ndarray], cfg: TransformerConfig, *,
                    allow_missing_gates: bool = True, progress: bool = False) -> dict[str, Any]:
   """diffusers ``CogVideoXTransformer3DModel`` state dict -> our params (gates start at gate_init)."""
-  return _assemble(state, diffusers_rules(cfg), cfg, allow_missing_gates=allow_missing_gates,
-                   progress=progress)
+  return _convert(state, diffusers_rules(cfg, allow_missing_gates=allow_missing_gates), cfg,
+                  "diffusers", progress=progress)
 
 
 def strip_sat_prefix(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -213,8 +179,8 @@ def strip_sat_prefix(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def from_sat(state: dict[str, np.ndarray], cfg: TransformerConfig, *,
              allow_missing_gates: bool = True, progress: bool = False) -> dict[str, Any]:
   """Official SAT state dict (``module`` of mp_rank_00_model_states.pt) -> our params."""
-  return _assemble(strip_sat_prefix(state), sat_rules(cfg), cfg, ignored=SAT_IGNORED,
-                   allow_missing_gates=allow_missing_gates, progress=progress)
+  return _convert(strip_sat_prefix(state), sat_rules(cfg, allow_missing_gates=allow_missing_gates),
+                  cfg, "SAT", ignore=SAT_IGNORED, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,56 +252,34 @@ def config_from_sat(state: dict[str, np.ndarray], **overrides) -> TransformerCon
 # Loading from disk: diffusers folder, SAT checkpoint, or our converted (orbax) folder.
 
 
-def _diffusers_folder(path: pathlib.Path) -> pathlib.Path:
-  """A diffusers transformer folder, or the ``transformer/`` inside a pipeline folder."""
-  if (path / "transformer").is_dir() and not (path / "config.json").exists():
-    return path / "transformer"
-  return path
+COMPONENT = common.Component(
+    name="transformer", label="transformer", config_cls=TransformerConfig, abstract=abstract_params,
+    markers=(("config.json", "diffusers"), ("latest", "sat"), ("mp_rank_00_model_states.pt", "sat")),
+    expected="config.json + safetensors (diffusers), 'latest' or mp_rank_00_model_states.pt (SAT), or "
+             "a folder converted by repvideo_jax.convert",
+    file_error="a single file must be a SAT .pt checkpoint; for diffusers weights pass the folder "
+               "holding config.json and the safetensors",
+    file_suffixes=(".pt", ".pth", ".ckpt"))
 
 
 def detect_format(path: str | pathlib.Path) -> str:
   """'ours', 'diffusers' or 'sat' for a path; raises FileNotFoundError with what was found."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"no checkpoint at {path}")
-  if path.is_file():
-    if path.suffix in (".pt", ".pth", ".ckpt"):
-      return "sat"
-    raise ValueError(f"{path}: a single file must be a SAT .pt checkpoint; for diffusers weights "
-                     "pass the folder holding config.json and the safetensors")
-  if (path / "metadata.json").exists() and (path / "params").exists():
-    return "ours"
-  if _diffusers_folder(path) != path:
-    return detect_format(path / "transformer")
-  if (path / "config.json").exists():
-    return "diffusers"
-  if (path / "latest").exists() or (path / "mp_rank_00_model_states.pt").exists():
-    return "sat"
-  raise FileNotFoundError(
-      f"{path} is not a transformer checkpoint: expected config.json + safetensors (diffusers), "
-      f"'latest' or mp_rank_00_model_states.pt (SAT), or a folder converted by repvideo_jax.convert; "
-      f"found {sorted(p.name for p in path.iterdir())[:20]}")
+  return common.detect_format(path, COMPONENT)
 
 
 def save(path: str | pathlib.Path, config: TransformerConfig, params: dict[str, Any], *,
          source: str | None = None, overwrite: bool = False) -> None:
   """Writes our converted format: orbax params plus ``metadata.json`` with the config and source."""
-  from repvideo_jax.config import to_dict
-  checkpoint_io.save_params(path, params, overwrite=overwrite, metadata={
-      "component": "transformer", "config": to_dict(config), "source": source})
+  common.save_converted(path, COMPONENT, config, params, source=source, overwrite=overwrite)
 
 
 def read_config(path: str | pathlib.Path) -> TransformerConfig | None:
   """The config of a checkpoint without reading its weights; None for SAT (inferred from shapes)."""
-  path = pathlib.Path(path)
-  fmt = detect_format(path)
+  fmt, src = common.locate(path, COMPONENT)
   if fmt == "ours":
-    from repvideo_jax.config import from_dict
-    meta = json.loads((path / "metadata.json").read_text())
-    return from_dict(TransformerConfig, meta["config"], where=f"{path}/metadata.json")
+    return common.read_converted_config(src, COMPONENT)
   if fmt == "diffusers":
-    folder = _diffusers_folder(path)
-    return config_from_diffusers(json.loads((folder / "config.json").read_text()))
+    return config_from_diffusers(json.loads((src / "config.json").read_text()))
   return None
 
 
@@ -350,32 +294,24 @@ def load(path: str | pathlib.Path, config: TransformerConfig | None = None, *,
   add RepVideo gates to a CogVideoX-2B diffusers checkpoint, or ``dtype='bfloat16'``). ``verify``
   checks a converted folder's files against their recorded SHA-256 (``checkpoint_io.load_params``).
   """
-  path = pathlib.Path(path)
-  fmt = detect_format(path)
+  fmt, src = common.locate(path, COMPONENT)
   if fmt == "ours":
-    params, meta = checkpoint_io.load_params(path, verify=verify)
-    if meta.get("component", "transformer") != "transformer":
-      raise ValueError(f"{path} holds a converted {meta['component']!r}, not a transformer")
-    from repvideo_jax.config import from_dict
-    stored = from_dict(TransformerConfig, meta["config"], where=f"{path}/metadata.json")
-    cfg = config or dataclasses.replace(stored, **config_overrides)
-    if cfg.feature_cache and "gates" not in params:
-      if not allow_missing_gates:
-        raise CheckpointKeyError(f"{path} has no RepVideo gates but feature_cache=True")
-      log.warning("converted checkpoint has no RepVideo gates: initialising them to %s", cfg.gate_init)
-      params = {**params, "gates": np.full((cfg.num_layers,), cfg.gate_init, np.float32)}
-    elif not cfg.feature_cache and "gates" in params:
-      params = {k: v for k, v in params.items() if k != "gates"}
-    check_param_shapes(params, abstract_params(cfg), "transformer")
-    dtype = np.dtype(DTYPES[cfg.param_dtype])
-    return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+    def fit_gates(cfg: TransformerConfig, params: dict[str, Any]) -> dict[str, Any]:
+      if cfg.feature_cache and "gates" not in params:
+        if not allow_missing_gates:
+          raise CheckpointKeyError(f"{path} has no RepVideo gates but feature_cache=True")
+        log.warning("converted checkpoint has no RepVideo gates: initialising them to %s", cfg.gate_init)
+        return {**params, "gates": np.full((cfg.num_layers,), cfg.gate_init, np.float32)}
+      if not cfg.feature_cache and "gates" in params:
+        return {k: v for k, v in params.items() if k != "gates"}
+      return params
+    return common.load_converted(src, COMPONENT, config, overrides=config_overrides, verify=verify,
+                                 untagged_ok=True, adjust=fit_gates)
   if fmt == "diffusers":
-    folder = _diffusers_folder(path)
-    with open(folder / "config.json") as f:
-      cfg_json = json.load(f)
-    cfg = config or config_from_diffusers(cfg_json, **config_overrides)
-    state = checkpoint_io.read_safetensors_folder(folder)
+    cfg = config or config_from_diffusers(json.loads((src / "config.json").read_text()),
+                                          **config_overrides)
+    state = checkpoint_io.read_safetensors_folder(src)
     return cfg, from_diffusers(state, cfg, allow_missing_gates=allow_missing_gates, progress=progress)
-  state = checkpoint_io.load_sat_checkpoint(path)
+  state = checkpoint_io.load_sat_checkpoint(src)
   cfg = config or config_from_sat(state, **config_overrides)
   return cfg, from_sat(state, cfg, allow_missing_gates=allow_missing_gates, progress=progress)

@@ -5,32 +5,31 @@ Every source key is accounted for: a key that maps nowhere, or a param that no k
 ignored on purpose). Layout changes happen here and nowhere else: Conv3d [O, I, kt, kh, kw] ->
 [kt, kh, kw, I, O], Conv2d [O, I, kh, kw] -> HWIO [kh, kw, I, O], GroupNorm weight -> scale.
 
-Name maps (spec 7.3). Our tree mirrors diffusers' module tree with these leaf renames:
+Name maps (docs/checkpoints.md, 'VAE keys'). Our tree mirrors diffusers' module tree with these
+leaf renames:
   <conv>.conv.weight/bias   -> <conv>.kernel/bias        (causal convs: conv_in, conv1, conv2, conv_out,
                                                           conv_y, conv_b)
   conv_shortcut.weight/bias -> conv_shortcut.kernel/bias
   downsamplers.0 / upsamplers.0 -> downsample / upsample
   GroupNorm weight/bias     -> scale/bias;  SpatialNorm ``norm_layer`` -> ``norm``
-SAT names are diffusers' with the renames of spec 7.3 undone: resnets. <- block., down_blocks. <-
+SAT names are diffusers' with these renames: resnets. <- block., down_blocks. <-
 down., downsamplers.0 <- downsample, upsamplers.0 <- upsample, conv_shortcut <- nin_shortcut,
 mid_block.resnets.{0,1} <- mid.block_{1,2}, and decoder.up_blocks.{j} <- decoder.up.{L-1-j}.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import jax
 import numpy as np
 
 from repvideo_jax import checkpoint_io
+from repvideo_jax import weights_common as common
 from repvideo_jax.functional import DTYPES
-from repvideo_jax.weights_common import (CheckpointKeyError, check_param_shapes, flatten,
-                                         set_path)
+from repvideo_jax.weights_common import CheckpointKeyError, Rule, flatten  # noqa: F401
 from repvideo_jax.vae import VAEConfig, abstract_params
 
 
@@ -55,19 +54,12 @@ def _conv2d(w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
 
 
-def _same(a: np.ndarray) -> np.ndarray:
-  return a
-
-
-Rule = tuple[str, tuple, Callable]
-
-
 def _conv_rules(src: str, path: tuple, transform=_conv3d) -> list[Rule]:
-  return [(f"{src}.weight", path + ("kernel",), transform), (f"{src}.bias", path + ("bias",), _same)]
+  return [Rule(f"{src}.weight", path + ("kernel",), transform), Rule(f"{src}.bias", path + ("bias",))]
 
 
 def _norm_rules(src: str, path: tuple) -> list[Rule]:
-  return [(f"{src}.weight", path + ("scale",), _same), (f"{src}.bias", path + ("bias",), _same)]
+  return [Rule(f"{src}.weight", path + ("scale",)), Rule(f"{src}.bias", path + ("bias",))]
 
 
 def _resnet_rules(src: str, path: tuple, cin: int, cout: int, spatial: bool) -> list[Rule]:
@@ -87,7 +79,7 @@ def _resnet_rules(src: str, path: tuple, cin: int, cout: int, spatial: bool) -> 
 
 
 def diffusers_rules(cfg: VAEConfig) -> list[Rule]:
-  """(diffusers key, our path, transform) for every tensor of ``AutoencoderKLCogVideoX``."""
+  """The rules for every tensor of a diffusers ``AutoencoderKLCogVideoX``."""
   boc = cfg.block_out_channels
   rules = _conv_rules("encoder.conv_in.conv", ("encoder", "conv_in"))
   for i in range(len(boc)):
@@ -127,7 +119,7 @@ def diffusers_rules(cfg: VAEConfig) -> list[Rule]:
 
 
 def sat_key(diffusers_key: str, num_levels: int) -> str:
-  """The SAT ``3d-vae.pt`` name of a diffusers VAE key (spec 7.3 renames, undone)."""
+  """The SAT ``3d-vae.pt`` name of a diffusers VAE key (the renames above, undone)."""
   k = diffusers_key
   k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.",
              lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.", k)
@@ -139,49 +131,20 @@ def sat_key(diffusers_key: str, num_levels: int) -> str:
 
 def sat_rules(cfg: VAEConfig) -> list[Rule]:
   n = len(cfg.block_out_channels)
-  return [(sat_key(src, n), path, fn) for src, path, fn in diffusers_rules(cfg)]
+  return [rule._replace(source=sat_key(rule.source, n)) for rule in diffusers_rules(cfg)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Assembly with strict key accounting.
-
-
-def _assemble(state: Mapping[str, np.ndarray], rules: list[Rule], cfg: VAEConfig, *,
-              ignored_prefixes: tuple[str, ...] = (), fmt: str = "diffusers") -> dict[str, Any]:
-  dtype = np.dtype(DTYPES[cfg.param_dtype])
-  want = dict(flatten(abstract_params(cfg)))
-  used = {k for k in state if k.startswith(ignored_prefixes)} if ignored_prefixes else set()
-  missing, flat = [], {}
-  for src, path, fn in rules:
-    if src not in state:
-      missing.append(src)
-      continue
-    used.add(src)
-    flat[path] = fn(np.asarray(state[src]))
-  unknown = sorted(set(state) - used)
-  if missing or unknown:
-    raise CheckpointKeyError(
-        f"{fmt} VAE checkpoint keys do not match the config (block_out_channels="
-        f"{cfg.block_out_channels}, layers_per_block={cfg.layers_per_block}):\n"
-        f"  missing from checkpoint ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
-        f"  unexpected in checkpoint ({len(unknown)}): {unknown[:20]}{' ...' if len(unknown) > 20 else ''}\n"
-        "Check the checkpoint format and that the config matches the checkpoint.")
-  if set(flat) != set(want):  # the rules and the module tree must agree (a bug if not)
-    raise CheckpointKeyError(f"internal VAE name map mismatch: unmapped params "
-                             f"{sorted(map('.'.join, set(want) - set(flat)))[:10]}")
-  params: dict[str, Any] = {}
-  for path, leaf in want.items():
-    arr = flat[path]
-    if tuple(arr.shape) != tuple(leaf.shape):
-      raise CheckpointKeyError(f"shape mismatch for {'.'.join(path)}: checkpoint gives {tuple(arr.shape)}, "
-                               f"config expects {tuple(leaf.shape)}")
-    set_path(params, path, arr.astype(dtype))
-  return params
+def _convert(state: Mapping[str, np.ndarray], rules: list[Rule], cfg: VAEConfig, fmt: str, *,
+             ignore=()) -> dict[str, Any]:
+  return common.convert(
+      state, rules, abstract_params(cfg), dtype=DTYPES[cfg.param_dtype], what=f"{fmt} VAE",
+      config_note=f"block_out_channels={cfg.block_out_channels}, layers_per_block={cfg.layers_per_block}",
+      ignore=ignore)
 
 
 def from_diffusers(state: Mapping[str, np.ndarray], cfg: VAEConfig) -> dict[str, Any]:
   """diffusers ``AutoencoderKLCogVideoX`` state dict -> our params."""
-  return _assemble(state, diffusers_rules(cfg), cfg, fmt="diffusers")
+  return _convert(state, diffusers_rules(cfg), cfg, "diffusers")
 
 
 def strip_sat_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,8 +157,7 @@ def strip_sat_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def from_sat(state: Mapping[str, np.ndarray], cfg: VAEConfig) -> dict[str, Any]:
   """SAT ``3d-vae.pt`` state dict (``encoder.*``, ``decoder.*``; ``loss.*`` ignored) -> our params."""
-  return _assemble(strip_sat_prefix(state), sat_rules(cfg), cfg, ignored_prefixes=SAT_IGNORED_PREFIXES,
-                   fmt="SAT")
+  return _convert(strip_sat_prefix(state), sat_rules(cfg), cfg, "SAT", ignore=SAT_IGNORED_PREFIXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,36 +219,19 @@ def config_from_sat(state: Mapping[str, np.ndarray], **overrides) -> VAEConfig:
 # Loading from disk: diffusers ``vae/`` folder, SAT ``3d-vae.pt``, or our converted folder.
 
 
+COMPONENT = common.Component(
+    name="vae", label="VAE", config_cls=VAEConfig, abstract=abstract_params,
+    markers=(("config.json", "diffusers"), ("3d-vae.pt", "sat")),
+    expected="config.json + safetensors (diffusers vae/ folder), a SAT 3d-vae.pt file, or a folder "
+             "converted by repvideo_jax",
+    file_error="a single file must be a SAT VAE .pt checkpoint (3d-vae.pt); for diffusers weights "
+               "pass the vae/ folder holding config.json and the safetensors",
+    file_suffixes=(".pt", ".pth", ".ckpt"))
+
+
 def detect_format(path: str | pathlib.Path) -> str:
   """'ours', 'diffusers' or 'sat' for a path; raises FileNotFoundError/ValueError with what was found."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"no VAE checkpoint at {path}")
-  if path.is_file():
-    if path.suffix in (".pt", ".pth", ".ckpt"):
-      return "sat"
-    raise ValueError(f"{path}: a single file must be a SAT VAE .pt checkpoint (3d-vae.pt); for diffusers "
-                     "weights pass the vae/ folder holding config.json and the safetensors")
-  if (path / "metadata.json").exists() and (path / "params").exists():
-    return "ours"
-  if (path / "vae").is_dir() and not (path / "config.json").exists():
-    return detect_format(path / "vae")
-  if (path / "config.json").exists():
-    return "diffusers"
-  if (path / "3d-vae.pt").is_file():
-    return "sat"
-  raise FileNotFoundError(
-      f"{path} is not a VAE checkpoint: expected config.json + safetensors (diffusers vae/ folder), a "
-      f"SAT 3d-vae.pt file, or a folder converted by repvideo_jax; found "
-      f"{sorted(p.name for p in path.iterdir())[:20]}")
-
-
-def _resolve(path: pathlib.Path, fmt: str) -> pathlib.Path:
-  if fmt == "diffusers" and (path / "vae").is_dir() and not (path / "config.json").exists():
-    return path / "vae"
-  if fmt == "sat" and path.is_dir():
-    return path / "3d-vae.pt"
-  return path
+  return common.detect_format(path, COMPONENT)
 
 
 def read_sat_state(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -305,9 +250,7 @@ def read_sat_state(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 def save(path: str | pathlib.Path, config: VAEConfig, params: dict[str, Any], *,
          source: str | None = None, overwrite: bool = False) -> None:
   """Writes our converted format: orbax params plus ``metadata.json`` {"component": "vae", ...}."""
-  from repvideo_jax.config import to_dict
-  checkpoint_io.save_params(path, params, overwrite=overwrite, metadata={
-      "component": "vae", "config": to_dict(config), "source": source})
+  common.save_converted(path, COMPONENT, config, params, source=source, overwrite=overwrite)
 
 
 def load(path: str | pathlib.Path, config: VAEConfig | None = None, *, verify: bool = True,
@@ -318,23 +261,13 @@ def load(path: str | pathlib.Path, config: VAEConfig | None = None, *, verify: b
   ``config`` defaults to the stored one (ours), ``config.json`` (diffusers) or the shapes (SAT);
   ``config_overrides`` replace fields (e.g. ``dtype='bfloat16'``).
   """
-  path = pathlib.Path(path)
-  fmt = detect_format(path)
-  src = _resolve(path, fmt)
+  fmt, src = common.locate(path, COMPONENT)
   if fmt == "ours":
-    params, meta = checkpoint_io.load_params(src, verify=verify)
-    if meta.get("component") != "vae":
-      raise ValueError(f"{path} holds a converted {meta.get('component')!r}, not a vae")
-    from repvideo_jax.config import from_dict
-    stored = from_dict(VAEConfig, meta["config"], where=f"{path}/metadata.json")
-    cfg = config or dataclasses.replace(stored, **config_overrides)
-    check_param_shapes(params, abstract_params(cfg), "VAE")
-    dtype = np.dtype(DTYPES[cfg.param_dtype])
-    return cfg, jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+    return common.load_converted(src, COMPONENT, config, overrides=config_overrides, verify=verify)
   if fmt == "diffusers":
-    with open(src / "config.json") as f:
-      cfg = config or config_from_diffusers(json.load(f), **config_overrides)
+    cfg = config or config_from_diffusers(json.loads((src / "config.json").read_text()),
+                                          **config_overrides)
     return cfg, from_diffusers(checkpoint_io.read_safetensors_folder(src), cfg)
-  state = read_sat_state(src)
+  state = read_sat_state(src / "3d-vae.pt" if src.is_dir() else src)
   cfg = config or config_from_sat(state, **config_overrides)
   return cfg, from_sat(state, cfg)

@@ -25,13 +25,14 @@ import dataclasses
 import fractions
 import math
 import os
-import tempfile
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 import av
+
+from repvideo_jax.outputs import atomic_path
 
 __all__ = [
   "VideoError",
@@ -380,29 +381,6 @@ def _check_uint8_frames(frames) -> np.ndarray:
   return frames
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-def _atomic_write(path, suffix: str, write) -> None:
-  """Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it over ``path``."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}",
-                             dir=directory)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_mp4(path, frames: np.ndarray, fps: float = 8, *, crf: int = 18) -> None:
   """Writes uint8 RGB frames (T, H, W, 3) as H.264 (libx264, yuv420p) MP4, atomically.
 
@@ -421,24 +399,21 @@ def write_mp4(path, frames: np.ndarray, fps: float = 8, *, crf: int = 18) -> Non
     raise ValueError(f"fps must be positive, got {fps}")
   rate = fractions.Fraction(fps).limit_denominator(1001)
 
-  def write(tmp):
-    with av.open(tmp, mode="w", format="mp4") as container:
-      stream = container.add_stream("libx264", rate=rate)
-      stream.width, stream.height = w, h
-      stream.pix_fmt = "yuv420p"
-      # One encoder thread: with frame threads x264's output varied run to run under load, and the
-      # same frames must always give the same file bytes.
-      stream.options = {"crf": str(int(crf)), "threads": "1"}
-      for index, image in enumerate(frames):
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-        # Convert to yuv420p ourselves: leaving it to the encoder path gave different bitstreams
-        # from identical frames run to run, and the same seed must give the same file bytes.
-        frame = frame.reformat(format="yuv420p")
-        frame.pts = index
-        container.mux(stream.encode(frame))
-      container.mux(stream.encode(None))  # flush delayed (B-) frames
-
-  _atomic_write(path, ".mp4", write)
+  with atomic_path(path, suffix=".mp4") as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+    stream = container.add_stream("libx264", rate=rate)
+    stream.width, stream.height = w, h
+    stream.pix_fmt = "yuv420p"
+    # One encoder thread: with frame threads x264's output varied run to run under load, and the
+    # same frames must always give the same file bytes.
+    stream.options = {"crf": str(int(crf)), "threads": "1"}
+    for index, image in enumerate(frames):
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+      # Convert to yuv420p ourselves: leaving it to the encoder path gave different bitstreams
+      # from identical frames run to run, and the same seed must give the same file bytes.
+      frame = frame.reformat(format="yuv420p")
+      frame.pts = index
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))  # flush delayed (B-) frames
 
 
 def write_gif(path, frames: np.ndarray, fps: float = 8, *, loop: int = 0) -> None:
@@ -457,8 +432,6 @@ def write_gif(path, frames: np.ndarray, fps: float = 8, *, loop: int = 0) -> Non
   durations = [10 * max(1, b - a) for a, b in zip([0] + ends[:-1], ends)]
   images = [Image.fromarray(np.ascontiguousarray(f)).quantize(256) for f in frames]
 
-  def write(tmp):
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                   duration=durations, loop=loop)
-
-  _atomic_write(path, ".gif", write)
+  with atomic_path(path, suffix=".gif") as tmp:
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations,
+                   loop=loop)

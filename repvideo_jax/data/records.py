@@ -34,11 +34,12 @@ import os
 import pathlib
 import threading
 import time
-import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from repvideo_jax.outputs import atomic_path, atomic_write
 
 FORMAT = "repvideo-latents"
 VERSION = 1
@@ -127,30 +128,9 @@ def read_example(data: bytes) -> dict[str, Any]:
 # Files.
 
 
-def _tmp_path(path: pathlib.Path) -> pathlib.Path:
-  """A fresh hidden name next to ``path``: ``.<name>.<pid>.<random>.tmp`` (created with the umask's
-  permissions, unlike ``tempfile.mkstemp``'s 0600)."""
-  return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-  """Writes ``data`` to a temporary file next to ``path``, fsyncs it and renames it over ``path``."""
-  path = pathlib.Path(path)
-  tmp = _tmp_path(path)
-  try:
-    with open(tmp, "xb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def atomic_write_json(path, obj) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+  """Writes ``obj`` as indented UTF-8 JSON to ``path`` atomically."""
+  atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_shard(path, records: Iterable[bytes]) -> int:
@@ -160,10 +140,8 @@ def write_shard(path, records: Iterable[bytes]) -> int:
   a ``.<name>.*.tmp`` file behind, which the next ``write_shard`` into the folder does not mind.
   """
   from array_record.python.array_record_module import ArrayRecordWriter
-  path = pathlib.Path(path)
-  tmp = _tmp_path(path)
   count = 0
-  try:
+  with atomic_path(path) as tmp:
     writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
     try:
       for record in records:
@@ -171,13 +149,6 @@ def write_shard(path, records: Iterable[bytes]) -> int:
         count += 1
     finally:
       writer.close()
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   return count
 
 

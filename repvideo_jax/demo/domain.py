@@ -13,10 +13,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import os
 import pathlib
 
 import numpy as np
+
+from repvideo_jax.outputs import atomic_path
 
 __all__ = ["SHAPES", "COLORS", "MOTIONS", "PALETTE", "Spec", "caption", "parse_caption", "render", "all_specs",
            "split_specs", "write_dataset", "detect", "score"]
@@ -212,12 +213,10 @@ def write_dataset(out_dir, specs, *, per_spec: int = 2, num_frames: int = 9, hei
       write_mp4(out / rel, frames, fps)
       rows.append((rel, caption(spec)))
   csv_path = out / "captions.csv"
-  tmp = csv_path.with_name(csv_path.name + ".tmp")
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
+  with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     writer.writerow(["path", "caption"])
     writer.writerows(rows)
-  os.replace(tmp, csv_path)
   return csv_path
 
 
