@@ -1,16 +1,16 @@
-"""Samplers for the v-prediction RepVideo / CogVideoX-2B denoiser (spec sections 4.2, 4.4, 4.5), in JAX.
+"""Samplers for the v-prediction RepVideo / CogVideoX-2B denoiser, in JAX (maths: docs/sampling.md).
 
-Denoiser (spec 4.2). The network F predicts v = a eps - sqrt(1 - a^2) x0 and the x0 estimate is
+Denoiser. The network F predicts v = a eps - sqrt(1 - a^2) x0 and the x0 estimate is
     D(x; a, t) = a_q x - sqrt(1 - a_q^2) F(x, t, text)
 where a_q is a quantised to the nearest entry of the 1000-table (c_skip = a_q, c_out = -sqrt(1 - a_q^2))
 while the timestep embedding receives the raw timestep t.
 
-Guidance (spec 4.5). Network calls use a doubled batch [uncond | cond] and are combined on x0:
+Guidance. Network calls use a doubled batch [uncond | cond] and are combined on x0:
     D = D_u + w (D_c - D_u)
 (equivalent to CFG on v, D being affine in v with shared coefficients). The released uncond text is an
 all-zero embedding; an encoded negative prompt may be passed instead.
 
-DPM-Solver++(2M) SDE, VP form (``VPSDEDPMPP2MSampler``, spec 4.4). With sigma = sqrt(1 - a^2),
+DPM-Solver++(2M) SDE, VP form (the release's ``VPSDEDPMPP2MSampler``). With sigma = sqrt(1 - a^2),
 lambda = log(a / sigma), h_i = lambda_{i+1} - lambda_i and r_i = h_{i-1} / h_i, for i = 0..n-1:
     D_i = D(x_i; a_i, t_i)                          (CFG-combined)
     i == n-1:  return D_i                           (the update toward a = 1 is skipped)
@@ -37,8 +37,10 @@ Compilation. Each sampler runs all steps in one ``jax.lax.scan`` over per-step f
 one ``jax.jit``; it recompiles only when shapes (including num_steps), ``model_fn`` or ``use_cfg`` change.
 Pass the *same* ``model_fn`` object each call (e.g. a module-level function or ``transformer.apply``) and
 pass large weights through ``params`` (``model_fn(params, x, t, text)``): arrays captured by a closure are
-baked into the program as constants. There is no per-step callback; ``SamplingSchedule.num_steps`` (each
-step = one network call on a 2B batch with CFG) is the metadata a pipeline can use for progress/ETA.
+baked into the program as constants. Per-step progress: with ``progress=True`` the loop reports each
+finished step to the function set with ``progress_hook`` (an unordered ``jax.debug.callback`` carrying
+one scalar; see "Compiled loops" below). ``SamplingSchedule.num_steps`` (each step = one network call
+on a 2B batch with CFG) gives the total for progress/ETA.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def v_to_x0(x: jax.Array, v: jax.Array, c_skip, c_out) -> jax.Array:
 
 def denoise(model_fn: ModelFn, x: jax.Array, a, timesteps, text: jax.Array, *, table=None,
             params: Any = None) -> jax.Array:
-  """x0 estimate D(x; a, t) (spec 4.2) for one batch; a is scalar or (B,), timesteps raw (B,) or scalar.
+  """x0 estimate D(x; a, t) for one batch; a is scalar or (B,), timesteps raw (B,) or scalar.
 
   With ``table`` (the 1000-table, ``schedule.sqrt_alpha_table()``) a is first quantised to its nearest
   entry; the timestep embedding always receives the raw ``timesteps``.
@@ -269,7 +271,7 @@ def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array
                        key: jax.Array | None = None, step_noise: jax.Array | None = None,
                        schedule: schedules.SamplingSchedule | None = None, params: Any = None,
                        use_cfg: bool = True, progress: bool = False) -> jax.Array:
-  """The released DPM-Solver++(2M) SDE sampler (spec 4.4); returns D_{n-1}, the x0 estimate at t_{n-1}.
+  """The released DPM-Solver++(2M) SDE sampler; returns D_{n-1}, the x0 estimate at t_{n-1}.
 
   model_fn:     ``model_fn(x, t, text) -> v`` (or ``model_fn(params, x, t, text)`` when ``params`` is
                 given); x (N, T, H, W, C) float32, t (N,) float32 raw timesteps, text (N, L, D).
@@ -277,7 +279,8 @@ def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array
   text_cond:    (B, L, D) prompt embeddings; text_uncond: None -> zeros (released), or e.g. (B|1, L, D)
                 negative-prompt embeddings.
   cfg_weights:  (n,) per-step w; default the released DynamicCFG(scale 6, exp 5, N 50) with the raw-t
-                step index s = n - t (``schedule.dynamic_cfg_weights``; spec 4.5 lists the n = 50 values).
+                step index s = n - t (``schedule.dynamic_cfg_weights``; docs/sampling.md, 'Guidance',
+                lists the n = 50 values).
   key:          PRNG key for the per-step noise z_i = normal(fold_in(key, i)), i = 0..n-2.
   step_noise:   instead of ``key``, the z_i as an array (n-1, B, T, H, W, C) (parity tests).
   schedule:     default ``schedule.sampling_schedule(num_steps)`` (released, table-quantised a_q);

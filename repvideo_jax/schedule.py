@@ -1,9 +1,9 @@
-"""Noise schedules and guidance weights of the released RepVideo / CogVideoX-2B sampler (spec section 4).
+"""Noise schedules and guidance weights of the released RepVideo / CogVideoX-2B sampler (docs/sampling.md).
 
 Everything here runs on the host in NumPy (float64 unless a step is documented as float32, to match the
 reference's float32 tensors). "a" always means sqrt(alpha_bar), the quantity the SGM code calls "sigma".
 
-Discretisation, ``ZeroSNRDDPMDiscretization(shift_scale=3)`` (spec 4.1):
+Discretisation, ``ZeroSNRDDPMDiscretization(shift_scale=3)`` (docs/sampling.md, 'Noise schedule'):
   beta_t      = linspace(sqrt(0.00085), sqrt(0.012), 1000)_t ** 2                          float64
   abar_t      = prod_{s <= t} (1 - beta_s)                                                  float64
   abar'_t     = abar_t / (3 + (1 - 3) abar_t)        SNR shift: SNR'_t = SNR_t / 3           float64
@@ -13,12 +13,12 @@ The rescale is anchored at the first and last entries of the subset it is applie
   * the 1000-entry table (denoiser and training) is anchored at t=0 and t=999;
   * the 50-step sampling sequence is re-anchored at t=19 and t=999 and is *not* a subset of the table.
 
-Sampling order (spec 4.4): timesteps t_i = 999 - 20 i for 50 steps (i = 0..49, large t first), the
+Sampling order: timesteps t_i = 999 - 20 i for 50 steps (i = 0..49, large t first), the
 a-sequence a_0 = 0 ... a_49, then an appended a_50 = 1.0. The denoiser quantises the incoming a to the
-nearest entry of the 1000-table (spec 4.2), so c_skip / c_out use a_q = table[j] while the timestep
+nearest entry of the 1000-table, so c_skip / c_out use a_q = table[j] while the timestep
 embedding still sees the raw t_i; for the 50-step schedule j = t_i - 1 on steps 42..49.
 
-Guidance (spec 4.5): the released ``DynamicCFG`` evaluates
+Guidance (docs/sampling.md, 'Guidance'): the released ``DynamicCFG`` evaluates
   w = 1 + scale (1 - cos(pi ((N - t) / N) ** exp)) / 2
 with the *raw timestep* t (not the loop index), which scatters w over [1, 1 + scale]. ``smooth_cfg_weights``
 is the presumably intended loop-index version, a documented deviation from the release.
@@ -48,7 +48,7 @@ TIMESTEP_SPACINGS = ("trailing", "linspace", "leading")
 
 def zero_snr_alphas_cumprod(num_train: int = NUM_TRAIN_TIMESTEPS, linear_start: float = LINEAR_START,
                             linear_end: float = LINEAR_END, shift_scale: float = SHIFT_SCALE) -> np.ndarray:
-  """The shifted abar'_t, t = 0..num_train-1, float64 (spec 4.1 steps 1-2; before any rescale)."""
+  """The shifted abar'_t, t = 0..num_train-1, float64 (before any rescale)."""
   betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, num_train, dtype=np.float64) ** 2
   alphas_cumprod = np.cumprod(1.0 - betas)
   return alphas_cumprod / (shift_scale + (1.0 - shift_scale) * alphas_cumprod)
@@ -73,7 +73,7 @@ def released_timesteps(num_steps: int, num_train: int = NUM_TRAIN_TIMESTEPS) -> 
 
 
 def rescaled_sqrt_alphas(timesteps: np.ndarray, **discretisation) -> np.ndarray:
-  """a over ascending ``timesteps``: float32 sqrt of abar', rescaled over this subset (spec 4.1 step 4)."""
+  """a over ascending ``timesteps``: float32 sqrt of abar', rescaled over this subset."""
   alphas_cumprod = zero_snr_alphas_cumprod(**discretisation)[np.asarray(timesteps)]
   return _rescale_zero_terminal(np.sqrt(alphas_cumprod.astype(np.float32)))
 
@@ -82,14 +82,14 @@ def sqrt_alpha_table(num_train: int = NUM_TRAIN_TIMESTEPS, linear_start: float =
                      linear_end: float = LINEAR_END, shift_scale: float = SHIFT_SCALE) -> np.ndarray:
   """The 1000-entry table a_i (float32) used by the denoiser and training: table[i] = a at timestep i.
 
-  a_0 = 0.998726 ... a_999 = 0 exactly (spec 4.1 step 5).
+  a_0 = 0.998726 ... a_999 = 0 exactly (docs/sampling.md, 'The 1000-entry table').
   """
   return rescaled_sqrt_alphas(np.arange(num_train), num_train=num_train, linear_start=linear_start,
                               linear_end=linear_end, shift_scale=shift_scale)
 
 
 def quantize_to_table(a, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Nearest table entry to each a (``possibly_quantize_sigma``, spec 4.2) -> (a_q, index).
+  """Nearest table entry to each a (the release's ``possibly_quantize_sigma``) -> (a_q, index).
 
   Computed in the table's dtype (float32 for the released table) as |a - table| argmin; ties go to the
   lower index, as torch's argmin does.
@@ -115,7 +115,8 @@ class SamplingSchedule:
                              released model; equal to ``alphas`` for the diffusers schedules)
   table_index:  (n,) int64   index of ``model_alphas`` in the 1000-table
   ``num_steps`` is the number of network evaluations (each on a 2B batch with CFG); the compiled samplers
-  run all of them inside one ``lax.scan``, so progress can only be reported per call, not per step.
+  run all of them inside one ``lax.scan`` and report each finished step through a host callback
+  (``samplers.progress_hook``).
   """
   timesteps: np.ndarray
   alphas: np.ndarray
@@ -134,12 +135,13 @@ class SamplingSchedule:
 
   @property
   def alpha_sequence(self) -> np.ndarray:
-    """(n+1,) a_0..a_{n-1} followed by the final target (1.0): the spec's 51 values for n = 50."""
+    """(n+1,) a_0..a_{n-1} followed by the final target (1.0): 51 values for n = 50 (listed in
+    docs/sampling.md, 'The 50-step sampling sequence')."""
     return np.concatenate([self.alphas, self.alphas_next[-1:]])
 
 
 def sampling_schedule(num_steps: int = 50, *, quantize: bool = True, **discretisation) -> SamplingSchedule:
-  """The released ``VPSDEDPMPP2MSampler`` schedule (spec 4.1 step 5 and 4.4).
+  """The released ``VPSDEDPMPP2MSampler`` schedule (docs/sampling.md, 'The 50-step sampling sequence').
 
   The a-sequence is the subset rescale (float32) flipped to sampling order with 1.0 appended. With
   ``quantize`` (released behaviour) the denoiser's a is the nearest entry of the 1000-table.
@@ -208,14 +210,14 @@ def diffusers_sampling_schedule(num_steps: int = 50, timestep_spacing: str = "tr
 
 
 # ----------------------------------------------------------------------------------------------
-# Classifier-free guidance weights (spec 4.5). One float64 weight per sampling step.
+# Classifier-free guidance weights (docs/sampling.md, 'Guidance'). One float64 weight per sampling step.
 
 
 def dynamic_cfg_weights(timesteps, scale: float = 6.0, exp: float = 5.0, num_steps: int = 50,
                         sampler_steps: int | None = None) -> np.ndarray:
   """The released ``DynamicCFG`` weights: w_i = 1 + scale (1 - cos(pi (s_i / N) ** exp)) / 2.
 
-  s_i = sampler_steps - t_i uses the raw timestep t_i (the release's behaviour, spec 4.5 / 9.3), N =
+  s_i = sampler_steps - t_i uses the raw timestep t_i (the release's behaviour), N =
   ``num_steps`` of the guider; ``sampler_steps`` defaults to N (both 50 in the released config). With
   s_i < 0 the power needs an integer ``exp``. Evaluated in Python float64 like ``step_index.item()``.
   """

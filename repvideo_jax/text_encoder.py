@@ -1,4 +1,4 @@
-"""The T5 v1.1 encoder that conditions CogVideoX-2B / RepVideo (spec section 6), and prompt encoding.
+"""The T5 v1.1 encoder that conditions CogVideoX-2B / RepVideo, and prompt encoding.
 
 Reading order: config -> relative position buckets -> ``RMSNorm`` -> ``T5Block`` (self-attention +
 feed-forward, pre-norm, residual) -> ``T5Encoder`` (embedding, shared position bias, scanned layer
@@ -350,7 +350,7 @@ def encode_prompts(params: dict[str, Any], config: T5Config, tokenizer, prompts:
                    use_mask: bool = False, max_length: int | None = None) -> jax.Array:
   """Prompts -> T5 last hidden state (B, max_length, d_model), pad positions included.
 
-  As released (spec section 6) no attention mask is passed to T5 (pad tokens take part in
+  As released (docs/sampling.md, 'Text conditioning') no mask is passed to T5 (pad tokens take part in
   attention); ``use_mask=True`` masks pad keys instead. ``max_length`` defaults to ``config.max_length``.
   """
   ids, mask = tokenize(tokenizer, prompts, max_length or config.max_length)

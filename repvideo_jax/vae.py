@@ -1,4 +1,4 @@
-"""The CogVideoX 3D causal VAE (spec section 5): encoder, decoder, posterior, chunked and tiled runs.
+"""The CogVideoX 3D causal VAE: encoder, decoder, posterior, chunked and tiled runs.
 
 Reading order: config -> primitive ops (causal conv, group norm, resizes) -> layers (ResnetBlock3D,
 Downsample3D, Upsample3D, SpatialNorm3D) -> ``Encoder`` / ``Decoder`` -> temporal chunking with a
@@ -19,7 +19,7 @@ jits as one program. GroupNorm statistics are per chunk, so the chunking changes
 Chunkings (``chunk_bounds``):
   'released'  decode only: SAT ``sample_video.py`` -- latent frames [0:3], [3:5], [5:7], ...
               (odd frame counts only, as produced by the pipeline). This is what produced the
-              reference videos (spec 5.4).
+              reference videos (docs/sampling.md, 'VAE decode to frames').
   'framewise' diffusers' ``AutoencoderKLCogVideoX._decode`` / ``_encode`` -- batches of
               ``frame_batch`` frames (2 latent frames for decode, 8 pixel frames for encode), the
               first batch taking the remainder (``frame_batch + T % frame_batch`` frames). For odd
@@ -65,7 +65,7 @@ class VAEConfig:
   norm_num_groups: int = 32
   norm_eps: float = 1e-6  # resnet GroupNorms; norm_out and SpatialNorm use 1e-6 as in the reference
   temporal_compression_ratio: int = 4
-  scaling_factor: float = 1.15258426  # the latent scale (spec 4.6): z_model = z_vae * scaling_factor
+  scaling_factor: float = 1.15258426  # latent scale (docs/sampling.md): z_model = z_vae * scaling_factor
   sample_height: int = 480  # only used for the default tile size (half of it), like diffusers
   sample_width: int = 720
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
@@ -816,7 +816,7 @@ def decode_chunk(params: dict[str, Any], latents_scaled: jax.Array, cache: Cache
 
 
 def postprocess(video: jax.Array) -> jax.Array:
-  """Decoder output in [-1, 1] -> frames in [0, 1]: clamp((x + 1) / 2, 0, 1) (spec 5.4)."""
+  """Decoder output in [-1, 1] -> frames in [0, 1]: clamp((x + 1) / 2, 0, 1), as the release does."""
   return jnp.clip((video + 1.0) / 2.0, 0.0, 1.0)
 
 

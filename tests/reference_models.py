@@ -1,7 +1,7 @@
 """Reference implementations used by the tests (PyTorch, built on diffusers' own modules).
 
 ``repvideo_reference_forward`` is an independent implementation of the RepVideo loop exactly in
-the list-of-cached-tensors form of spec section 2.2 (not the running-sum form our model uses),
+the list-of-cached-tensors form of the release (not the running-sum form our model uses; docs/model.md),
 reusing the diffusers CogVideoX blocks for everything that is stock CogVideoX.
 """
 
@@ -42,7 +42,7 @@ def diffusers_forward(model, latents_tchw, timesteps, text):
 
 
 def repvideo_reference_forward(model, latents_tchw, timesteps, text, gates, window=6, record=None):
-  """RepVideo forward, spec 2.2 loop: list cache of block outputs, reset when i % window == 0.
+  """RepVideo forward, the released loop: list cache of block outputs, reset when i % window == 0.
 
   ``record``: a list that receives every block's output ([text | video] tokens), in layer order.
   """
@@ -75,9 +75,9 @@ def to_channels_last(x_tchw: torch.Tensor) -> np.ndarray:
 
 
 def sat_state_dict(model, gates=None) -> dict[str, torch.Tensor]:
-  """Writes a diffusers CogVideoX model's weights under the official SAT key names (spec 7.1).
+  """Writes a diffusers CogVideoX model's weights under the official SAT key names (docs/checkpoints.md).
 
-  This is the inverse of the SAT -> diffusers converter described in spec 7.2, written
+  This is the inverse of the SAT -> diffusers converter ('Transformer keys' in docs/checkpoints.md), written
   independently of our loader: fused q|k|v, 12-way adaLN chunks in SAT order, pos table included.
   """
   sd = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Training objective: stratified timesteps, text dropout, v-MSE == weighted x0 MSE (spec 4.3)."""
+"""Training objective: stratified timesteps, text dropout, v-MSE == weighted x0 MSE (docs/sampling.md)."""
 
 import jax
 import jax.numpy as jnp

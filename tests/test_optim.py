@@ -16,7 +16,7 @@ from repvideo_jax.training import optim
 
 
 def tiny_config(num_layers=3):
-  # 3 layers: gates 0 and 1 are no-ops (spec 2.3), gate 2 is the first active one.
+  # 3 layers: gates 0 and 1 are no-ops (docs/model.md), gate 2 is the first active one.
   cfg = load_section(T.TransformerConfig, "transformer", "tiny", [f"num_layers={num_layers}"])
   return dataclasses.replace(cfg, zero_init_modulation=False)
 
@@ -319,7 +319,7 @@ def test_train_step_gates_only(tiny):
   gates = np.asarray(new.pop("gates"))
   for name, value in new.items():
     np.testing.assert_array_equal(value, old[name], err_msg=name)
-  # Gates 0 and 1 never affect the output (spec 2.3) so get zero grads; gate 2 moves ~3 lr.
+  # Gates 0 and 1 never affect the output (docs/model.md) so get zero grads; gate 2 moves ~3 lr.
   np.testing.assert_array_equal(gates[:2], [0.5, 0.5])
   assert 1e-2 < abs(gates[2] - 0.5) <= 3e-2 + 1e-6, gates
   assert state["ema"] is None

@@ -1,4 +1,4 @@
-"""Samplers vs independent references: spec 4.4 written out literally in float64 NumPy, and diffusers'
+"""Samplers vs independent references: the released sampler (docs/sampling.md) in float64 NumPy, and diffusers'
 CogVideoXDDIMScheduler / CogVideoXDPMScheduler driving a torch twin of the same stand-in model.
 
 The stand-in "network" is a fixed random map v = tanh((x W)(1 + t/1000) + mean_L(text) P + sin(t/100) b)
@@ -63,7 +63,7 @@ def jparams():
 
 
 # ----------------------------------------------------------------------------------------------
-# Spec 4.4, literally, in float64.
+# The released DPM-Solver++(2M) SDE (docs/sampling.md), literally, in float64.
 
 
 def reference_dpmpp2m_sde(x, text_c, text_u, seq, timesteps, table, weights, z1, z2):
@@ -111,7 +111,7 @@ def test_dpmpp2m_sde_matches_spec_reference():
   ref, trace = reference_dpmpp2m_sde(NOISE, TEXT, np.zeros_like(TEXT), sched.alpha_sequence,
                                      sched.timesteps, schedule.sqrt_alpha_table(), weights, z1, z2)
   assert len(trace) == n - 1 and all(np.all(np.isfinite(x)) for x in trace)
-  step_noise = np.concatenate([z1[:1], z2[1:n - 1]])  # what the spec actually uses per step
+  step_noise = np.concatenate([z1[:1], z2[1:n - 1]])  # what the release actually uses per step
   ours = samplers.sample_dpmpp2m_sde(stand_in, jnp.asarray(NOISE), jnp.asarray(TEXT), params=jparams(),
                                      step_noise=jnp.asarray(step_noise))
   ours = np.asarray(ours)

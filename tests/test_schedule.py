@@ -1,4 +1,4 @@
-"""Noise schedules and CFG weights vs the spec (section 4) and diffusers' CogVideoX schedulers.
+"""Noise schedules and CFG weights vs the release's reference values and diffusers' CogVideoX schedulers.
 
 The reference table is recomputed here in torch, step by step as the SGM ``ZeroSNRDDPMDiscretization``
 does it (float64 betas / cumprod / shift, then float32 sqrt and subset rescale), independently of the
@@ -14,7 +14,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 from repvideo_jax import schedule
 
-# Spec 4.1 step 5: the 50-step sequence in sampling order, then the appended 1.0 (51 values).
+# Reference: the 50-step sequence in sampling order, then the appended 1.0 (51 values; docs/sampling.md).
 SPEC_SEQUENCE_50 = [
     0, .005220, .010925, .017135, .023873, .031158, .039008, .047441, .056471, .066112, .076376, .087274,
     .098814, .111005, .123855, .137369, .151552, .166410, .181947, .198168, .215077, .232679, .250979,
@@ -22,11 +22,11 @@ SPEC_SEQUENCE_50 = [
     .526485, .554085, .582341, .611214, .640657, .670610, .701001, .731739, .762720, .793822, .824902,
     .855804, .886352, .916359, .945623, .973940, 1.0]
 
-# Spec 4.1 step 5: spot values of the 1000-table.
+# Reference: spot values of the 1000-table (docs/sampling.md, 'The 1000-entry table').
 SPEC_TABLE = {0: 0.998726, 1: 0.997397, 10: 0.985285, 100: 0.853371, 250: 0.623742, 500: 0.308752,
               750: 0.104110, 900: 0.030748, 990: 0.002288, 998: 0.000250, 999: 0.0}
 
-# Spec 4.5: released DynamicCFG weights, i = 0..49.
+# Reference: released DynamicCFG weights, i = 0..49 (docs/sampling.md, 'Guidance').
 SPEC_CFG_50 = [
     2.291, 2.544, 6.974, 6.420, 2.788, 4.272, 1.038, 4.170, 1.618, 6.983, 1.005, 2.872, 6.977, 1.633,
     4.330, 2.437, 6.377, 6.007, 3.448, 3.198, 1.655, 6.610, 1.195, 4.295, 6.985, 1.521, 1.762, 1.058,
@@ -71,7 +71,7 @@ def ref_sgm_sigmas(n, torch_sqrt=False):
 def test_shifted_alphas_cumprod():
   ours = schedule.zero_snr_alphas_cumprod()
   np.testing.assert_allclose(ours, ref_shifted_alphas_cumprod(), rtol=1e-13, atol=0)
-  assert round(ours[0], 7) == 0.9974543 and round(ours[999], 7) == 0.0015582  # spec 4.1 step 2
+  assert round(ours[0], 7) == 0.9974543 and round(ours[999], 7) == 0.0015582  # docs/sampling.md
 
 
 def test_table_all_1000_entries():
@@ -119,8 +119,8 @@ def test_sampling_schedule_50_matches_reference_and_spec():
   np.testing.assert_array_equal(s.alphas_next, seq[1:])
   spec = np.array(SPEC_SEQUENCE_50)
   diffs = np.abs(seq.astype(np.float64) - spec)
-  # The spec prints 6 decimals. Every entry matches to that precision except i = 37 (t = 259): the
-  # float32 value 0.61121345 rounds to .611213, the spec prints .611214, which is the float64
+  # The reference list has 6 decimals. Every entry matches to that precision except i = 37 (t = 259):
+  # the float32 value 0.61121345 rounds to .611213, the list has .611214, which is the float64
   # computation (0.61121353) rounded. A rounding difference, not a schedule difference.
   off = [i for i in range(51) if diffs[i] > 5e-7]
   assert off == [37], off
@@ -149,11 +149,11 @@ def test_quantisation_quirk():
   np.testing.assert_array_equal(s.table_index, ref_idx.numpy())
   np.testing.assert_array_equal(s.model_alphas, table[s.table_index])
   shift = s.timesteps - s.table_index
-  # Spec 4.2: steps 42..49 (t = 159..19) map to index t-1, steps 0..41 to index t. This computation
-  # (float32, as torch does it) agrees with the spec.
+  # Steps 42..49 (t = 159..19) map to index t-1, steps 0..41 to index t (docs/sampling.md,
+  # 'Quantization to the table'). This computation (float32, as torch does it) agrees.
   np.testing.assert_array_equal(shift[:42], 0)
   np.testing.assert_array_equal(shift[42:], 1)
-  # Boundary caveat: position of the 50-step value within [a_t, a_{t-1}] (spec: 0.497 at step 41,
+  # Boundary caveat: position of the 50-step value within [a_t, a_{t-1}] (0.497 at step 41,
   # 0.515 at step 42), close enough to 0.5 that other rounding could move the boundary by one step.
   frac = lambda i: (s.alphas[i] - table[s.timesteps[i]]) / (table[s.timesteps[i] - 1] - table[s.timesteps[i]])
   assert round(float(frac(41)), 3) == 0.497 and round(float(frac(42)), 3) == 0.515
@@ -223,7 +223,7 @@ def test_diffusers_sampling_schedule_levels(spacing):
 
 
 def test_released_vs_diffusers_sampling_levels():
-  """diffusers rescales over 1000 steps then subsamples; the release rescales the 50-subset (spec 4.1)."""
+  """diffusers rescales over 1000 steps then subsamples; the release rescales the 50-subset."""
   released = schedule.sampling_schedule(50)
   diff = schedule.diffusers_sampling_schedule(50, "trailing")
   np.testing.assert_array_equal(released.timesteps, diff.timesteps)

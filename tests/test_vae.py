@@ -12,14 +12,14 @@ What is checked and against what:
   fake-context-parallel cache: the last 2 frames of every causal conv's padded input). Two
   independent sanity checks: the first chunk's 9 frames equal a whole decode of latent frames [0:3]
   alone (causality: later chunks cannot change earlier output), and the chunked decode differs from
-  the whole decode (per-chunk GroupNorm statistics, spec 5.4), so the chunking is really exercised.
+  the whole decode (per-chunk GroupNorm statistics), so the chunking is really exercised.
 * 'framewise': diffusers 0.42's ``decode`` / ``encode`` always run framewise (2 latent / 8 pixel
   frames per chunk, no switch exists); even latent frame count for decode, 17 frames for encode.
 * tiling: diffusers' ``tiled_decode`` / ``tiled_encode`` (via ``enable_tiling``) with the same tile
   sizes and overlaps. (A tiled-vs-untiled "agree away from seams" check is not sound for this VAE:
   GroupNorm statistics are per tile, so every pixel of a tile changes, not just those near seams.)
 * weights: diffusers folder / pipeline folder / our converted folder / a SAT ``3d-vae.pt`` built from
-  the diffusers weights with spec 7.3's renames undone (plus ``loss.*`` keys) all give the same params;
+  the diffusers weights with the SAT renames undone (plus ``loss.*`` keys) all give the same params;
   wrong keys raise ``CheckpointKeyError`` naming them.
 """
 
@@ -265,7 +265,7 @@ def test_diffusers_folder_and_converted_round_trip(tiny, tmp_path):
 
 
 def _to_sat_key(key: str) -> str:
-  """diffusers -> SAT: spec 7.3's renames undone (written independently of vae_weights.sat_key)."""
+  """diffusers -> SAT: the SAT renames undone (written independently of vae_weights.sat_key)."""
   m = re.match(r"decoder\.up_blocks\.(\d+)\.(.*)", key)
   if m:
     key = f"decoder.up.{3 - int(m.group(1))}.{m.group(2)}"
@@ -279,7 +279,8 @@ def _to_sat_key(key: str) -> str:
 
 
 def _spec_sat_to_diffusers(key: str) -> str | None:
-  """Spec 7.3 literally: ordered renames, drop 'loss' keys, then decoder.up.{k} -> up_blocks.{3-k}."""
+  """The SAT -> diffusers renames (docs/checkpoints.md, 'VAE keys') in order, drop 'loss' keys, then
+  decoder.up.{k} -> up_blocks.{3-k}."""
   for old, new in (("block.", "resnets."), ("down.", "down_blocks."), ("downsample", "downsamplers.0"),
                    ("upsample", "upsamplers.0"), ("nin_shortcut", "conv_shortcut"),
                    ("encoder.mid.block_1", "encoder.mid_block.resnets.0"),
@@ -297,7 +298,7 @@ def test_sat_checkpoint_loads_and_matches(tiny, tmp_path):
   model, cfg, params = tiny
   sd = model.state_dict()
   sat = {_to_sat_key(k): v.clone() for k, v in sd.items()}
-  assert {_spec_sat_to_diffusers(k) for k in sat} == set(sd)  # the test's SAT names obey spec 7.3
+  assert {_spec_sat_to_diffusers(k) for k in sat} == set(sd)  # the test's SAT names obey the renames
   assert "decoder.up.0.block.0.nin_shortcut.weight" in sat and "encoder.mid.block_2.conv1.conv.weight" in sat
   assert all(W.sat_key(k, 4) == _to_sat_key(k) for k in sd)
   sat["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)

@@ -1,4 +1,4 @@
-"""The RepVideo / CogVideoX training objective (spec section 4.3): v-prediction MSE.
+"""The RepVideo / CogVideoX training objective: v-prediction MSE (docs/sampling.md, 'Training objective').
 
 For a clean latent x0 (the VAE latent times the latent scale factor, channels-last (B, T, H, W, C)):
   idx   ~ U{lo .. hi-1}                 integer timestep, stratified over data-parallel ranks (below)
@@ -48,7 +48,7 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 def stratified_timestep_range(rank: int, world_size: int,
                               num_train: int = NUM_TRAIN_TIMESTEPS) -> tuple[int, int]:
-  """[lo, hi) of the timesteps data-parallel ``rank`` of ``world_size`` draws from (spec 4.3)."""
+  """[lo, hi) of the timesteps data-parallel ``rank`` of ``world_size`` draws from (module docstring)."""
   if world_size < 1:
     raise ValueError(f"world_size must be >= 1, got {world_size}")
   if not 0 <= rank < world_size:

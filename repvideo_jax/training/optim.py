@@ -1,7 +1,7 @@
 """Optimizer, EMA and the pure train step for fine-tuning RepVideo.
 
-The release has no training recipe (spec 8.3, 10.1), so what is trained is configurable: the whole
-DiT including the gates (``train='all'``, what SAT's default freezing implies, spec 2.7) or only the
+The release publishes no training recipe, so what is trained is configurable: the whole
+DiT including the gates (``train='all'``, what SAT's default freezing implies) or only the
 per-layer gates (``train='gates'``). Gates start at 0.5, so fine-tuning is needed either way.
 
 Learning-rate schedule, for the n-th optimizer update (n = 0, 1, ...; W = warmup_steps, N = total_steps):
