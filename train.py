@@ -1,4 +1,4 @@
-"""Train or fine-tune the RepVideo transformer (loss: v-MSE with stratified timesteps, spec 4.3).
+"""Train or fine-tune the RepVideo transformer (loss: v-MSE with stratified timesteps; docs/sampling.md).
 
     python train.py --config train-tiny-cpu [section.key=value ...] [--resume]
     python train.py --config train-repvideo-2b run.init_from=models/cogvideox-2b data.records=data/train

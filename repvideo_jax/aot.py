@@ -241,9 +241,9 @@ def compile_train(preset: str, overrides=(), topology: str | None = None) -> Rep
 def compile_train_config(cfg, devices, where: str, name: str = "train") -> Report:
   """Compiles the train step of a ``TrainConfig`` on ``devices`` (abstract or real); runs nothing."""
   from repvideo_jax.training import trainer
-  mesh = trainer.build_mesh(cfg.mesh, devices)
-  with jax.set_mesh(mesh):
-    step = trainer.build_train_step(cfg, mesh)
+  mesh = sharding.build_mesh(cfg.mesh, devices)
+  with sharding.activate(mesh, cfg.mesh.logical_axis_rules):
+    step = trainer.build_train_step(cfg, mesh)  # its step traces under these rules wherever lowered
   shapes = trainer.batch_shapes(cfg)
   flops = trainer.model_flops_per_sample(cfg.transformer, shapes["latents"][1:], shapes["text"][1]) * \
       cfg.run.global_batch

@@ -1,22 +1,41 @@
 """The one place that defines the device mesh and how logical axes map onto it.
 
 Models annotate parameters and activations with *logical* axis names (``embed``, ``heads``,
-``mlp``, ``activation_batch`` ...). ``LOGICAL_RULES`` maps each to zero or more mesh axes of the
-mesh ``(data, fsdp, tensor, context)``. Models never see the mesh.
+``mlp``, ``activation_batch`` ...); a rule table maps each name to zero or more axes of the mesh
+``(data, fsdp, tensor, context)``. Models never see the mesh or the table:
+
+  * ``MeshConfig`` is the ``mesh:`` section of a training preset: axis sizes, data-parallel slices
+    over DCN, the TPU topology it is meant for, and ``logical_axis_rules`` -- the rule table, as
+    data. A preset (or ``mesh.logical_axis_rules.embed=null`` on the command line) overrides some
+    entries; the rest keep ``DEFAULT_LOGICAL_RULES``.
+  * ``build_mesh(config)`` / ``make_mesh(...)`` build the mesh, within one slice or across slices.
+  * ``logical_rules(table)`` makes a table the active one while a program is traced (``activate``
+    sets it with the mesh); ``constrain``, ``logical_to_spec``, ``tree_shardings`` and
+    ``batch_sharding`` read the active table unless given one. With none active they use
+    ``DEFAULT_LOGICAL_RULES``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+import dataclasses
+import types
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
-# logical axis -> mesh axes (a tuple shards over several, None replicates)
-LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
+# What one logical axis maps to: a mesh axis, several (a tuple shards over their product), or None
+# (replicated).
+MeshAxes = tuple[str, ...] | str | None
+
+# logical axis -> mesh axes. Read-only: a run changes it through MeshConfig.logical_axis_rules.
+DEFAULT_LOGICAL_RULES: Mapping[str, MeshAxes] = types.MappingProxyType({
     "activation_batch": ("data", "fsdp"),
     "activation_length": "context",
     "activation_embed": None,
@@ -38,26 +57,91 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "layers": None,
     "conv_in": None,  # VAE convolutions: small, replicated
     "conv_out": None,
-}
+})
+
+
+def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> dict[str, MeshAxes]:
+  """The complete rule table: ``DEFAULT_LOGICAL_RULES`` with ``overrides`` (a full or partial
+  mapping, e.g. from YAML, where lists stand for tuples) laid over it. Unknown logical names, unknown
+  mesh axes and a mesh axis named twice in one rule are ValueErrors."""
+  table = dict(DEFAULT_LOGICAL_RULES)
+  for name, axes in (overrides or {}).items():
+    if name not in DEFAULT_LOGICAL_RULES:
+      raise ValueError(f"logical_axis_rules: unknown logical axis {name!r}; the models use "
+                       f"{sorted(DEFAULT_LOGICAL_RULES)}")
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+      if len(set(axes)) != len(axes):
+        raise ValueError(f"logical_axis_rules.{name}: mesh axis named twice in {list(axes)}")
+    elif axes is not None and not isinstance(axes, str):
+      raise ValueError(f"logical_axis_rules.{name}: expected a mesh axis, a list of them or null, "
+                       f"got {axes!r}")
+    bad = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"logical_axis_rules.{name}: unknown mesh axis {bad[0]!r}; the mesh axes are "
+                       f"{list(MESH_AXES)}")
+    table[name] = axes
+  return table
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device layout of a run (a training preset's ``mesh:`` section)."""
+  data: int = -1  # -1: all remaining devices (of one slice when dcn_data > 1)
+  fsdp: int = 1
+  tensor: int = 1
+  context: int = 1
+  dcn_data: int = 1  # data-parallel slices across DCN (multi-slice pods); multiplies `data`
+  # The TPU topology this layout is meant for (libtpu names, e.g. v5p:4x4x2): what
+  # `python -m repvideo_jax.aot train` compiles for. Not read when training.
+  topology: str | None = None
+  # logical axis -> mesh axes (a name, a list of names, or null to replicate). Entries a preset gives
+  # replace those of DEFAULT_LOGICAL_RULES; the field always holds the complete table.
+  logical_axis_rules: dict[str, MeshAxes] = dataclasses.field(default_factory=rule_table)
+
+  def __post_init__(self):
+    object.__setattr__(self, "logical_axis_rules", rule_table(self.logical_axis_rules))
+
+
+def _resolve_shape(shape: Sequence[int], count: int, what: str) -> list[int]:
+  """``shape`` with its one ``-1`` (if any) set so the shape covers ``count`` devices exactly."""
+  shape = list(shape)
+  if shape.count(-1) > 1:
+    raise ValueError("at most one mesh axis may be -1")
+  fixed = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if count % fixed:
+      raise ValueError(f"{count} {what} do not divide into fsdp*tensor*context={fixed}")
+    shape[shape.index(-1)] = count // fixed
+  if int(np.prod(shape)) != count:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} {what}, "
+                     f"have {count}")
+  return shape
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor, context) mesh; ``-1`` for data takes the remaining devices."""
+              devices: Sequence[jax.Device] | None = None, dcn_data: int = 1) -> Mesh:
+  """Builds the (data, fsdp, tensor, context) mesh; ``-1`` for an axis takes the remaining devices.
+
+  With ``dcn_data > 1`` the devices form that many slices joined by DCN: the sizes given describe one
+  slice, and the mesh's data axis is ``dcn_data x data``, ordered so only data-parallel traffic
+  crosses slices (``mesh_utils.create_hybrid_device_mesh``)."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = [data, fsdp, tensor, context]
-  fixed = int(np.prod([s for s in shape if s != -1]))
-  if shape.count(-1) > 1:
-    raise ValueError("at most one mesh axis may be -1")
-  if -1 in shape:
-    if len(devices) % fixed:
-      raise ValueError(f"{len(devices)} devices do not divide into fsdp*tensor*context={fixed}")
-    shape[shape.index(-1)] = len(devices) // fixed
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
-                     f"have {len(devices)}")
-  arr = np.asarray(devices).reshape(shape)
-  return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if dcn_data > 1:
+    if len(devices) % dcn_data:
+      raise ValueError(f"{len(devices)} devices do not split into dcn_data={dcn_data} slices")
+    shape = _resolve_shape([data, fsdp, tensor, context], len(devices) // dcn_data, "devices per slice")
+    arr = mesh_utils.create_hybrid_device_mesh(shape, (dcn_data, 1, 1, 1), devices=devices)
+    return Mesh(arr, MESH_AXES, axis_types=axis_types)
+  shape = _resolve_shape([data, fsdp, tensor, context], len(devices), "devices")
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def build_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh a ``MeshConfig`` describes, over ``devices`` (default: all of them)."""
+  return make_mesh(config.data, config.fsdp, config.tensor, config.context, devices=devices,
+                   dcn_data=config.dcn_data)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -71,10 +155,50 @@ def parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Logical axes -> PartitionSpecs, under the active rule table.
+
+_ACTIVE_RULES: contextvars.ContextVar[dict[str, MeshAxes] | None] = contextvars.ContextVar(
+    "repvideo_logical_rules", default=None)
+
+
+@contextlib.contextmanager
+def logical_rules(rules: Mapping[str, MeshAxes] | None) -> Iterator[dict[str, MeshAxes]]:
+  """Makes ``rules`` (completed by ``rule_table``; None: the defaults) the active table within the
+  block. Enter it where the mesh is set (``jax.set_mesh``), around tracing and lowering: a program
+  takes the table active when it is *traced*, and jax reuses a trace for a function it has seen, so
+  a changed table needs a newly made function (``trainer.build_train_step`` makes one per call)."""
+  table = rule_table(rules)
+  token = _ACTIVE_RULES.set(table)
+  try:
+    yield table
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Iterator[Mesh]:
+  """``jax.set_mesh(mesh)`` and ``logical_rules(rules)`` together: where a run traces and runs its
+  programs."""
+  with jax.set_mesh(mesh), logical_rules(rules):
+    yield mesh
+
+
+def active_rules() -> Mapping[str, MeshAxes]:
+  """The table set by the innermost ``logical_rules`` block, else ``DEFAULT_LOGICAL_RULES``."""
+  table = _ACTIVE_RULES.get()
+  return DEFAULT_LOGICAL_RULES if table is None else table
+
+
+def _table(rules: Mapping[str, MeshAxes] | None) -> Mapping[str, MeshAxes]:
+  return active_rules() if rules is None else rule_table(rules)
+
+
 def logical_to_spec(logical_axes: Sequence[str | None] | None,
-                    rules: dict[str, tuple[str, ...] | str | None] | None = None) -> P:
-  """Turns a tuple of logical axis names into a PartitionSpec; unknown names raise."""
-  rules = LOGICAL_RULES if rules is None else rules
+                    rules: Mapping[str, MeshAxes] | None = None) -> P:
+  """Turns a tuple of logical axis names into a PartitionSpec under ``rules`` (default: the active
+  table; a partial mapping is laid over the defaults). Unknown names raise KeyError."""
+  table = _table(rules)
   if logical_axes is None:
     return P()
   out, used = [], set()
@@ -82,9 +206,9 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None,
     if name is None:
       out.append(None)
       continue
-    if name not in rules:
-      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to LOGICAL_RULES")
-    mesh_axes = rules[name]
+    if name not in table:
+      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to DEFAULT_LOGICAL_RULES")
+    mesh_axes = table[name]
     mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
     mesh_axes = tuple(a for a in mesh_axes if a not in used)  # a mesh axis shards one dim only
     used.update(mesh_axes)
@@ -92,9 +216,11 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None,
   return P(*out)
 
 
-def tree_shardings(logical_tree, mesh: Mesh, rules=None):
-  """A tree of logical-axis tuples (e.g. ``transformer.logical_axes(cfg)``) -> NamedShardings."""
-  return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, rules)), logical_tree,
+def tree_shardings(logical_tree, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None):
+  """A tree of logical-axis tuples (e.g. ``transformer.logical_axes(cfg)``) -> NamedShardings, under
+  ``rules`` (default: the active table)."""
+  table = _table(rules)
+  return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, table)), logical_tree,
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
@@ -124,18 +250,20 @@ def mesh_size(mesh, axes: str | Sequence[str] | None) -> int:
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
-def batch_sharding(mesh, batch: int) -> NamedSharding:
-  """Inputs of ``batch`` examples: split over the mesh's batch axes when they divide it, else
-  replicated (e.g. one video on a data=2 mesh; its CFG pair, made inside, is what gets split)."""
-  axes = logical_to_spec(("activation_batch",))[0]
+def batch_sharding(mesh, batch: int, rules: Mapping[str, MeshAxes] | None = None) -> NamedSharding:
+  """Inputs of ``batch`` examples: split over the mesh's batch axes (``activation_batch`` under
+  ``rules``, default the active table) when they divide it, else replicated (e.g. one video on a
+  data=2 mesh; its CFG pair, made inside, is what gets split)."""
+  axes = logical_to_spec(("activation_batch",), rules)[0]
   if batch % mesh_size(mesh, axes):
     return NamedSharding(mesh, P())
   return NamedSharding(mesh, P(axes))
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding hint for an activation; a no-op when no mesh is active (single device, tests)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
+def constrain(x: jax.Array, logical_axes: Sequence[str | None],
+              rules: Mapping[str, MeshAxes] | None = None) -> jax.Array:
+  """Sharding hint for an activation, by ``rules`` (default: the table active while tracing); a
+  no-op when no mesh is active (single device, tests)."""
+  if active_mesh() is None:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))

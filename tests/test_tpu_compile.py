@@ -108,7 +108,7 @@ def test_every_tpu_preset_lays_out_on_its_topology(tpu_devices):
   assert len(train) >= 4 and len(sample) >= 8
   for path in train:
     cfg = trainer.load_config(path.stem)
-    mesh = trainer.build_mesh(cfg.mesh, tpu_devices(cfg.mesh.topology))
+    mesh = sharding.build_mesh(cfg.mesh, tpu_devices(cfg.mesh.topology))
     check_head_split(cfg.transformer.num_heads, mesh.shape["tensor"], mesh.shape["context"])
     assert cfg.run.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0, path.name
     assert cfg.transformer.attention_backend in ("splash", "auto"), path.name
@@ -117,3 +117,21 @@ def test_every_tpu_preset_lays_out_on_its_topology(tpu_devices):
     devices = tpu_devices(p.topology)
     mesh = sharding.make_mesh(devices=devices, **(p.mesh or pipeline.default_sample_mesh(len(devices), p.batch)))
     check_head_split(30, mesh.shape["tensor"], mesh.shape["context"])
+
+
+def test_multi_slice_mesh_keeps_each_slice_together():
+  """``mesh.dcn_data``: two v5p:2x2x1 slices (abstract, libtpu) -> data = 2 slices x 2 in a slice; the
+  fsdp groups stay inside one slice, so only data-parallel traffic crosses DCN."""
+  import os
+
+  from jax.experimental import topologies
+
+  from repvideo_jax import sharding
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1", num_slices=2).devices
+  mesh = sharding.build_mesh(sharding.MeshConfig(data=-1, fsdp=2, dcn_data=2), devices)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1, "context": 1}
+  slices = [{d.slice_index for d in row.flat} for row in mesh.devices]
+  assert slices == [{0}, {0}, {1}, {1}], slices
+  with pytest.raises(ValueError, match="do not split into dcn_data=3"):
+    sharding.build_mesh(sharding.MeshConfig(dcn_data=3), devices)

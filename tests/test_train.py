@@ -47,12 +47,13 @@ LAYOUT_SCRIPT = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[3])
     import dataclasses, jax, numpy as np
+    from repvideo_jax import sharding
     from repvideo_jax.training import trainer
     from train_helpers import FixedBatches, tiny_config
     out = pathlib.Path(sys.argv[1])
     cfg = tiny_config(out, steps=3, save_every=100)
     mesh = json.loads(sys.argv[2]) if sys.argv[2] != "single" else {"data": 1}
-    cfg = dataclasses.replace(cfg, mesh=trainer.MeshConfig(**mesh),
+    cfg = dataclasses.replace(cfg, mesh=sharding.MeshConfig(**mesh),
                               run=dataclasses.replace(cfg.run, global_batch=8))
     r = trainer.train(cfg, data_iterator=FixedBatches(batch=8))
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in

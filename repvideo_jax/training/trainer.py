@@ -3,10 +3,10 @@
 One code path for 2 CPU cores, one GPU and a multi-host pod:
   * ``jax.distributed.initialize`` (automatic on TPU pods / SLURM, explicit coordinator flags
     elsewhere); only process 0 writes logs and metadata.
-  * one mesh ``(data, fsdp, tensor, context)`` from ``MeshConfig`` (``dcn_data`` multiplies the data
-    axis across slices); params and optimizer state are sharded by the models' logical axes
-    (``sharding.LOGICAL_RULES``: embed -> fsdp, heads/mlp -> tensor), activations by batch over
-    (data, fsdp) and by sequence over context;
+  * one mesh ``(data, fsdp, tensor, context)`` from the ``mesh:`` section (``sharding.MeshConfig``;
+    ``dcn_data`` multiplies the data axis across slices); params and optimizer state are sharded by
+    the models' logical axes under ``mesh.logical_axis_rules`` (by default embed -> fsdp,
+    heads/mlp -> tensor), activations by batch over (data, fsdp) and by sequence over context;
   * the train step is one ``jax.jit`` with explicit in/out shardings and the state buffers donated;
   * orbax checkpoints (``training.checkpoints``) hold state, data-iterator state and the resolved
     config; ``--resume`` continues exactly; SIGTERM saves and exits.
@@ -38,23 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvideo_jax import config as config_lib
-from repvideo_jax import sharding
+from repvideo_jax import pipeline, schedule, sharding, transformer_weights, video_io
 from repvideo_jax import transformer as T
 from repvideo_jax.attention import check_head_split
+from repvideo_jax.data.online import OnlineIterator
+from repvideo_jax.data.pipeline import make_train_iterator
+from repvideo_jax.training import optim
+from repvideo_jax.training.checkpoints import Checkpointer
+from repvideo_jax.training.optim import OptimConfig
+from repvideo_jax.vae import VAEConfig
 
 log = logging.getLogger("repvideo_jax.train")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  data: int = -1  # -1: all remaining devices
-  fsdp: int = 1
-  tensor: int = 1
-  context: int = 1
-  dcn_data: int = 1  # data-parallel slices across DCN (multi-slice pods); multiplies `data`
-  # The TPU topology this layout is meant for (libtpu names, e.g. v5p:4x4x2): what
-  # `python -m repvideo_jax.aot train` compiles for. Not read when training.
-  topology: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +91,8 @@ class RunConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   transformer: T.TransformerConfig
-  optim: Any
-  mesh: MeshConfig
+  optim: OptimConfig
+  mesh: sharding.MeshConfig
   data: DataConfig
   run: RunConfig
 
@@ -113,7 +107,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed set-up, mesh and shardings.
+# Distributed set-up and shardings (the mesh itself: ``sharding.build_mesh``).
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -128,20 +122,6 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
       jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:  # single-host TPU VM etc.
       log.info("jax.distributed.initialize skipped: %s", e)
-
-
-def build_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-  """The config's mesh over ``devices`` (default: all of them)."""
-  if cfg.dcn_data > 1:
-    from jax.experimental import mesh_utils
-    devices = list(devices if devices is not None else jax.devices())
-    per_slice = len(devices) // cfg.dcn_data
-    data = cfg.data if cfg.data != -1 else per_slice // (cfg.fsdp * cfg.tensor * cfg.context)
-    devices = mesh_utils.create_hybrid_device_mesh(
-        (data, cfg.fsdp, cfg.tensor, cfg.context), (cfg.dcn_data, 1, 1, 1), devices=devices)
-    return jax.sharding.Mesh(devices, sharding.MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * 4)
-  return sharding.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, cfg.context, devices=devices)
 
 
 def _keys(path) -> tuple:
@@ -191,10 +171,12 @@ class Logger:
       return
     out.mkdir(parents=True, exist_ok=True)
     if run.tensorboard:
+      # Imported here, not at the top: tensorboardX takes ~1.5 s to import (measured on this
+      # project's venv), paid only by runs that write TensorBoard logs.
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(out / "tensorboard"))
     if run.wandb_project:
-      import wandb  # optional dependency
+      import wandb  # optional dependency (not in requirements.txt): imported only when asked for
       self.wandb = wandb.init(project=run.wandb_project, config=config_dict, dir=str(out))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -220,7 +202,6 @@ class Logger:
 
 def optimizer_and_abstract_state(cfg: TrainConfig):
   """(optimizer, train state as ShapeDtypeStructs) for a config: what a checkpoint holds."""
-  from repvideo_jax.training import optim
   abstract_params = T.abstract_params(cfg.transformer)
   optimizer = optim.make_optimizer(cfg.optim, abstract_params)
   ema = bool(cfg.optim.ema_decay)
@@ -229,8 +210,7 @@ def optimizer_and_abstract_state(cfg: TrainConfig):
 
 def config_from_dict(tree: dict[str, Any], where: str = "config") -> TrainConfig:
   """A ``TrainConfig`` from ``config_to_dict``'s output (e.g. a run's config.resolved.json)."""
-  from repvideo_jax.training.optim import OptimConfig
-  sections = {"transformer": T.TransformerConfig, "optim": OptimConfig, "mesh": MeshConfig,
+  sections = {"transformer": T.TransformerConfig, "optim": OptimConfig, "mesh": sharding.MeshConfig,
               "data": DataConfig, "run": RunConfig}
   unknown = set(tree) - set(sections)
   if unknown:
@@ -242,7 +222,6 @@ def config_from_dict(tree: dict[str, Any], where: str = "config") -> TrainConfig
 def load_run(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[TrainConfig, dict, int]:
   """(config, train state as host arrays, step) of a ``train.py`` run folder's last (or ``step``)
   checkpoint, restored on one device whatever mesh it was trained on."""
-  from repvideo_jax.training.checkpoints import Checkpointer
   run_dir = pathlib.Path(run_dir)
   resolved = run_dir / "config.resolved.json"
   if not resolved.is_file() or not (run_dir / "checkpoints").is_dir():
@@ -267,7 +246,6 @@ def export_transformer(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, 
                        use_ema: bool | None = None, overwrite: bool = False) -> T.TransformerConfig:
   """Writes a run's trained transformer (its EMA when the run kept one, unless ``use_ema=False``) as
   a converted transformer folder that ``transformer_weights.load`` and model folders use."""
-  from repvideo_jax import transformer_weights
   cfg, state, step = load_run(run_dir, step)
   if use_ema and state.get("ema") is None:
     raise ValueError(f"{run_dir} kept no EMA (optim.ema_decay unset); export without use_ema")
@@ -315,11 +293,9 @@ def make_data_iterator(cfg: TrainConfig):
   if d.synthetic:
     return SyntheticBatches(cfg)
   if d.records:
-    from repvideo_jax.data.pipeline import make_train_iterator
     return make_train_iterator(d.records, global_batch=r.global_batch, seed=d.shuffle_seed,
                                num_workers=d.num_workers)
   if d.videos and d.captions and d.model:
-    from repvideo_jax.data.online import OnlineIterator
     if r.global_batch % jax.process_count():
       raise ValueError(f"global_batch {r.global_batch} must divide by {jax.process_count()} processes")
     return OnlineIterator(d.captions, d.videos, d.model, batch_size=r.global_batch // jax.process_count(),
@@ -331,7 +307,6 @@ def make_data_iterator(cfg: TrainConfig):
 
 def initial_params(cfg: TrainConfig):
   if cfg.run.init_from:
-    from repvideo_jax import transformer_weights
     tcfg, params = transformer_weights.load(_transformer_source(cfg.run.init_from), config=cfg.transformer)
     log.info("initialised from %s", cfg.run.init_from)
     return params
@@ -349,35 +324,39 @@ class TrainStep(NamedTuple):
 
 
 def batch_shapes(cfg: TrainConfig) -> dict[str, tuple[int, ...]]:
-  """Global shapes of one training batch: latents (B, T, h, w, C) and text (B, L, D)."""
+  """Global shapes of one training batch: latents (B, T, h, w, C) and text (B, L, D). A training
+  config holds no VAE section, so the latent size is the default (released) VAE's compression."""
   d, t = cfg.data, cfg.transformer
-  latent = ((d.frames - 1) // 4 + 1, d.height // 8, d.width // 8, t.in_channels)
+  latent = (*VAEConfig().latent_size(d.frames, d.height, d.width), t.in_channels)
   return {"latents": (cfg.run.global_batch, *latent),
           "text": (cfg.run.global_batch, t.text_length, t.text_embed_dim)}
 
 
 def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
   """The train step jitted with the mesh's shardings (params by ``transformer.logical_axes`` and
-  ``sharding.tree_shardings``; optimizer state and EMA like their params; batch over data x fsdp).
+  ``sharding.tree_shardings``; optimizer state and EMA like their params; batch over data x fsdp),
+  all under ``cfg.mesh.logical_axis_rules`` -- which the step also makes the active table while it
+  is traced, so the models' ``sharding.constrain`` calls follow it whoever calls or lowers the step.
   ``train`` runs it; ``aot`` and ``train.py --compile-only`` only compile it."""
-  from repvideo_jax import schedule
-  from repvideo_jax.training import optim
-  run, tcfg = cfg.run, cfg.transformer
+  run, tcfg, rules = cfg.run, cfg.transformer, cfg.mesh.logical_axis_rules
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if run.global_batch % dp:
     raise ValueError(f"global_batch {run.global_batch} must be a multiple of the data-parallel size "
                      f"{dp} (mesh data x fsdp)")
   check_head_split(tcfg.num_heads, mesh.shape["tensor"], mesh.shape["context"])
-  param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh)
+  param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh, rules)
   optimizer, abstract_state = optimizer_and_abstract_state(cfg)
   state_sh = state_shardings(abstract_state, param_sh, mesh)
-  batch_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",)))
+  batch_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",), rules))
   table = jnp.asarray(schedule.sqrt_alpha_table(), jnp.float32)
-  fn = jax.jit(
-      lambda state, batch: optim.train_step(
+
+  def step(state, batch):  # a new function per call: jax keeps no trace made under other rules
+    with sharding.logical_rules(rules):
+      return optim.train_step(
           state, batch, apply_fn=T.make_apply(tcfg), optimizer=optimizer, table=table,
-          world_size=run.timestep_strata or dp, ucg_rate=run.ucg_rate, ema_decay=cfg.optim.ema_decay),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+          world_size=run.timestep_strata or dp, ucg_rate=run.ucg_rate, ema_decay=cfg.optim.ema_decay)
+
+  fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
   return TrainStep(fn, optimizer, abstract_state, param_sh, state_sh, batch_sh)
 
 
@@ -432,9 +411,11 @@ def claim_run_folder(out: pathlib.Path, *, resume: bool, overwrite: bool = False
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, data_iterator=None,
           on_step=None) -> dict[str, Any]:
-  """Runs (or resumes) training; returns {'losses': [...], 'final_step': n, 'state': train state,
-  'stopped': None | 'sigterm' | 'max_wall_seconds', 'skipped_steps': consecutive non-finite steps at
-  the end}. Raises RuntimeError when the run ends on skipped (non-finite) steps.
+  """Runs (or resumes) training; returns {'losses': [(step, loss) of each logged step], 'final_step':
+  n, 'state': the train state (params, optimizer state, EMA, step, RNG), 'stopped': None | 'sigterm' |
+  'max_wall_seconds', 'skipped_steps': consecutive non-finite steps at the end (always 0: a run that
+  ends on skipped steps raises RuntimeError instead, as does one that reaches
+  ``optim.max_nonfinite_in_a_row`` of them in a row)}.
 
   ``resume`` continues the run in ``run.output_dir``; a folder holding an earlier run is refused
   without it, unless ``overwrite`` moves that run aside. ``data_iterator``: any iterator of
@@ -442,108 +423,164 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, da
   ``on_step(step, metrics)`` is called after each logged step (tests).
   """
   with claim_run_folder(pathlib.Path(cfg.run.output_dir), resume=resume, overwrite=overwrite):
-    return _train(cfg, resume, data_iterator, on_step)
+    return _train(set_up(cfg, resume=resume, data_iterator=data_iterator), on_step)
 
 
-def _train(cfg: TrainConfig, resume: bool, data_iterator, on_step) -> dict[str, Any]:
-  from repvideo_jax.training import optim
-  from repvideo_jax.training.checkpoints import Checkpointer
+@dataclasses.dataclass
+class Session:
+  """Everything the training loop works with; ``set_up`` builds it."""
+  cfg: TrainConfig
+  out: pathlib.Path  # run.output_dir
+  mesh: jax.sharding.Mesh
+  train_step: TrainStep
+  data: Any  # iterator of per-process {'latents', 'text'} batches with get_state / set_state
+  ckpt: Checkpointer
+  meta: dict  # the ``meta`` item of every checkpoint: {'config': the resolved config}
+  logger: Logger
+  state: Any  # the train state (sharded), replaced by every step
+  start: int  # the step the state is at when the loop starts
 
-  run, tcfg = cfg.run, cfg.transformer
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  def placed(self):
+    """The block in which the run's programs are traced and run: its mesh and logical-axis rules."""
+    return sharding.activate(self.mesh, self.cfg.mesh.logical_axis_rules)
+
+  def next_batch(self) -> dict[str, jax.Array]:
+    """The next per-process batch of the iterator as global arrays, split over the batch axes."""
+    local = next(self.data)
+    return {k: jax.make_array_from_process_local_data(self.train_step.batch_sharding,
+                                                      np.asarray(local[k], np.float32))
+            for k in ("latents", "text")}
+
+  def save(self, step: int, force: bool = False) -> None:
+    self.ckpt.save(step, self.state, _data_state(self.data), self.meta, force=force)
+
+
+def set_up(cfg: TrainConfig, *, resume: bool = False, data_iterator=None) -> Session:
+  """Builds a run: the mesh and jitted step, the resolved config in the run folder (process 0), the
+  data iterator, the checkpointer, the train state -- restored with the iterator's position from the
+  last checkpoint when ``resume`` finds one, else initialised -- and the logger. The caller holds the
+  run folder (``claim_run_folder``)."""
+  run = cfg.run
   out = pathlib.Path(run.output_dir)
-  is_main = jax.process_index() == 0
-  mesh = build_mesh(cfg.mesh)
+  mesh = sharding.build_mesh(cfg.mesh)
   built = build_train_step(cfg, mesh)
-  optimizer, abstract_state, state_sh, batch_sh, step_fn = (
-      built.optimizer, built.abstract_state, built.state_shardings, built.batch_sharding, built.fn)
-  param_sh, ema = built.param_shardings, bool(cfg.optim.ema_decay)
   config_dict = config_to_dict(cfg)
-  if is_main:
+  if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.json").write_text(json.dumps(config_dict, indent=2))
     log.info("resolved config:\n%s", json.dumps(config_dict, indent=2))
     log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
              jax.process_count())
-
   data = data_iterator if data_iterator is not None else make_data_iterator(cfg)
   ckpt = Checkpointer(out / "checkpoints", save_every=run.save_every, keep=run.keep,
                       async_save=run.async_checkpoint)
-  meta = {"config": config_dict}
-  with jax.set_mesh(mesh):
-    if resume and ckpt.latest_step() is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state, state_sh)
-      state, data_state, _ = ckpt.restore(target)
-      data.set_state(data_state.encode() if isinstance(data_state, str) else json.dumps(data_state).encode())
-      log.info("resumed from step %d", int(state["step"]))
-    else:
-      if resume:
-        log.info("--resume: no checkpoint in %s yet, starting fresh", ckpt.directory)
-      params = jax.device_put(initial_params(cfg), param_sh)
-      init = jax.jit(lambda p: optim.init_train_state(p, optimizer, jax.random.key(run.seed), ema),
-                     out_shardings=state_sh)
-      state = init(params)
-    start = int(state["step"])
+  with sharding.activate(mesh, cfg.mesh.logical_axis_rules):
+    state = _restore_or_init_state(cfg, built, ckpt, data, resume)
+  return Session(cfg, out, mesh, built, data, ckpt, {"config": config_dict},
+                 Logger(run, out, config_dict), state, int(state["step"]))
 
-    stop = {"flag": False, "why": None}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True, why="sigterm"))
-    logger = Logger(run, out, config_dict)
-    flops, sampler_cache = None, {}
-    losses, t_start, t_last = [], time.time(), time.time()
-    try:
-      for step in range(start, run.steps):
-        local = next(data)
-        batch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(local[k], np.float32))
-                 for k in ("latents", "text")}
-        if flops is None:
-          flops = model_flops_per_sample(tcfg, batch["latents"].shape[1:], batch["text"].shape[1])
-        state, metrics = step_fn(state, batch)
-        done = step + 1
-        if done % run.log_every == 0 or done == run.steps or done == start + 1:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          now = time.time()
-          n_steps = run.log_every if done % run.log_every == 0 else 1
-          dt = (now - t_last) / max(1, n_steps)
-          t_last = now
-          tokens = run.global_batch * (batch["text"].shape[1] + int(np.prod(batch["latents"].shape[1:4])) //
-                                       tcfg.patch_size ** 2)
-          m.update(step_time_s=dt, samples_per_s=run.global_batch / dt, tokens_per_s=tokens / dt,
-                   mfu=flops * run.global_batch / dt / (run.peak_tflops_per_device * 1e12 * jax.device_count()))
+
+def _restore_or_init_state(cfg: TrainConfig, built: TrainStep, ckpt: Checkpointer, data, resume: bool):
+  """The last checkpoint's state (and the iterator moved to its position) when resuming, else a new
+  state from ``initial_params``; laid out by the step's shardings. Runs under the run's mesh."""
+  if resume and ckpt.latest_step() is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          built.abstract_state, built.state_shardings)
+    state, data_state, _ = ckpt.restore(target)
+    data.set_state(data_state.encode() if isinstance(data_state, str) else json.dumps(data_state).encode())
+    log.info("resumed from step %d", int(state["step"]))
+    return state
+  if resume:
+    log.info("--resume: no checkpoint in %s yet, starting fresh", ckpt.directory)
+  params = jax.device_put(initial_params(cfg), built.param_shardings)
+  ema = bool(cfg.optim.ema_decay)
+  init = jax.jit(lambda p: optim.init_train_state(p, built.optimizer, jax.random.key(cfg.run.seed), ema),
+                 out_shardings=built.state_shardings)
+  return init(params)
+
+
+def _train(s: Session, on_step) -> dict[str, Any]:
+  """The loop of ``train``: step, log, sample, checkpoint; stop on SIGTERM or max_wall_seconds."""
+  run = s.cfg.run
+  stop = {"why": None}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(why="sigterm"))
+  meter, losses, sampler_cache = _Meter(s.cfg), [], {}
+  try:
+    with s.placed():
+      for done in range(s.start + 1, run.steps + 1):  # done: the step count after this step
+        batch = s.next_batch()
+        s.state, metrics = s.train_step.fn(s.state, batch)
+        if done % run.log_every == 0 or done == run.steps or done == s.start + 1:
+          m = meter.measure(done, metrics, batch)
           losses.append((done, m["loss"]))
-          if is_main:
-            print(f"step {done}/{run.steps} loss {m['loss']:.5f} lr {m.get('lr', 0):.2e} "
-                  f"gnorm {m.get('grad_norm', 0):.3f} {dt:.3f}s/step {m['samples_per_s']:.2f} samples/s "
-                  f"{m['tokens_per_s']:.0f} tok/s mfu {100 * m['mfu']:.1f}%"
-                  f"{' SKIPPED (non-finite)' if m.get('skipped') else ''}", flush=True)
-          logger.scalars(done, m)
-          optim.check_nonfinite(state["opt_state"], cfg.optim.max_nonfinite_in_a_row)
-          if on_step is not None:
-            on_step(done, m)
+          _log_step(s, done, m, on_step)
         if run.sample_every and done % run.sample_every == 0:
-          _write_samples(cfg, state, done, out, sampler_cache)
-        if ckpt.should_save(done):  # the iterator state is serialised only when a save is due
-          ckpt.save(done, state, _data_state(data), meta)
-        if run.max_wall_seconds and time.time() - t_start > run.max_wall_seconds:
+          _write_samples(s.cfg, s.state, done, s.out, sampler_cache)
+        if s.ckpt.should_save(done):  # the iterator state is serialised only when a save is due
+          s.save(done)
+        if run.max_wall_seconds and time.time() - meter.t_start > run.max_wall_seconds:
           log.info("max_wall_seconds reached at step %d", done)
-          stop.update(flag=True, why="max_wall_seconds")
-        if stop["flag"]:
+          stop["why"] = "max_wall_seconds"
+        if stop["why"]:
           log.info("stopping at step %d: saving a checkpoint", done)
           break
-      final = int(state["step"])
-      if ckpt.latest_step() != final:
-        ckpt.save(final, state, _data_state(data), meta, force=True)
-      ckpt.close()
-    finally:
-      signal.signal(signal.SIGTERM, previous)
-      logger.close()
-  skipped = int(jax.device_get(optim.nonfinite_count(state["opt_state"])))
+      final = int(s.state["step"])
+      if s.ckpt.latest_step() != final:
+        s.save(final, force=True)
+      s.ckpt.close()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    s.logger.close()
+  skipped = int(jax.device_get(optim.nonfinite_count(s.state["opt_state"])))
   if skipped:  # the guard was still dropping updates when the run ended: the result is not trained
     raise RuntimeError(
         f"training ended on {skipped} non-finite step(s) in a row (updates skipped; checkpoint {final} "
-        f"saved in {out / 'checkpoints'}): lower the learning rate or warmup, tighten clip_norm, or check "
-        "the data for NaN/inf")
-  return {"losses": losses, "final_step": final, "state": state, "stopped": stop["why"],
+        f"saved in {s.out / 'checkpoints'}): lower the learning rate or warmup, tighten clip_norm, or "
+        "check the data for NaN/inf")
+  return {"losses": losses, "final_step": final, "state": s.state, "stopped": stop["why"],
           "skipped_steps": skipped}
+
+
+class _Meter:
+  """Step time, throughput and MFU of the steps since the last logged one."""
+
+  def __init__(self, cfg: TrainConfig):
+    self.cfg, self.flops = cfg, None
+    self.t_start = self.t_last = time.time()
+
+  def measure(self, done: int, metrics, batch) -> dict[str, float]:
+    """The step's metrics as floats, with step_time_s, samples_per_s, tokens_per_s and mfu added."""
+    run, tcfg = self.cfg.run, self.cfg.transformer
+    latents, text = batch["latents"].shape, batch["text"].shape
+    if self.flops is None:
+      self.flops = model_flops_per_sample(tcfg, latents[1:], text[1])
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.time()
+    n_steps = run.log_every if done % run.log_every == 0 else 1
+    dt = (now - self.t_last) / max(1, n_steps)
+    self.t_last = now
+    tokens = run.global_batch * (text[1] + int(np.prod(latents[1:4])) // tcfg.patch_size ** 2)
+    m.update(step_time_s=dt, samples_per_s=run.global_batch / dt, tokens_per_s=tokens / dt,
+             mfu=self.flops * run.global_batch / dt / (run.peak_tflops_per_device * 1e12 * jax.device_count()))
+    return m
+
+
+def _log_step(s: Session, done: int, m: dict[str, float], on_step) -> None:
+  """Prints a logged step (process 0), writes its scalars, stops on too many non-finite steps."""
+  run = s.cfg.run
+  if s.is_main:
+    print(f"step {done}/{run.steps} loss {m['loss']:.5f} lr {m.get('lr', 0):.2e} "
+          f"gnorm {m.get('grad_norm', 0):.3f} {m['step_time_s']:.3f}s/step {m['samples_per_s']:.2f} samples/s "
+          f"{m['tokens_per_s']:.0f} tok/s mfu {100 * m['mfu']:.1f}%"
+          f"{' SKIPPED (non-finite)' if m.get('skipped') else ''}", flush=True)
+  s.logger.scalars(done, m)
+  optim.check_nonfinite(s.state["opt_state"], s.cfg.optim.max_nonfinite_in_a_row)
+  if on_step is not None:
+    on_step(done, m)
 
 
 def _write_samples(cfg: TrainConfig, state, step: int, out: pathlib.Path, cache: dict) -> None:
@@ -560,16 +597,14 @@ def _write_samples(cfg: TrainConfig, state, step: int, out: pathlib.Path, cache:
       log.warning("sample videos during training are written by single-process runs only")
       cache["warned"] = True
     return
-  from repvideo_jax import pipeline as P
-  from repvideo_jax import video_io
   if "pipe" not in cache:
-    cache["pipe"] = P.load_pipeline(d.model)
+    cache["pipe"] = pipeline.load_pipeline(d.model)
   weights = state["ema"] if state.get("ema") is not None else state["params"]
   pipe = dataclasses.replace(cache["pipe"], transformer_config=cfg.transformer,
                              transformer_params=jax.device_get(weights))
-  settings = P.GenerationSettings(num_frames=d.frames, height=d.height, width=d.width,
-                                  steps=run.sample_steps, seed=run.seed)
-  frames = P.generate(pipe, list(run.sample_prompts), settings)
+  settings = pipeline.GenerationSettings(num_frames=d.frames, height=d.height, width=d.width,
+                                         steps=run.sample_steps, seed=run.seed)
+  frames = pipeline.generate(pipe, list(run.sample_prompts), settings)
   folder = out / "samples"
   folder.mkdir(parents=True, exist_ok=True)
   for i, video in enumerate(frames):
