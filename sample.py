@@ -14,6 +14,7 @@ released), zero unconditional embedding, 49 frames at 480x720, 8 fps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -86,7 +87,9 @@ def slug(text: str, n: int = 48) -> str:
 
 
 def check_args(args) -> None:
-  """The cheap checks, before any model is loaded: one clear error naming the flag."""
+  """Each flag's own check, once, before any model is loaded: one clear error naming the flag (and
+  the --out folder created). The settings they make up with the model folder's defaults are checked
+  against the model by ``pipeline.settings_for``; the library trusts both from then on."""
   if args.seed is not None and not 0 <= args.seed < 2 ** 32:
     raise ValueError(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
   if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
@@ -136,9 +139,7 @@ def run(args, written: list) -> int:
                         ("height", preset.height), ("width", preset.width)):
       if getattr(args, flag) is None:
         setattr(args, flag, value)
-  args.batch_size = 1 if args.batch_size is None else args.batch_size
-  if args.batch_size < 1:
-    raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+  args.batch_size = 1 if args.batch_size is None else args.batch_size  # >= 1: flag or preset checked
   n_dev = jax.device_count()
   layout = None
   if args.mesh:
@@ -156,17 +157,16 @@ def run(args, written: list) -> int:
   pipe = P.load_pipeline(model, transformer_overrides=overrides["transformer"],
                          text_encoder_overrides=overrides["text_encoder"],
                          vae_overrides=overrides["vae"], verify=not args.no_verify)
-  fps = args.fps if args.fps is not None else P.model_defaults(pipe).get("fps", 8.0)
-  if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-    raise ValueError(f"fps must be a positive number (--fps, or \"fps\" in {model}/pipeline.json "
-                     f"defaults), got {fps!r}")
+  fps = args.fps  # --fps was checked by check_args; the folder's default is checked here
+  if fps is None:
+    fps = P.model_defaults(pipe).get("fps", 8.0)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+      raise ValueError(f"\"fps\" in {model}/pipeline.json defaults must be a positive number, got {fps!r}")
   settings = P.settings_for(pipe, num_frames=args.frames, height=args.height, width=args.width,
                             steps=args.steps, guidance=args.guidance, cfg_schedule=args.cfg_schedule,
                             sampler=args.sampler, seed=args.seed, negative_prompt=args.negative_prompt)
-  settings.validate(pipe.transformer_config, pipe.vae_config)
   load_s = time.perf_counter() - t0
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = pathlib.Path(args.out)  # created by check_args
   first_number = 0 if args.overwrite else next_number(out)
   from tqdm.auto import tqdm
   total_steps, sampling_s = 0, 0.0
@@ -195,7 +195,7 @@ def run(args, written: list) -> int:
                  "model": str(pathlib.Path(model).resolve()), "fps": fps, "dtype": dtype,
                  "batch_size": args.batch_size, "batch_prompts": batch, "devices": n_dev,
                  "preset": args.preset, "mesh": dict(mesh.shape) if mesh is not None else None,
-                 "settings": settings.__dict__, "timings": {**timings, "load_s": load_s},
+                 "settings": dataclasses.asdict(settings), "timings": {**timings, "load_s": load_s},
                  "transformer": {"feature_cache": pipe.transformer_config.feature_cache,
                                  "num_layers": pipe.transformer_config.num_layers},
                  "jax_backend": jax.default_backend(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

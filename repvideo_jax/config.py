@@ -3,18 +3,26 @@
 A preset is a YAML file whose top-level keys are sections (``transformer:``, later ``vae:``,
 ``train:`` ...). Each section maps onto a frozen dataclass; unknown keys are errors, so a typo in a
 preset or on the command line is caught instead of silently ignored.
+
+The presets live in the repository's top-level ``configs/`` folder, which the package build installs
+as the package-data package ``repvideo_jax.configs`` (pyproject.toml maps one onto the other), so an
+installed package finds them with ``importlib.resources``; a source checkout or an editable install,
+where no such package exists, reads the folder itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import importlib.resources.abc
 import pathlib
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+SOURCE_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"  # in a checkout
+PRESET_PACKAGE = "repvideo_jax.configs"  # the same files, installed as package data
 
 T = TypeVar("T")
 
@@ -68,15 +76,25 @@ def to_dict(config: Any) -> dict[str, Any]:
   return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
+def preset_dir() -> importlib.resources.abc.Traversable:
+  """The folder of the bundled presets: the installed ``repvideo_jax.configs`` package data, or, when
+  that package is absent (a source checkout or an editable install), the checkout's ``configs/``."""
+  try:
+    return importlib.resources.files(PRESET_PACKAGE)
+  except ModuleNotFoundError:
+    return SOURCE_CONFIG_DIR
+
+
 def preset_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
   """Resolves a preset name (``repvideo-2b``) or a path to a YAML file."""
   path = pathlib.Path(name_or_path)
   if path.suffix in (".yaml", ".yml") and path.exists():
     return path
-  candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-  if candidate.exists():
-    return candidate
-  available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+  folder = preset_dir()
+  candidate = folder.joinpath(f"{name_or_path}.yaml")
+  if candidate.is_file():
+    return pathlib.Path(candidate)  # the package is installed as files on disk (it ships weight folders)
+  available = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
   raise FileNotFoundError(
       f"config preset {str(name_or_path)!r} not found: pass a YAML file path or one of {available}")
 

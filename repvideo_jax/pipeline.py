@@ -14,10 +14,19 @@ import json
 import logging
 import math
 import pathlib
+import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvideo_jax import config as config_lib
+from repvideo_jax import samplers, schedule, sharding
 from repvideo_jax import text_encoder as TE
-from repvideo_jax import text_encoder_weights, transformer_weights, vae_weights
+from repvideo_jax import text_encoder_weights, transformer_weights, vae_weights, video_io
+from repvideo_jax import transformer as T
+from repvideo_jax import vae as V
 from repvideo_jax.text_encoder import T5Config
 from repvideo_jax.transformer import TransformerConfig
 from repvideo_jax.vae import VAEConfig
@@ -100,6 +109,12 @@ def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | Non
 
 # ----------------------------------------------------------------------------------------------
 # Text -> video.
+#
+# Settings are checked once, where they enter: a ``GenerationSettings`` checks its own values when it
+# is constructed, and its fit to a model (``validate``) when it first meets that model, in
+# ``settings_for`` (the command lines' constructor) or in the public function it is handed to
+# (``generate``, ``sample_latents``). A fit that passed is remembered for that (settings, model
+# configs) pair, so the batches of one run and the calls inside ``generate`` do not check it again.
 
 SAMPLERS = ("dpmpp2m", "ddim")
 CFG_SCHEDULES = ("released", "constant", "smooth")
@@ -118,29 +133,8 @@ class GenerationSettings:
   seed: int = 0
   negative_prompt: str | None = None  # None: zero uncond embedding as released; str: encode it
 
-  def validate(self, tcfg: TransformerConfig, vcfg: VAEConfig) -> None:
-    """Raises ValueError naming the bad setting and what to use instead."""
-    tcr = vcfg.temporal_compression_ratio
-    if self.num_frames < 1 or (self.num_frames - 1) % tcr:
-      k = max(0, round((self.num_frames - 1) / tcr))
-      raise ValueError(f"num_frames={self.num_frames} must be {tcr}k+1 (the VAE keeps frame 0 and "
-                       f"compresses the rest {tcr}x), e.g. {tcr * k + 1} or {tcr * (k + 1) + 1}")
-    lat = (self.num_frames - 1) // tcr + 1
-    if lat % 2 == 0:  # the VAE keeps a lone first frame only for an odd latent count
-      raise ValueError(f"num_frames={self.num_frames} gives {lat} latent frames, and the VAE decodes an "
-                       f"even count to {tcr} frames each ({tcr * lat}, not {self.num_frames}): use "
-                       f"{2 * tcr}k+1 frames, e.g. {tcr * (lat - 2) + 1} or {tcr * lat + 1}")
-    unit = 8 * tcfg.patch_size
-    if self.height % unit or self.width % unit or self.height <= 0 or self.width <= 0:
-      raise ValueError(f"height and width must be positive multiples of {unit} (VAE 8x times patch "
-                       f"{tcfg.patch_size}), got {self.height}x{self.width}")
-    lat_t, lat_h, lat_w = lat, self.height // 8, self.width // 8
-    if tcfg.positional_embedding == "sincos" and (
-        lat_t > tcfg.sample_frames or lat_h > tcfg.sample_height or lat_w > tcfg.sample_width):
-      raise ValueError(
-          f"{self.num_frames} frames at {self.height}x{self.width} exceed what this model's positional "
-          f"table covers: at most {tcr * (tcfg.sample_frames - 1) + 1} frames at "
-          f"{8 * tcfg.sample_height}x{8 * tcfg.sample_width}")
+  def __post_init__(self):
+    """The checks that need no model; the video size is checked against one by ``validate``."""
     if self.steps < 1:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
     if not math.isfinite(self.guidance) or self.guidance < 1:
@@ -153,9 +147,65 @@ class GenerationSettings:
     if self.cfg_schedule not in CFG_SCHEDULES:
       raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
 
+  @property
+  def uses_guidance(self) -> bool:
+    """Whether sampling runs the unconditional branch: every schedule except a constant w = 1."""
+    return self.guidance > 1 or self.cfg_schedule != "constant"
+
+  def validate(self, tcfg: TransformerConfig, vcfg: VAEConfig) -> None:
+    """Raises ValueError naming the bad setting and what to use instead when the video size does not
+    fit the model (the VAE's compression, the patch size, the positional table). Passing is
+    remembered per (settings, configs), so calling it again costs nothing."""
+    try:
+      hash((self, tcfg, vcfg))
+    except TypeError:  # a config built by hand with a list field: check without remembering
+      _check_fit.__wrapped__(self, tcfg, vcfg)
+    else:
+      _check_fit(self, tcfg, vcfg)
+
   def latent_shape(self, tcfg: TransformerConfig, vcfg: VAEConfig) -> tuple[int, int, int, int]:
-    return ((self.num_frames - 1) // vcfg.temporal_compression_ratio + 1, self.height // 8,
-            self.width // 8, tcfg.in_channels)
+    """(frames, height, width, channels) of one video's latents."""
+    return (*vcfg.latent_size(self.num_frames, self.height, self.width), tcfg.in_channels)
+
+
+def check_positional_table(tcfg: TransformerConfig, frames: int, height: int, width: int) -> None:
+  """Raises ValueError when latents of ``frames x height x width`` exceed the transformer's sin-cos
+  positional table (``sample_frames x sample_height x sample_width``); rotary positions have none.
+
+  The transformer's own input check (``check_inputs``) applies the same limit; this function is
+  meant to be its one definition, living beside ``TransformerConfig`` in transformer.py."""
+  if tcfg.positional_embedding == "sincos" and (
+      frames > tcfg.sample_frames or height > tcfg.sample_height or width > tcfg.sample_width):
+    raise ValueError(
+        f"latents {frames}x{height}x{width} (frames x height x width) exceed the positional table "
+        f"{tcfg.sample_frames}x{tcfg.sample_height}x{tcfg.sample_width}; use at most that many latent "
+        "frames and pixels, or raise sample_frames/sample_height/sample_width in the config")
+
+
+@functools.lru_cache(maxsize=64)
+def _check_fit(settings: GenerationSettings, tcfg: TransformerConfig, vcfg: VAEConfig) -> None:
+  """``GenerationSettings.validate``; cached, so only the first call for a triple does the work."""
+  n, height, width = settings.num_frames, settings.height, settings.width
+  tcr, s, p = vcfg.temporal_compression_ratio, vcfg.spatial_compression, tcfg.patch_size
+  if n < 1 or (n - 1) % tcr:
+    k = max(0, round((n - 1) / tcr))
+    raise ValueError(f"num_frames={n} must be {tcr}k+1 (the VAE keeps frame 0 and compresses the rest "
+                     f"{tcr}x), e.g. {tcr * k + 1} or {tcr * (k + 1) + 1}")
+  lat_t, lat_h, lat_w = vcfg.latent_size(n, height, width)
+  if lat_t % 2 == 0:  # the VAE keeps a lone first frame only for an odd latent count
+    raise ValueError(f"num_frames={n} gives {lat_t} latent frames, and the VAE decodes an even count to "
+                     f"{tcr} frames each ({tcr * lat_t}, not {n}): use {2 * tcr}k+1 frames, e.g. "
+                     f"{tcr * (lat_t - 2) + 1} or {tcr * lat_t + 1}")
+  unit = s * p
+  if height % unit or width % unit or height <= 0 or width <= 0:
+    raise ValueError(f"height and width must be positive multiples of {unit} (VAE {s}x times patch "
+                     f"{p}), got {height}x{width}")
+  try:
+    check_positional_table(tcfg, lat_t, lat_h, lat_w)
+  except ValueError as e:
+    raise ValueError(f"{n} frames at {height}x{width} exceed what this model's positional table covers "
+                     f"(at most {tcr * (tcfg.sample_frames - 1) + 1} frames at "
+                     f"{s * tcfg.sample_height}x{s * tcfg.sample_width}): {e}") from None
 
 
 def model_defaults(pipe: Pipeline) -> dict[str, Any]:
@@ -172,21 +222,36 @@ def model_defaults(pipe: Pipeline) -> dict[str, Any]:
 
 
 def settings_for(pipe: Pipeline, **overrides) -> GenerationSettings:
-  """``GenerationSettings`` from the model folder's defaults, then ``overrides`` (None = keep)."""
-  from repvideo_jax import config as config_lib
+  """``GenerationSettings`` from the model folder's defaults, then ``overrides`` (None = keep),
+  checked against the folder's model (``validate``): what the command lines build their settings with."""
   values = {k: v for k, v in model_defaults(pipe).items() if k != "fps"}
   values.update({k: v for k, v in overrides.items() if v is not None})
-  return config_lib.from_dict(GenerationSettings, values, where=f"{pipe.path}/pipeline.json defaults")
+  settings = config_lib.from_dict(GenerationSettings, values,
+                                  where=f"{pipe.path}/pipeline.json defaults")
+  settings.validate(pipe.transformer_config, pipe.vae_config)
+  return settings
 
 
-def cfg_weights(settings: GenerationSettings, timesteps) -> "np.ndarray":
-  from repvideo_jax import schedule
+def cfg_weights(settings: GenerationSettings, timesteps) -> np.ndarray:
+  """The guidance weight of each sampler step, by the settings' CFG schedule."""
   n = len(timesteps)
   if settings.cfg_schedule == "constant":
     return schedule.constant_cfg_weights(n, settings.guidance)
   if settings.cfg_schedule == "smooth":
     return schedule.smooth_cfg_weights(n, settings.guidance)
   return schedule.dynamic_cfg_weights(timesteps, scale=settings.guidance, sampler_steps=n)
+
+
+def unconditional_text(pipe: Pipeline, settings: GenerationSettings, text):
+  """The text of the unconditional branch of classifier-free guidance for prompt embeddings ``text``
+  (B, L, D): None when the settings sample without guidance, the encoded negative prompt when they
+  name one, else the released zero embedding (``force_uc_zero_embeddings``; the zeros themselves come
+  from ``samplers.unconditional_text``). Every sampling path of the package chooses it here."""
+  if not settings.uses_guidance:
+    return None
+  if settings.negative_prompt is not None:
+    return pipe.encode_prompts([settings.negative_prompt] * text.shape[0])
+  return samplers.unconditional_text(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +272,14 @@ class SamplingPreset:
   vae_tiling: bool = False  # decode in overlapping spatial tiles (diffusers' tiled_decode)
   mesh: dict | None = None  # {data, fsdp, tensor, context}; default: default_sample_mesh
 
+  def __post_init__(self):
+    for name in ("batch", "frames", "height", "width"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+
 
 def load_sampling_preset(name_or_path, overrides=()) -> SamplingPreset:
   """A ``SamplingPreset`` from ``configs/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides."""
-  from repvideo_jax import config as config_lib
   overrides = [o if o.startswith("sample.") else f"sample.{o}" for o in overrides]
   tree = config_lib.load_yaml(name_or_path, overrides)
   if set(tree) != {"sample"}:
@@ -228,8 +297,6 @@ def default_sample_mesh(devices: int, batch: int, guidance: bool = True) -> dict
 def initial_noise(settings: GenerationSettings, shape, batch: int, first_index: int = 0):
   """x_T ~ N(0, I) per video, keyed by (seed, the video's index in the whole prompt list): a prompt's
   starting noise does not depend on which other prompts share its batch."""
-  import jax
-  import jax.numpy as jnp
   base = jax.random.key(settings.seed)
   return jnp.stack([jax.random.normal(jax.random.fold_in(base, first_index + i), shape, jnp.float32)
                     for i in range(batch)])
@@ -237,20 +304,23 @@ def initial_noise(settings: GenerationSettings, shape, batch: int, first_index: 
 
 def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_uncond=None,
                    noise=None, mesh=None, progress=None, first_index: int = 0):
-  """Runs the sampler on prompt embeddings (B, L, D); returns latents (B, T, h, w, C), scaled."""
-  import jax
-  import jax.numpy as jnp
+  """Runs the sampler on prompt embeddings (B, L, D); returns latents (B, T, h, w, C), scaled.
+  ``text_uncond`` None: the settings' unconditional text (``unconditional_text``)."""
+  settings.validate(pipe.transformer_config, pipe.vae_config)
+  if text_uncond is None:
+    text_uncond = unconditional_text(pipe, settings, text)
+  return _sample(pipe, text, text_uncond, settings, noise=noise, mesh=mesh, progress=progress,
+                 first_index=first_index)
 
-  from repvideo_jax import samplers, schedule, sharding
+
+def _sample(pipe: Pipeline, text, text_uncond, settings: GenerationSettings, *, noise, mesh, progress,
+            first_index: int):
+  """``sample_latents`` on settings already validated for ``pipe``."""
   tcfg, vcfg = pipe.transformer_config, pipe.vae_config
-  settings.validate(tcfg, vcfg)
   b = text.shape[0]
   if noise is None:
     noise = initial_noise(settings, settings.latent_shape(tcfg, vcfg), b, first_index)
   params = pipe.transformer_params
-  use_cfg = settings.guidance > 1 or settings.cfg_schedule != "constant"
-  if use_cfg and text_uncond is None:
-    text_uncond = jnp.zeros_like(text)  # released: force_uc_zero_embeddings
   if mesh is not None:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = sharding.batch_sharding(mesh, b)
@@ -264,7 +334,7 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
   else:
     sched = schedule.sampling_schedule(settings.steps)
   weights = cfg_weights(settings, sched.timesteps)
-  kwargs = dict(schedule=sched, cfg_weights=weights, params=params, use_cfg=use_cfg,
+  kwargs = dict(schedule=sched, cfg_weights=weights, params=params, use_cfg=settings.uses_guidance,
                 progress=progress is not None)
   # On a mesh the model's sharding hints and attention's shard_map read it from the context.
   with samplers.progress_hook(progress), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
@@ -281,7 +351,6 @@ def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_u
 @functools.lru_cache(maxsize=8)
 def _model_fn(tcfg: TransformerConfig):
   """One function object per config, so the compiled sampler is reused across calls."""
-  from repvideo_jax import transformer as T
   return T.make_apply(tcfg)
 
 
@@ -289,7 +358,6 @@ def decode_latents(pipe: Pipeline, latents, tiling: bool = False):
   """Scaled latents -> float video in [-1, 1]-ish, (B, F, H, W, 3), with the released chunking.
   ``tiling`` decodes in overlapping spatial tiles (diffusers' ``tiled_decode``), streamed one video,
   tile and chunk at a time (``vae.decode_streamed``): the memory of one tile-chunk step."""
-  from repvideo_jax import vae as V
   if tiling:
     return V.decode_streamed(pipe.vae_params, latents, config=pipe.vae_config, tiling=V.TilingConfig())
   chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
@@ -307,21 +375,14 @@ def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationS
   ``mesh``: shard the batch over the mesh's data axes and each video's sequence over its context
   axis (params replicated).
   """
-  import time
-
-  import numpy as np
-
-  from repvideo_jax import video_io
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   settings.validate(pipe.transformer_config, pipe.vae_config)
   t0 = time.perf_counter()
   text = pipe.encode_prompts(prompts)
-  uncond = None
-  if settings.negative_prompt is not None:
-    uncond = pipe.encode_prompts([settings.negative_prompt] * len(prompts))
+  uncond = unconditional_text(pipe, settings, text)
   t1 = time.perf_counter()
-  latents = sample_latents(pipe, text, settings, text_uncond=uncond, mesh=mesh, progress=progress,
-                           noise=noise, first_index=first_index)
+  latents = _sample(pipe, text, uncond, settings, mesh=mesh, progress=progress, noise=noise,
+                    first_index=first_index)
   t2 = time.perf_counter()
   video = np.asarray(decode_latents(pipe, latents, tiling=vae_tiling))
   t3 = time.perf_counter()

@@ -5,16 +5,20 @@
     python -m repvideo_jax.demo.build --name nocache train.transformer.feature_cache=false --install
         # the cache-off ablation on the same data and encoders -> bundled as ablations/nocache/transformer
 
-Stages, each in its own folder under ``--out`` and skipped when already complete (so a killed build
-resumes; the transformer resumes from its last checkpoint):
+Stages, run in this order by ``build`` (one function each, in ``STAGES``), each in its own folder
+under ``--out`` and skipped when already complete (so a killed build resumes; the transformer resumes
+from its last checkpoint):
   data          ``demo.write_dataset``: ``dataset.per_spec`` clips of every train-split combination
   tokenizer     a sentencepiece model trained on the train captions (``text_training.train_tokenizer``)
   text_encoder  the T5 encoder pretrained on the train captions (``text_training.pretrain_encoder``)
   vae           the VAE trained on freshly rendered train-split clips (``vae_training.train``)
   encoders      a model folder of the three plus an untrained transformer (what data.prepare reads)
-  records       ``python -m repvideo_jax.data.prepare`` on the dataset with those encoders
-  <name>/run    ``train.py --config <name>/train.yaml``: the ``train`` section of the recipe
+  records       ``data.prepare`` on the dataset with those encoders
+  <name>/run    ``training.trainer.train`` in this process on ``<name>/train.yaml`` (the recipe's
+                ``train`` section; the same run as ``train.py --config <name>/train.yaml --resume``),
+                its output appended to ``<name>/train.log``
   <name>/model  the finished model folder (pipeline.json with the ``generation`` defaults)
+  (install)     with ``--install``: the model, or a variant's transformer, copied into the package
 Every stage records the part of the config it was built from; re-running with a different one is
 refused (use a new ``--out``, or ``--name`` for a different transformer on the same data).
 
@@ -24,25 +28,37 @@ Overrides: ``section.key=value`` on the recipe, e.g. ``train.run.steps=100 vae_t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
+import jax
+import ml_dtypes
 import numpy as np
 import yaml
 
+from repvideo_jax import checkpoint_io
 from repvideo_jax import config as config_lib
+from repvideo_jax import outputs
+from repvideo_jax import pipeline as P
+from repvideo_jax import text_encoder as TE
+from repvideo_jax import text_encoder_weights, transformer_weights, vae_weights
+from repvideo_jax import transformer as T
+from repvideo_jax import vae as V
+from repvideo_jax.data import prepare
+from repvideo_jax.demo import MODEL_DIR, text_training, vae_training
 from repvideo_jax.demo import domain as D
+from repvideo_jax.training import trainer
+from repvideo_jax.training.checkpoints import Checkpointer
 
 log = logging.getLogger(__name__)
-REPO = pathlib.Path(__file__).resolve().parents[2]
 SECTIONS = ("dataset", "tokenizer", "text_encoder", "text_training", "vae", "vae_training", "train",
             "generation")
 SCALARS = {"storage_dtype": "float32"}  # top-level recipe settings besides the sections
@@ -82,11 +98,6 @@ def load_recipe(name_or_path: str = "demo", overrides=()) -> dict[str, Any]:
 
 def _validate(tree: dict[str, Any], where: str) -> None:
   """Builds every section's typed config once, so a typo fails now, not an hour into the build."""
-  from repvideo_jax import pipeline as P
-  from repvideo_jax import text_encoder as TE
-  from repvideo_jax import vae as V
-  from repvideo_jax.demo import text_training, vae_training
-  from repvideo_jax.training import trainer
   for section, cls in (("dataset", DatasetConfig), ("tokenizer", TokenizerConfig),
                        ("text_encoder", TE.T5Config), ("text_training", text_training.TextTrainConfig),
                        ("vae", V.VAEConfig), ("vae_training", vae_training.VAETrainConfig)):
@@ -121,91 +132,113 @@ class Stage:
     return True
 
   def finish(self, **info) -> None:
-    tmp = self.path / "stage.json.tmp"
-    tmp.write_text(json.dumps({"config": self.config, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               **info}, indent=2))
-    os.replace(tmp, self.path / "stage.json")
+    outputs.atomic_write(self.path / "stage.json", json.dumps(
+        {"config": self.config, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, indent=2))
 
 
 def _say(msg: str) -> None:
   print(f"[demo.build] {msg}", file=sys.stderr, flush=True)
 
 
-def _replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
-  """Moves ``src`` to ``dst`` (replacing it) as atomically as the filesystem allows."""
-  old = dst.with_name(dst.name + ".old")
-  shutil.rmtree(old, ignore_errors=True)
-  if dst.exists():
-    os.replace(dst, old)
-  os.replace(src, dst)
-  shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_pipeline(folder: pathlib.Path, manifest: dict) -> None:
-  (folder / "pipeline.json").write_text(json.dumps(
+  outputs.atomic_write(folder / "pipeline.json", json.dumps(
       {"format": "repvideo-jax-pipeline", "version": 1,
        "components": ["transformer", "text_encoder", "vae", "tokenizer"], **manifest}, indent=2))
 
 
-def build(recipe: dict[str, Any], out: str | pathlib.Path, *, name: str = "model", install: bool = False,
-          progress: bool = True, recipe_name: str = "demo") -> pathlib.Path:
-  """Runs (or resumes) every stage; returns the finished model folder ``out/name/model``."""
-  import jax
+@dataclasses.dataclass
+class Build:
+  """One build's inputs, and what each stage leaves for the later ones (None until it has run)."""
+  recipe: dict[str, Any]
+  out: pathlib.Path
+  name: str = "model"
+  install: bool = False
+  progress: bool = True
+  recipe_name: str = "demo"
+  dataset: DatasetConfig = dataclasses.field(init=False)
+  train_specs: list = dataclasses.field(init=False)
+  heldout: list = dataclasses.field(init=False)
+  captions: list[str] = dataclasses.field(init=False)
+  text_length: int = dataclasses.field(init=False)  # the transformer's, which T5 pretrains for
+  data_dir: pathlib.Path | None = None
+  tokenizer_dir: pathlib.Path | None = None
+  tokenizer: Any = None
+  text_dir: pathlib.Path | None = None
+  vae_dir: pathlib.Path | None = None
+  encoders: Stage | None = None
+  records_dir: pathlib.Path | None = None
+  train_yaml: pathlib.Path | None = None
+  model: pathlib.Path | None = None
 
-  from repvideo_jax import text_encoder as TE
-  from repvideo_jax import text_encoder_weights, transformer_weights, vae_weights
-  from repvideo_jax import transformer as T
-  from repvideo_jax import vae as V
-  from repvideo_jax.demo import text_training, vae_training
-  from repvideo_jax.training import trainer
+  def __post_init__(self):
+    self.out = pathlib.Path(self.out).absolute()
+    self.dataset = config_lib.from_dict(DatasetConfig, self.recipe["dataset"], "dataset")
+    self.train_specs, self.heldout = D.split_specs(self.dataset.split_seed, self.dataset.holdout_fraction)
+    self.captions = sorted({D.caption(s) for s in self.train_specs})
+    self.text_length = int(self.recipe["train"]["transformer"]["text_length"])
 
-  out = pathlib.Path(out).absolute()
-  out.mkdir(parents=True, exist_ok=True)
-  ds = config_lib.from_dict(DatasetConfig, recipe["dataset"], "dataset")
-  train_specs, heldout = D.split_specs(ds.split_seed, ds.holdout_fraction)
-  captions = sorted({D.caption(s) for s in train_specs})
+  @property
+  def variant(self) -> pathlib.Path:
+    """The folder of this transformer variant (``--name``): its run, train.yaml, log and model."""
+    return self.out / self.name
 
-  stage = Stage(out, "data", recipe["dataset"])
+  def sections(self, *names: str) -> dict[str, Any]:
+    """The named sections of the recipe: the config a stage records."""
+    return {k: self.recipe[k] for k in names}
+
+
+def stage_data(b: Build) -> None:
+  """The rendered training clips of the train split, with captions.csv."""
+  ds = b.dataset
+  stage = Stage(b.out, "data", b.recipe["dataset"])
   if not stage.done:
-    _say(f"data: rendering {ds.per_spec} clips x {len(train_specs)} train combinations "
-         f"({len(heldout)} held out)")
-    D.write_dataset(stage.path, train_specs, per_spec=ds.per_spec, num_frames=ds.frames,
+    _say(f"data: rendering {ds.per_spec} clips x {len(b.train_specs)} train combinations "
+         f"({len(b.heldout)} held out)")
+    D.write_dataset(stage.path, b.train_specs, per_spec=ds.per_spec, num_frames=ds.frames,
                     height=ds.height, width=ds.width, fps=ds.fps, seed=ds.seed)
-    stage.finish(train=[D.caption(s) for s in train_specs], heldout=[D.caption(s) for s in heldout])
-  data_dir = stage.path
+    stage.finish(train=[D.caption(s) for s in b.train_specs], heldout=[D.caption(s) for s in b.heldout])
+  b.data_dir = stage.path
 
-  tok_cfg = config_lib.from_dict(TokenizerConfig, recipe["tokenizer"], "tokenizer")
-  stage = Stage(out, "tokenizer", {"tokenizer": recipe["tokenizer"], "dataset": recipe["dataset"]})
+
+def stage_tokenizer(b: Build) -> None:
+  """A sentencepiece tokenizer of the train captions (loaded for the next stage)."""
+  tok_cfg = config_lib.from_dict(TokenizerConfig, b.recipe["tokenizer"], "tokenizer")
+  stage = Stage(b.out, "tokenizer", b.sections("tokenizer", "dataset"))
   if not stage.done:
     _say("tokenizer: training sentencepiece on the train captions")
-    text_training.train_tokenizer(captions, stage.path, vocab_size=tok_cfg.vocab_size,
+    text_training.train_tokenizer(b.captions, stage.path, vocab_size=tok_cfg.vocab_size,
                                   model_type=tok_cfg.model_type)
     stage.finish()
-  tokenizer = TE.load_tokenizer(stage.path)
-  tokenizer_dir = stage.path
+  b.tokenizer = TE.load_tokenizer(stage.path)
+  b.tokenizer_dir = stage.path
 
-  t5_cfg = config_lib.from_dict(TE.T5Config, {**recipe["text_encoder"], "vocab_size": len(tokenizer)},
+
+def stage_text_encoder(b: Build) -> None:
+  """The T5 encoder, pretrained on the train captions, saved as converted weights."""
+  t5_cfg = config_lib.from_dict(TE.T5Config, {**b.recipe["text_encoder"], "vocab_size": len(b.tokenizer)},
                                 "text_encoder")
-  text_length = int(recipe["train"]["transformer"]["text_length"])
-  stage = Stage(out, "text_encoder", {k: recipe[k] for k in ("text_encoder", "text_training", "tokenizer",
-                                                             "dataset")})
+  stage = Stage(b.out, "text_encoder", b.sections("text_encoder", "text_training", "tokenizer", "dataset"))
   if not stage.done:
     _say(f"text encoder: pretraining T5 ({t5_cfg.num_layers} layers, width {t5_cfg.d_model})")
-    tc = config_lib.from_dict(text_training.TextTrainConfig, recipe["text_training"], "text_training")
-    params, rows = text_training.pretrain_encoder(t5_cfg, tokenizer, captions, tc, stage.path / "run",
-                                                  max_length=text_length, progress=progress)
+    tc = config_lib.from_dict(text_training.TextTrainConfig, b.recipe["text_training"], "text_training")
+    params, rows = text_training.pretrain_encoder(t5_cfg, b.tokenizer, b.captions, tc, stage.path / "run",
+                                                  max_length=b.text_length, progress=b.progress)
     text_encoder_weights.save(stage.path / "weights", t5_cfg, params, source="demo.build", overwrite=True)
     stage.finish(first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"], last_accuracy=rows[-1]["accuracy"])
-  text_dir = stage.path / "weights"
+  b.text_dir = stage.path / "weights"
 
-  vae_cfg = config_lib.from_dict(V.VAEConfig, {**recipe["vae"], "scaling_factor": 1.0}, "vae")
-  stage = Stage(out, "vae", {k: recipe[k] for k in ("vae", "vae_training", "dataset")})
+
+def stage_vae(b: Build) -> None:
+  """The VAE, trained on fresh renders, with the latent scale measured on a probe batch."""
+  ds, specs = b.dataset, b.train_specs
+  vae_cfg = config_lib.from_dict(V.VAEConfig, {**b.recipe["vae"], "scaling_factor": 1.0}, "vae")
+  stage = Stage(b.out, "vae", b.sections("vae", "vae_training", "dataset"))
   if not stage.done:
-    vt = config_lib.from_dict(vae_training.VAETrainConfig, recipe["vae_training"], "vae_training")
+    vt = config_lib.from_dict(vae_training.VAETrainConfig, b.recipe["vae_training"], "vae_training")
     _say(f"vae: training {vae_cfg.block_out_channels} on {vt.frames}-frame clips, {vt.steps} steps")
 
     def random_clip(rng):  # a fresh render of a random train-split combination
-      return D.render(train_specs[rng.integers(len(train_specs))], num_frames=vt.frames,
+      return D.render(specs[rng.integers(len(specs))], num_frames=vt.frames,
                       height=ds.height, width=ds.width, seed=int(rng.integers(1 << 31)))
 
     def clips(step):
@@ -217,116 +250,167 @@ def build(recipe: dict[str, Any], out: str | pathlib.Path, *, name: str = "model
       return np.stack([random_clip(rng)[rng.integers(vt.frames)][None] for _ in range(vt.image_batch_size)])
 
     params, rows = vae_training.train(vae_cfg, vt, clips, stage.path / "run", images=images,
-                                      progress=progress)
+                                      progress=b.progress)
     probe = np.stack([D.render(s, num_frames=ds.frames, height=ds.height, width=ds.width, seed=5000 + i)
-                      for i, s in enumerate(train_specs)])
+                      for i, s in enumerate(specs)])
     scale = vae_training.latent_scale(params, vae_cfg, probe)
     final_cfg = dataclasses.replace(vae_cfg, scaling_factor=scale)
     vae_weights.save(stage.path / "weights", final_cfg, params, source="demo.build", overwrite=True)
     stage.finish(scaling_factor=scale, first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"])
-  vae_dir = stage.path / "weights"
+  b.vae_dir = stage.path / "weights"
 
-  train_tree = recipe["train"]
-  t_cfg = config_lib.from_dict(T.TransformerConfig, train_tree["transformer"], "train.transformer")
-  stage = Stage(out, "encoders", {k: recipe[k] for k in ("dataset", "tokenizer", "text_encoder",
-                                                         "text_training", "vae", "vae_training")}
-                | {"text_length": text_length})
+
+def stage_encoders(b: Build) -> None:
+  """A model folder of tokenizer, T5 and VAE plus an untrained transformer: data.prepare's input."""
+  t_cfg = config_lib.from_dict(T.TransformerConfig, b.recipe["train"]["transformer"], "train.transformer")
+  stage = Stage(b.out, "encoders", b.sections("dataset", "tokenizer", "text_encoder", "text_training",
+                                              "vae", "vae_training") | {"text_length": b.text_length})
   if not stage.done:
     _say("encoders: assembling the VAE, T5 and tokenizer into a model folder for data.prepare")
     shutil.rmtree(stage.path, ignore_errors=True)
     stage.path.mkdir(parents=True)
-    shutil.copytree(tokenizer_dir, stage.path / "tokenizer", ignore=shutil.ignore_patterns("stage.json"))
-    shutil.copytree(text_dir, stage.path / "text_encoder")
-    shutil.copytree(vae_dir, stage.path / "vae")
+    shutil.copytree(b.tokenizer_dir, stage.path / "tokenizer", ignore=shutil.ignore_patterns("stage.json"))
+    shutil.copytree(b.text_dir, stage.path / "text_encoder")
+    shutil.copytree(b.vae_dir, stage.path / "vae")
     transformer_weights.save(stage.path / "transformer", t_cfg, T.init(t_cfg, jax.random.key(0)),
                              source="untrained (only its config is read by data.prepare)")
-    _write_pipeline(stage.path, {"source": {"recipe": recipe_name, "note": "encoders only"}})
+    _write_pipeline(stage.path, {"source": {"recipe": b.recipe_name, "note": "encoders only"}})
     stage.finish()
-  encoders_dir = stage.path
+  b.encoders = stage
 
-  data_cfg = train_tree.get("data") or {}
-  stage = Stage(out, "records", {"encoders": stage.config, "data": {k: data_cfg.get(k) for k in
-                                                                     ("frames", "height", "width", "fps")}})
+
+def stage_records(b: Build) -> None:
+  """The dataset encoded to latent and text records by data.prepare."""
+  ds = b.dataset
+  data_cfg = b.recipe["train"].get("data") or {}
+  sizes = {k: data_cfg.get(k) for k in ("frames", "height", "width", "fps")}
+  stage = Stage(b.out, "records", {"encoders": b.encoders.config, "data": sizes})
   if not stage.done:
-    from repvideo_jax.data import prepare
     _say("records: encoding the dataset with data.prepare")
     prep = prepare.PrepareConfig(frames=ds.frames, height=ds.height, width=ds.width, fps=ds.fps,
                                  batch_size=8)
-    prepare.prepare(data_dir, data_dir / "captions.csv", encoders_dir, stage.path, prep,
-                    progress=progress, verbose=False)
+    prepare.prepare(b.data_dir, b.data_dir / "captions.csv", b.encoders.path, stage.path, prep,
+                    progress=b.progress, verbose=False)
     stage.finish()
-  records_dir = stage.path
+  b.records_dir = stage.path
 
-  # The transformer: train.py on the recipe's train section, into <name>/run.
-  variant = out / name
+
+def stage_transformer(b: Build) -> None:
+  """The recipe's ``train`` section, pointed at the records and ``<name>/run``, trained (or resumed)
+  by the trainer in this process; what it prints goes to ``<name>/train.log``."""
+  variant = b.variant
   variant.mkdir(exist_ok=True)
-  train_tree = json.loads(json.dumps(train_tree))
-  train_tree.setdefault("data", {})["records"] = str(records_dir)
+  train_tree = json.loads(json.dumps(b.recipe["train"]))
+  train_tree.setdefault("data", {})["records"] = str(b.records_dir)
   train_tree.setdefault("run", {})["output_dir"] = str(variant / "run")
-  train_yaml = variant / "train.yaml"
-  previous = yaml.safe_load(train_yaml.read_text()) if train_yaml.exists() else None
+  b.train_yaml = variant / "train.yaml"
+  previous = yaml.safe_load(b.train_yaml.read_text()) if b.train_yaml.exists() else None
   if previous is not None and previous != train_tree and (variant / "run").exists():
     raise ValueError(f"{variant} holds a transformer run with a different train config; use another "
                      "--name (or a new --out)")
-  train_yaml.write_text(yaml.safe_dump(train_tree, sort_keys=False))
-  command = [sys.executable, str(REPO / "train.py"), "--config", str(train_yaml), "--resume"]
-  steps = int(train_tree["run"].get("steps", 0))
+  outputs.atomic_write(b.train_yaml, yaml.safe_dump(train_tree, sort_keys=False))
+  cfg = trainer.config_from_dict(train_tree, str(b.train_yaml))
   done = _finished_step(variant / "run")
-  if done is None or done < steps:
-    _say(f"transformer: {' '.join(command[1:])}")
-    with open(variant / "train.log", "a") as log_file:
-      proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-      for line in proc.stdout:
-        log_file.write(line)
-        log_file.flush()  # so that `tail -f train.log` follows the run
-        if progress and line.startswith("step "):
-          print(f"  {line.rstrip()}", file=sys.stderr, flush=True)
-      if proc.wait() != 0:
-        raise RuntimeError(f"train.py failed (exit {proc.returncode}); see {variant / 'train.log'}")
+  if done is not None and done >= cfg.run.steps:
+    return
+  _say(f"transformer: training {b.train_yaml} from step {done or 0} (log: {variant / 'train.log'})")
+  with _train_log(variant / "train.log", echo=b.progress):
+    result = trainer.train(cfg, resume=True)
+  if result["final_step"] < cfg.run.steps:
+    raise RuntimeError(f"the transformer run stopped at step {result['final_step']} of {cfg.run.steps} "
+                       f"({result['stopped']}); run the build again to resume it")
 
-  model = variant / "model"
-  tmp = variant / "model.partial"
+
+def stage_model(b: Build) -> None:
+  """Assembles ``<name>/model`` next to its final place, then swaps it in."""
+  encoders, recipe = b.encoders.path, b.recipe
+  b.model = b.variant / "model"
+  tmp = b.variant / "model.partial"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   for part in ("tokenizer", "text_encoder", "vae"):
-    shutil.copytree(encoders_dir / part, tmp / part)
-  tcfg = trainer.export_transformer(variant / "run", tmp / "transformer")
+    shutil.copytree(encoders / part, tmp / part)
+  tcfg = trainer.export_transformer(b.variant / "run", tmp / "transformer")
   if recipe["storage_dtype"] != "float32":
     for part in ("transformer", "text_encoder", "vae"):
       _store_as(tmp / part, recipe["storage_dtype"])
-  defaults = dict(recipe["generation"])
-  _write_pipeline(tmp, {"defaults": defaults, "source": {
-      "recipe": recipe_name, "config": recipe, "command": "python -m repvideo_jax.demo.build",
-      "train_command": f"train.py --config {train_yaml.name}", "feature_cache": tcfg.feature_cache,
-      "heldout": [D.caption(s) for s in heldout]}})
-  _replace_dir(tmp, model)
-  _say(f"wrote {model}")
-  if install:
-    from repvideo_jax.demo import MODEL_DIR
-    if name == "model":
-      _install(model, MODEL_DIR)
-      _say(f"installed {model} as {MODEL_DIR}")
-    else:  # a variant shares the bundled encoders: only its transformer and recipe are kept
-      target = MODEL_DIR / "ablations" / name
-      tmp = target.with_name(target.name + ".partial")
-      shutil.rmtree(tmp, ignore_errors=True)
-      tmp.mkdir(parents=True)
-      shutil.copytree(model / "transformer", tmp / "transformer")
-      manifest = json.loads((model / "pipeline.json").read_text())
-      (tmp / "recipe.json").write_text(json.dumps(manifest["source"], indent=2))
-      _replace_dir(tmp, target)
-      _say(f"installed the {name} transformer as {target / 'transformer'}")
-  return model
+  _write_pipeline(tmp, {"defaults": dict(recipe["generation"]), "source": {
+      "recipe": b.recipe_name, "config": recipe, "command": "python -m repvideo_jax.demo.build",
+      "train_command": f"train.py --config {b.train_yaml.name}", "feature_cache": tcfg.feature_cache,
+      "heldout": [D.caption(s) for s in b.heldout]}})
+  outputs.replace_dir(tmp, b.model)
+  _say(f"wrote {b.model}")
+
+
+def stage_install(b: Build) -> None:
+  """With ``install``: the model over the bundled one, or a variant's transformer as an ablation."""
+  if not b.install:
+    return
+  if b.name == "model":
+    _install(b.model, MODEL_DIR)
+    _say(f"installed {b.model} as {MODEL_DIR}")
+    return
+  # A variant shares the bundled encoders: only its transformer and recipe are kept.
+  target = MODEL_DIR / "ablations" / b.name
+  tmp = target.with_name(target.name + ".partial")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  shutil.copytree(b.model / "transformer", tmp / "transformer")
+  manifest = json.loads((b.model / "pipeline.json").read_text())
+  outputs.atomic_write(tmp / "recipe.json", json.dumps(manifest["source"], indent=2))
+  outputs.replace_dir(tmp, target)
+  _say(f"installed the {b.name} transformer as {target / 'transformer'}")
+
+
+STAGES: tuple[Callable[[Build], None], ...] = (
+    stage_data, stage_tokenizer, stage_text_encoder, stage_vae, stage_encoders, stage_records,
+    stage_transformer, stage_model, stage_install)
+
+
+def build(recipe: dict[str, Any], out: str | pathlib.Path, *, name: str = "model", install: bool = False,
+          progress: bool = True, recipe_name: str = "demo") -> pathlib.Path:
+  """Runs (or resumes) every stage; returns the finished model folder ``out/name/model``."""
+  b = Build(recipe, pathlib.Path(out), name=name, install=install, progress=progress,
+            recipe_name=recipe_name)
+  b.out.mkdir(parents=True, exist_ok=True)
+  for stage in STAGES:
+    stage(b)
+  return b.model
+
+
+class _LogTee(io.TextIOBase):
+  """A text stream into the run's log file that also echoes its ``step ...`` lines to stderr."""
+
+  def __init__(self, file, echo: bool):
+    self.file, self.echo, self.pending = file, echo, ""
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, text: str) -> int:
+    self.file.write(text)
+    self.file.flush()  # so that `tail -f train.log` follows the run
+    if self.echo:
+      self.pending += text
+      *lines, self.pending = self.pending.split("\n")
+      for line in lines:
+        if line.startswith("step "):
+          print(f"  {line}", file=sys.stderr, flush=True)
+    return len(text)
+
+
+@contextlib.contextmanager
+def _train_log(path: pathlib.Path, echo: bool):
+  """While open, standard output (the trainer's step lines) is appended to ``path``."""
+  with open(path, "a") as file:
+    file.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} training.trainer.train, resume=True\n")
+    with contextlib.redirect_stdout(_LogTee(file, echo)):
+      yield
 
 
 def _store_as(folder: pathlib.Path, dtype: str) -> None:
   """Rewrites a converted component's float arrays in ``dtype`` (half the bytes for float16); the
   loaders cast them back to the config's param_dtype, so only the stored precision changes."""
-  import jax
-  import ml_dtypes
-
-  from repvideo_jax import checkpoint_io
   target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
   params, meta = checkpoint_io.load_params(folder)
   params = jax.tree.map(lambda a: a.astype(target) if np.issubdtype(a.dtype, np.floating) else a, params)
@@ -335,7 +419,6 @@ def _store_as(folder: pathlib.Path, dtype: str) -> None:
 
 def _finished_step(run_dir: pathlib.Path) -> int | None:
   """The step of the run's last complete checkpoint (None before the first)."""
-  from repvideo_jax.training.checkpoints import Checkpointer
   if not (run_dir / "checkpoints").is_dir():
     return None
   ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
@@ -353,7 +436,7 @@ def _install(model: pathlib.Path, target: pathlib.Path) -> None:
   if (target / "ablations").is_dir():
     shutil.copytree(target / "ablations", tmp / "ablations")
   target.parent.mkdir(parents=True, exist_ok=True)
-  _replace_dir(tmp, target)
+  outputs.replace_dir(tmp, target)
 
 
 def main(argv=None) -> int:
@@ -373,7 +456,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.config, args.overrides)
     build(recipe, args.out, name=args.name, install=args.install, progress=not args.no_progress,
           recipe_name=str(args.config))
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -8,7 +8,7 @@ uses (``decode_chunking``, default the released [0:3], [3:5], ... with the conv 
 the decoder learns the path it runs at inference. The VAE trains with ``scaling_factor = 1``;
 afterwards ``latent_scale`` measures the standard deviation of the posterior means over a sample of
 clips and the saved config gets ``scaling_factor = 1 / std``, so the transformer sees unit-variance
-latents (what the released factor 1.15258426 does for CogVideoX, spec 4.6).
+latents (what the released factor 1.15258426 does for CogVideoX; docs/sampling.md, 'Latent scaling factor').
 """
 
 from __future__ import annotations
