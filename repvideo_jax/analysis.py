@@ -1,4 +1,4 @@
-"""The paper's analysis (spec 8.1) as a tool: per-layer attention and feature statistics of a model.
+"""The paper's analysis as a tool: per-layer attention and feature statistics of a model.
 
     python -m repvideo_jax.analysis --prompt "a red circle moving left on a black background" --out analysis/
     python -m repvideo_jax.analysis --model DIR --prompt TEXT --out DIR [--frame 1] [--timestep 500]
@@ -6,7 +6,7 @@
 
 What is measured. The prompt's video is generated (or ``--video`` is read and VAE-encoded), giving
 clean latents z0. They are noised to the timestep t with seeded noise eps:
-x_t = a_t z0 + sqrt(1 - a_t^2) eps (the training noising, spec 4.3). One forward pass of the
+x_t = a_t z0 + sqrt(1 - a_t^2) eps (the training noising, docs/sampling.md). One forward pass of the
 transformer on (x_t, t, prompt embedding) is then recorded layer by layer, on the conditional branch.
 For layer l (0-based, as everywhere in this package) and video frame f (a latent frame) with n
 tokens per frame:
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 
 def identity_layers(config: T.TransformerConfig) -> list[int]:
-  """Layers whose gate has no effect (the cache holds exactly the previous output; spec 2.3)."""
+  """Layers whose gate has no effect (the cache holds exactly the previous output; docs/model.md)."""
   if not config.feature_cache:
     return []
   w = config.cache_window
@@ -142,7 +142,7 @@ def summarize(recorded: dict[str, np.ndarray], config: T.TransformerConfig, *, t
 
 
 def noisy_latents(clean: np.ndarray, timestep: int, seed: int) -> np.ndarray:
-  """x_t = a_t z0 + sqrt(1 - a_t^2) eps with eps from ``seed`` (the training noising, spec 4.3)."""
+  """x_t = a_t z0 + sqrt(1 - a_t^2) eps with eps from ``seed`` (the training noising)."""
   from repvideo_jax import schedule
   if not 0 <= timestep < schedule.NUM_TRAIN_TIMESTEPS:
     raise ValueError(f"timestep must be in [0, {schedule.NUM_TRAIN_TIMESTEPS}), got {timestep}")

@@ -1,4 +1,4 @@
-"""RepVideo: the CogVideoX diffusion transformer with a cross-layer feature cache and per-layer gates.
+"""RepVideo: the CogVideoX diffusion transformer with a cross-layer feature cache and per-layer cache gates.
 
 Reading order: config -> small helpers (positions, time embedding) -> ``Block`` (one expert-AdaLN
 layer) -> ``RepVideoTransformer`` (embeddings, the scanned layer stack with the feature cache, output
@@ -11,11 +11,11 @@ Layout conventions (channels last, as everywhere in this package):
   output          (B, T, H, W, C_out) the v-prediction
 The joint token sequence is [text (L) | video (T * H/p * W/p)], video index t*h*w + y*w + x.
 
-The feature cache (spec section 2.2), carried through the layer scan as a running sum S and count n:
-    S, n, h = e, 1, e
-    for layer i:  x = g_i * S / n + (1 - g_i) * h;  h = Block_i(x)
-                  S, n = (h, 1) if i % window == 0 else (S + h, n + 1)
-With ``feature_cache=False`` the model is plain CogVideoX (x = h).
+Two kinds of "gate" appear below and are kept apart by name:
+  adaln_gate   per-token AdaLN gate of a block's attention / MLP branch (from the time embedding)
+  cache_gate   RepVideo's learnable scalar per layer that mixes the feature-cache mean into the
+               block input (param key ``gates``); ``FeatureCache`` documents the loop (docs/model.md).
+With ``feature_cache=False`` the model is plain CogVideoX (each block's input is the previous output).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from repvideo_jax import sharding
 from repvideo_jax.attention import QKV_AXES, attention, resolve_backend
@@ -59,10 +59,10 @@ class TransformerConfig:
   spatial_interpolation_scale: float = 1.875
   temporal_interpolation_scale: float = 1.0
   rope_theta: float = 10000.0
-  # RepVideo feature cache and gates.
+  # RepVideo feature cache and its per-layer cache gates.
   feature_cache: bool = True
   cache_window: int = 6
-  gate_init: float = 0.5
+  gate_init: float = 0.5  # initial value of every cache gate
   # Initialisation (only matters when not loading weights).
   zero_init_modulation: bool = True  # DiT convention: AdaLN modulation and output projection start at 0
   # Execution.
@@ -209,14 +209,14 @@ def _per_token(text_val: jax.Array, video_val: jax.Array, text_len: int, seq_len
 
 
 class Block(nnx.Module):
-  """One expert-AdaLN transformer layer (spec 3.5): separate text/video modulation, shared weights."""
+  """One expert-AdaLN transformer layer: separate text/video modulation, shared weights."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     d, e = cfg.hidden_size, cfg.time_embed_dim
     zero = cfg.zero_init_modulation
     self.cfg = cfg
     self.norm1 = _layer_norm(cfg, d, cfg.norm_eps, rngs)
-    # 6 chunks: shift, scale, gate (video), then text shift, scale, gate -- diffusers' LayerNormZero order.
+    # 6 chunks: shift, scale, AdaLN gate (video), then the text ones -- diffusers' LayerNormZero order.
     self.norm1_mod = _linear(cfg, e, 6 * d, (None, "modulation"), rngs, zero=zero)
     self.to_q = _linear(cfg, d, d, ("embed", "heads"), rngs)
     self.to_k = _linear(cfg, d, d, ("embed", "heads"), rngs)
@@ -230,20 +230,21 @@ class Block(nnx.Module):
     self.ff_out = _linear(cfg, cfg.ff_dim, d, ("mlp", "embed"), rngs)
 
   def _modulated(self, norm, mod, x, text_len):
-    """LN(x) * (1 + scale) + shift with per-modality (shift, scale); also returns the per-token gate."""
-    shift, scale, gate, t_shift, t_scale, t_gate = jnp.split(mod, 6, axis=-1)
+    """LN(x) * (1 + scale) + shift with per-modality (shift, scale); also returns the per-token
+    AdaLN gate that scales the branch output before it joins the residual stream."""
+    shift, scale, adaln_gate, t_shift, t_scale, t_adaln_gate = jnp.split(mod, 6, axis=-1)
     seq = x.shape[1]
     y = norm(x).astype(x.dtype)
     y = y * (1 + _per_token(t_scale, scale, text_len, seq)) + _per_token(t_shift, shift, text_len, seq)
-    return y, _per_token(t_gate, gate, text_len, seq)
+    return y, _per_token(t_adaln_gate, adaln_gate, text_len, seq)
 
   def attention_inputs(self, x: jax.Array, temb: jax.Array, text_len: int, rope=None):
-    """(q, k, v, gate): q, k, v (B, S, heads, head_dim) as attention sees them (QK-LayerNorm and
-    rotary applied) and the per-token gate (B, S, D) of the attention branch."""
+    """(q, k, v, adaln_gate): q, k, v (B, S, heads, head_dim) as attention sees them (QK-LayerNorm
+    and rotary applied) and the per-token AdaLN gate (B, S, D) of the attention branch."""
     cfg = self.cfg
     b, s, _ = x.shape
     h, hd = cfg.num_heads, cfg.head_dim
-    a, gate = self._modulated(self.norm1, self.norm1_mod(temb), x, text_len)
+    a, adaln_gate = self._modulated(self.norm1, self.norm1_mod(temb), x, text_len)
     q = self.norm_q(self.to_q(a).reshape(b, s, h, hd)).astype(x.dtype)
     k = self.norm_k(self.to_k(a).reshape(b, s, h, hd)).astype(x.dtype)
     v = self.to_v(a).reshape(b, s, h, hd)
@@ -251,19 +252,70 @@ class Block(nnx.Module):
       cos, sin = rope
       q = jnp.concatenate([q[:, :text_len], apply_rope(q[:, text_len:], cos, sin)], axis=1)
       k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
-    return q, k, v, gate
+    return q, k, v, adaln_gate
 
   def __call__(self, x: jax.Array, temb: jax.Array, text_len: int, rope=None) -> jax.Array:
     """x: (B, S, D) joint [text | video] tokens; temb: (B, E) SiLU-activated time embedding."""
     cfg = self.cfg
     b, s, d = x.shape
-    q, k, v, gate = self.attention_inputs(x, temb, text_len, rope)
+    q, k, v, adaln_gate = self.attention_inputs(x, temb, text_len, rope)
     q, k, v = (sharding.constrain(t, QKV_AXES) for t in (q, k, v))
     o = attention(q, k, v, backend=cfg.attention_backend).reshape(b, s, d)
-    x = x + gate * self.to_out(o)
-    f, gate = self._modulated(self.norm2, self.norm2_mod(temb), x, text_len)
+    x = x + adaln_gate * self.to_out(o)
+    f, adaln_gate = self._modulated(self.norm2, self.norm2_mod(temb), x, text_len)
     f = self.ff_out(jax.nn.gelu(self.ff_in(f), approximate=True))
-    return x + gate * f
+    return x + adaln_gate * f
+
+
+# ----------------------------------------------------------------------------------------------
+# The feature cache.
+
+
+@struct.dataclass
+class FeatureCache:
+  """RepVideo's cross-layer feature cache (docs/model.md) as a running float32 sum and count, so it rides
+  in the layer scan's carry. With e the embedding output and g_i layer i's cache gate, the loop is
+
+      cache = FeatureCache.start(e);  h = e
+      for layer i:
+        x = cache.mix(h, g_i)                   # g_i * mean(cached outputs) + (1 - g_i) * h
+        h = Block_i(x)
+        cache = cache.push(h, reset=resets[i])  # resets[i] = (i % window == 0): cache := [h],
+                                                # otherwise h is appended to the cache
+  so a reset layer is the last reader of the old window and the first member of the new one.
+  """
+  total: jax.Array  # (B, S, D) float32 sum of the cached block outputs
+  count: jax.Array  # () float32 number of cached block outputs
+
+  @staticmethod
+  def reset_flags(num_layers: int, window: int) -> jax.Array:
+    """(num_layers,) bool, True where the layer's output restarts the cache. Built on the host and
+    scanned alongside the layers (an in-graph ``i % window`` shifts XLA's rounding by an ulp)."""
+    return jnp.asarray(np.arange(num_layers) % window == 0)
+
+  @classmethod
+  def start(cls, e: jax.Array) -> FeatureCache:
+    return cls(e.astype(jnp.float32), jnp.ones((), jnp.float32))
+
+  def mix(self, h: jax.Array, cache_gate: jax.Array) -> jax.Array:
+    mixed = cache_gate * (self.total / self.count) + (1.0 - cache_gate) * h.astype(jnp.float32)
+    return mixed.astype(h.dtype)
+
+  def push(self, out: jax.Array, reset: jax.Array) -> FeatureCache:
+    out32 = out.astype(jnp.float32)
+    return FeatureCache(jnp.where(reset, out32, self.total + out32),
+                        jnp.where(reset, 1.0, self.count + 1.0))
+
+
+@struct.dataclass
+class NoCache:
+  """The cache with ``feature_cache=False``: holds nothing, so every block reads the previous output."""
+
+  def mix(self, h: jax.Array, cache_gate: jax.Array) -> jax.Array:
+    return h
+
+  def push(self, out: jax.Array, reset: jax.Array) -> NoCache:
+    return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,13 +325,13 @@ class Block(nnx.Module):
 class LayerView(NamedTuple):
   """What ``RepVideoTransformer.intermediates`` shows a capture function in each layer."""
   block: Block  # the layer (call ``block.attention_inputs(inputs, temb, text_len, rope)`` for q, k)
-  inputs: jax.Array  # (B, S, D) the block's input: the gated mix of the cache mean and ``previous``
+  inputs: jax.Array  # (B, S, D) the block's input: ``FeatureCache.mix`` of the cache and ``previous``
   outputs: jax.Array  # (B, S, D) the block's output
   previous: jax.Array  # (B, S, D) the previous block's output (the embedding for layer 0)
   temb: jax.Array  # (B, E) the SiLU-activated time embedding
   text_len: int
   rope: Any  # (cos, sin) rotary tables or None
-  gate: jax.Array  # () this layer's gate (0 with the cache off)
+  cache_gate: jax.Array  # () this layer's RepVideo cache gate (0 with the cache off)
 
 
 class RepVideoTransformer(nnx.Module):
@@ -304,7 +356,7 @@ class RepVideoTransformer(nnx.Module):
       return Block(cfg, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
-    if cfg.feature_cache:
+    if cfg.feature_cache:  # the cache gates; key "gates" is what converted checkpoints and the converter use
       self.gates = nnx.Param(jnp.full((cfg.num_layers,), cfg.gate_init, pdt), logical_axes=("layers",))
     self.norm_final = _layer_norm(cfg, d, cfg.norm_eps, rngs)
     self.norm_out = _layer_norm(cfg, d, cfg.out_norm_eps, rngs)
@@ -368,62 +420,62 @@ class RepVideoTransformer(nnx.Module):
     feats = timestep_features(timesteps, self.cfg.hidden_size).astype(DTYPES[self.cfg.dtype])
     return self.time_linear_2(jax.nn.silu(self.time_linear_1(feats)))
 
-  def run_layers(self, x, temb_act, text_len, rope, capture=None):
-    """The layer stack with the feature cache; a scan over stacked layer params (or a Python loop).
+  def start_cache(self, e: jax.Array) -> tuple[FeatureCache | NoCache, jax.Array, jax.Array]:
+    """The one place the config switches RepVideo on or off: the cache started from the embedding
+    output ``e``, the per-layer cache gates (float32; zeros with the cache off) and reset flags."""
+    cfg = self.cfg
+    resets = FeatureCache.reset_flags(cfg.num_layers, cfg.cache_window)
+    if cfg.feature_cache:
+      return FeatureCache.start(e), self.gates[...].astype(jnp.float32), resets
+    return NoCache(), jnp.zeros((cfg.num_layers,), jnp.float32), resets
 
-    ``capture(LayerView) -> pytree`` (optional) is called in every layer; its results come back
-    stacked over layers as a second return value (see ``intermediates``).
+  def run_layers(self, x: jax.Array, temb_act: jax.Array, text_len: int, rope: Any,
+                 capture: Callable[[LayerView], Any] | None = None) -> tuple[jax.Array, Any]:
+    """The layer stack: a scan over the stacked layer params (or a Python loop), with the feature
+    cache in the carry. Returns ``(h, captured)``: the last block's output and, when
+    ``capture(LayerView) -> pytree`` is given, its per-layer results stacked over layers (else None).
     """
     cfg = self.cfg
     graphdef, layer_state = nnx.split(self.blocks)
-    gates = (self.gates[...].astype(jnp.float32) if cfg.feature_cache
-             else jnp.zeros((cfg.num_layers,), jnp.float32))
-    resets = jnp.asarray(np.arange(cfg.num_layers) % cfg.cache_window == 0)
+    cache, cache_gates, resets = self.start_cache(x)
 
     def step(carry, xs):
-      h, total, count = carry
-      params, g, reset = xs
-      if cfg.feature_cache:
-        mixed = g * (total / count) + (1.0 - g) * h.astype(jnp.float32)
-        inp = mixed.astype(h.dtype)
-      else:
-        inp = h
+      h, cache = carry
+      params, cache_gate, reset = xs
+      inp = cache.mix(h, cache_gate)
       inp = sharding.constrain(inp, ("activation_batch", "activation_length", "activation_embed"))
       block = nnx.merge(graphdef, params)
       out = block(inp, temb_act, text_len, rope)
-      if cfg.feature_cache:
-        out32 = out.astype(jnp.float32)
-        total = jnp.where(reset, out32, total + out32)
-        count = jnp.where(reset, 1.0, count + 1.0)
       captured = None
       if capture is not None:
-        captured = capture(LayerView(block, inp, out, h, temb_act, text_len, rope, g))
-      return (out, total, count), captured
+        captured = capture(LayerView(block, inp, out, h, temb_act, text_len, rope, cache_gate))
+      return (out, cache.push(out, reset)), captured
 
     step = remat(step, cfg.remat)
-    total0 = x.astype(jnp.float32) if cfg.feature_cache else jnp.zeros((), jnp.float32)
-    carry = (x, total0, jnp.ones((), jnp.float32))
+    carry, xs = (x, cache), (layer_state, cache_gates, resets)
     if cfg.scan_layers:
-      carry, captured = jax.lax.scan(step, carry, (layer_state, gates, resets))
+      carry, captured = jax.lax.scan(step, carry, xs)
     else:
       per_layer = []
       for i in range(cfg.num_layers):
-        carry, c = step(carry, jax.tree.map(lambda a: a[i], (layer_state, gates, resets)))
+        carry, c = step(carry, jax.tree.map(lambda a: a[i], xs))
         per_layer.append(c)
-      captured = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if capture is not None else None
-    return carry[0] if capture is None else (carry[0], captured)
+      captured = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)  # None without capture
+    return carry[0], captured
 
   def __call__(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array) -> jax.Array:
-    return self._forward(latents, timesteps, text_embeddings, None)
+    return self._forward(latents, timesteps, text_embeddings, None)[0]
 
   def intermediates(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array,
                     capture: Callable[["LayerView"], Any]):
     """The forward pass, also returning ``capture(view)`` of every layer stacked on a leading
-    layer axis: ``(v_prediction, captured)``. ``view`` is a ``LayerView`` (the block, its gated
-    input, its output, ...); keep what ``capture`` returns small (reduce inside it)."""
+    layer axis: ``(v_prediction, captured)``. ``view`` is a ``LayerView`` (the block, its mixed
+    input, its output, its cache gate, ...); keep what ``capture`` returns small (reduce inside it)."""
     return self._forward(latents, timesteps, text_embeddings, capture)
 
-  def _forward(self, latents, timesteps, text_embeddings, capture):
+  def _forward(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array,
+               capture: Callable[[LayerView], Any] | None) -> tuple[jax.Array, Any]:
+    """Embeddings, layers and output head -> ``(v_prediction, captured or None)``."""
     cfg = self.cfg
     latents, timesteps = jnp.asarray(latents), jnp.asarray(timesteps)
     text_embeddings = jnp.asarray(text_embeddings)
@@ -439,16 +491,14 @@ class RepVideoTransformer(nnx.Module):
     rope = None
     if cfg.positional_embedding == "rope":
       rope = tuple(jnp.asarray(a) for a in rope_3d(cfg, t, h // p, w // p))
-    x = self.run_layers(x, temb_act, text_len, rope, capture)
-    if capture is not None:
-      x, captured = x
+    x, captured = self.run_layers(x, temb_act, text_len, rope, capture)
     video = self.norm_final(x[:, text_len:]).astype(x.dtype)
     shift, scale = jnp.split(self.norm_out_mod(temb_act), 2, axis=-1)
     video = self.norm_out(video).astype(x.dtype) * (1 + scale[:, None]) + shift[:, None]
     out = self.proj_out(video)  # (B, T*h*w, p*p*C), features ordered (py, px, c)
     out = out.reshape(b, t, h // p, w // p, p, p, cfg.out_channels)
     out = out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h, w, cfg.out_channels)
-    return out if capture is None else (out, captured)
+    return out, captured
 
 
 # ----------------------------------------------------------------------------------------------

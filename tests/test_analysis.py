@@ -1,6 +1,6 @@
-"""The analysis tool (spec 8.1) against an independent PyTorch recomputation on a tiny random model.
+"""The analysis tool against an independent PyTorch recomputation on a tiny random model.
 
-The reference runs diffusers' own CogVideoX blocks in the spec 2.2 list-cache loop
+The reference runs diffusers' own CogVideoX blocks in the released list-cache loop
 (``reference_models.repvideo_reference_forward``) with an attention processor that forms the
 softmax probabilities explicitly and records them; every statistic of ``analysis.json`` is then
 recomputed from those probabilities and block outputs in NumPy, from the definitions in the
@@ -127,7 +127,7 @@ def test_analysis_json_matches_an_independent_recomputation(tiny_model, tmp_path
 
 def test_identity_layers_of_the_released_model():
   from repvideo_jax.transformer import TransformerConfig
-  assert analysis.identity_layers(TransformerConfig()) == [0, 1, 7, 13, 19, 25]  # spec 2.3
+  assert analysis.identity_layers(TransformerConfig()) == [0, 1, 7, 13, 19, 25]  # docs/model.md
   assert analysis.identity_layers(TransformerConfig(feature_cache=False)) == []
 
 

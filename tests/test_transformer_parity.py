@@ -97,7 +97,7 @@ def test_window_length_is_configurable():
 
 
 def test_identity_and_active_gates():
-  """Gates 0, 1, 7, 13, 19, 25 cannot act (their cache holds only h); all 24 others can (spec 2.3)."""
+  """Gates 0, 1, 7, 13, 19, 25 cannot act (their cache holds only h); all 24 others can (docs/model.md)."""
   model = tiny_diffusers_transformer(seed=9, num_layers=30)
   cfg = W.config_from_diffusers(dict(model.config), feature_cache=True)
   params = W.from_diffusers(state_dict_numpy(model), cfg)  # gates start at 0.5
@@ -117,7 +117,7 @@ def test_identity_and_active_gates():
 
 
 def test_reset_layer_averages_previous_window_then_starts_new_one():
-  """Layer 6 sees mean(out_0..out_5) and then the cache restarts from out_6 (spec 2.3 row 6/7).
+  """Layer 6 sees mean(out_0..out_5) and then the cache restarts from out_6 (docs/model.md).
 
   Checked by perturbing gate 6 alone: the output must equal the reference with the same gates, and
   gate 7 stays an identity even after the reset.
@@ -136,7 +136,7 @@ def test_reset_layer_averages_previous_window_then_starts_new_one():
 def test_sat_checkpoint_round_trip(tmp_path):
   """An official-layout SAT checkpoint (latest + <iter>/mp_rank_00_model_states.pt) loads and matches."""
   model = tiny_diffusers_transformer(seed=11, num_layers=8)
-  model.norm_out.norm.eps = 1e-6  # SAT's output-head LayerNorm epsilon (spec 3.9)
+  model.norm_out.norm.eps = 1e-6  # SAT's output-head LayerNorm epsilon (docs/model.md, 'Output head')
   gates = np.random.default_rng(2).uniform(-0.2, 1.2, 8).astype(np.float32)
   sd = sat_state_dict(model, gates)
   (tmp_path / "1000").mkdir()
