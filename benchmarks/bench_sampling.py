@@ -40,28 +40,28 @@ def _median(fn, repeats):
 def bench(name, steps, repeats):
   import torch
   from diffusers import CogVideoXPipeline
-
   from reference_models import tiny_cogvideox_folder
-  from repvideo_jax import pipeline as P
+
+  from repvideo_jax import pipeline
   overrides, frames, height, width = CONFIGS[name]
   torch.set_num_threads(max(1, torch.get_num_threads()))
   with tempfile.TemporaryDirectory() as tmp:
     root, refs = tiny_cogvideox_folder(pathlib.Path(tmp) / name, seed=0, **overrides)
-    pipe = P.load_pipeline(root)
+    pipe = pipeline.load_pipeline(root)
   ref = CogVideoXPipeline(tokenizer=refs["tokenizer"], text_encoder=refs["text_encoder"], vae=refs["vae"],
                           transformer=refs["transformer"], scheduler=refs["scheduler"])
   prompts = ["a red cat playing guitar"]
   text = pipe.encode_prompts(prompts)
   rows = {}
   for sampler in ("dpmpp2m", "ddim"):
-    s = P.GenerationSettings(num_frames=frames, height=height, width=width, steps=steps, sampler=sampler,
+    s = pipeline.GenerationSettings(num_frames=frames, height=height, width=width, steps=steps, sampler=sampler,
                              cfg_schedule="constant", guidance=6.0)
     for progress in (False, True):
       hook = (lambda i: None) if progress else None
       t = time.perf_counter()
-      P.sample_latents(pipe, text, s, progress=hook)  # compile + first run
+      pipeline.sample_latents(pipe, text, s, progress=hook)  # compile + first run
       first = time.perf_counter() - t
-      sec = _median(lambda: P.sample_latents(pipe, text, s, progress=hook), repeats)
+      sec = _median(lambda s=s, hook=hook: pipeline.sample_latents(pipe, text, s, progress=hook), repeats)
       rows[f"ours {sampler}{' +progress' if progress else ''}"] = (sec / steps, first)
 
   def run_ref():

@@ -457,8 +457,9 @@ def main(argv=None) -> dict:
     os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy  # before torch is imported
   t_start = time.perf_counter()
   import jax
-  from repvideo_jax import vae as V
   import torch
+
+  from repvideo_jax import vae as V
   results = dict(args={k: v for k, v in vars(a).items() if k != "mem_worker"},
                  env=dict(python=platform.python_version(), jax=jax.__version__, torch=torch.__version__,
                           diffusers=__import__("diffusers").__version__, cpus=os.cpu_count(),

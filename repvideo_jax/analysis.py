@@ -50,7 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repvideo_jax import pipeline, schedule, transformer_weights, video_io
 from repvideo_jax import transformer as T
+from repvideo_jax import vae as V
+from repvideo_jax.demo import demo_model_dir
 from repvideo_jax.outputs import check_output
 
 log = logging.getLogger(__name__)
@@ -143,7 +146,6 @@ def summarize(recorded: dict[str, np.ndarray], config: T.TransformerConfig, *, t
 
 def noisy_latents(clean: np.ndarray, timestep: int, seed: int) -> np.ndarray:
   """x_t = a_t z0 + sqrt(1 - a_t^2) eps with eps from ``seed`` (the training noising)."""
-  from repvideo_jax import schedule
   if not 0 <= timestep < schedule.NUM_TRAIN_TIMESTEPS:
     raise ValueError(f"timestep must be in [0, {schedule.NUM_TRAIN_TIMESTEPS}), got {timestep}")
   a = float(schedule.sqrt_alpha_table()[timestep])
@@ -153,23 +155,19 @@ def noisy_latents(clean: np.ndarray, timestep: int, seed: int) -> np.ndarray:
 
 def clean_latents(pipe, prompt: str, settings, video: str | None = None, fps: float = 8.0):
   """(z0 (1, T, h, w, C), frames uint8 (F, H, W, 3)): the prompt's generated video, or ``video``."""
-  from repvideo_jax import pipeline as P
-  from repvideo_jax import vae as V
-  from repvideo_jax import video_io
   if video is not None:
     clip = video_io.load_clip(video, num_frames=settings.num_frames, height=settings.height,
                               width=settings.width, fps=fps)
     z0 = V.encode(pipe.vae_params, jnp.asarray(clip[None]), config=pipe.vae_config)
     return np.asarray(z0), video_io.to_uint8(clip)
   text = pipe.encode_prompts([prompt])
-  z0 = P.sample_latents(pipe, text, settings)
-  frames = video_io.to_uint8(np.asarray(P.decode_latents(pipe, z0)))[0]
+  z0 = pipeline.sample_latents(pipe, text, settings)
+  frames = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, z0)))[0]
   return np.asarray(z0), frames
 
 
 def variant(pipe, spec: str) -> tuple[str, T.TransformerConfig, dict]:
   """``LABEL=off`` (the same weights, cache off), ``LABEL=on`` or ``LABEL=DIR`` (another transformer)."""
-  from repvideo_jax import transformer_weights
   if "=" not in spec:
     raise ValueError(f"--compare {spec!r} must look like LABEL=off, LABEL=on or LABEL=TRANSFORMER_DIR")
   label, what = spec.split("=", 1)
@@ -228,7 +226,6 @@ def analyse(pipe, prompt: str, *, settings, timestep: int = 500, frame: int = 1,
 
 
 def _write(out: pathlib.Path, result, arrays, inputs, frames, fps) -> None:
-  from repvideo_jax import video_io
   out.mkdir(parents=True, exist_ok=True)
   np.savez(out / "inputs.npz", **inputs)
   np.savez(out / "analysis.npz", **arrays)
@@ -245,9 +242,12 @@ def _pick_layers(n: int, most: int = 12) -> list[int]:
 
 def plot(result: dict, arrays: dict, out: pathlib.Path) -> list[pathlib.Path]:
   """Writes the PNG figures for an ``analyse`` result; returns their paths."""
-  import matplotlib
+  # Imported here: matplotlib costs ~0.6 s to import (measured), which evaluate.py, importing this
+  # module for its metrics only, should not pay.
+  import matplotlib  # noqa: PLC0415
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   written = []
   frames = result["token_grid"][0]
@@ -357,8 +357,6 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   args = build_parser().parse_args(argv)
   try:
-    from repvideo_jax import pipeline as P
-    from repvideo_jax.demo import demo_model_dir
     check_output(args.out, "--out", folder=True)
     if not 0 <= args.timestep < 1000:  # the cheap checks, before the model is loaded
       raise ValueError(f"--timestep must be in [0, 1000) (a DDPM timestep), got {args.timestep}")
@@ -367,9 +365,9 @@ def main(argv=None) -> int:
     for spec in args.compare:
       if "=" not in spec:
         raise ValueError(f"--compare {spec!r} must look like LABEL=off, LABEL=on or LABEL=TRANSFORMER_DIR")
-    pipe = P.load_pipeline(args.model or demo_model_dir())
-    settings = P.settings_for(pipe, steps=args.steps, seed=args.seed)
-    fps = P.model_defaults(pipe).get("fps", 8.0)
+    pipe = pipeline.load_pipeline(args.model or demo_model_dir())
+    settings = pipeline.settings_for(pipe, steps=args.steps, seed=args.seed)
+    fps = pipeline.model_defaults(pipe).get("fps", 8.0)
     result = analyse(pipe, args.prompt, settings=settings, timestep=args.timestep, frame=args.frame,
                      seed=args.seed, video=args.video, fps=fps, variants=args.compare, out=args.out)
   except (ValueError, FileNotFoundError) as e:

@@ -30,17 +30,24 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from repvideo_jax import config as config_lib
-from repvideo_jax import pipeline as P
-from repvideo_jax import sharding
+from repvideo_jax import pipeline, samplers, sharding
+from repvideo_jax import text_encoder as TE
+from repvideo_jax import transformer as T
+from repvideo_jax import vae as V
+from repvideo_jax.attention import check_head_split
 from repvideo_jax.pipeline import SamplingPreset
+from repvideo_jax.training import trainer
+from repvideo_jax.training.trainer import model_flops_per_sample
 
 # Dense bf16 peak per chip (TFLOP/s), from the TPU product pages; the MFU denominators.
 PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
@@ -70,7 +77,6 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
 def topology_devices(name: str) -> tuple:
   """The abstract TPU devices of a topology (libtpu, no TPU needed). One chip (``v5e:1x1``, which
   libtpu's default host bounds refuse) is the first chip of the smallest multi-chip topology."""
-  from jax.experimental import topologies
   generation, dims = parse_topology(name)
   # A deviceless compile touches no chip, so several processes may load libtpu at once (tests, CI,
   # a benchmark beside a shell); libtpu's single-process lock is for real chips.
@@ -230,7 +236,6 @@ def _abstract(tree, shardings):
 
 def compile_train(preset: str, overrides=(), topology: str | None = None) -> Report:
   """Compiles a training preset's step for its topology (``mesh.topology`` unless ``topology``)."""
-  from repvideo_jax.training import trainer
   cfg = trainer.load_config(preset, overrides)
   topology = topology or cfg.mesh.topology
   if not topology:
@@ -240,7 +245,6 @@ def compile_train(preset: str, overrides=(), topology: str | None = None) -> Rep
 
 def compile_train_config(cfg, devices, where: str, name: str = "train") -> Report:
   """Compiles the train step of a ``TrainConfig`` on ``devices`` (abstract or real); runs nothing."""
-  from repvideo_jax.training import trainer
   mesh = sharding.build_mesh(cfg.mesh, devices)
   with sharding.activate(mesh, cfg.mesh.logical_axis_rules):
     step = trainer.build_train_step(cfg, mesh)  # its step traces under these rules wherever lowered
@@ -258,9 +262,6 @@ def compile_train_config(cfg, devices, where: str, name: str = "train") -> Repor
 
 
 def _sample_configs(spec: SamplingPreset):
-  from repvideo_jax import text_encoder as TE
-  from repvideo_jax import transformer as T
-  from repvideo_jax import vae as V
   tcfg = config_lib.load_section(T.TransformerConfig, "transformer", spec.model_config)
   tcfg = dataclasses.replace(tcfg, **(spec.transformer or {}))
   t5 = dataclasses.replace(TE.T5Config(max_length=tcfg.text_length), **(spec.text_encoder or {}))
@@ -271,16 +272,11 @@ def _sample_configs(spec: SamplingPreset):
 def compile_sample(spec: SamplingPreset, stages=("text_encoder", "denoise", "vae_decode"),
                    name: str = "sample") -> list[Report]:
   """Compiles the sampling stages of ``spec`` for its topology; one report per stage."""
-  from repvideo_jax import samplers
-  from repvideo_jax import text_encoder as TE
-  from repvideo_jax import transformer as T
-  from repvideo_jax import vae as V
-  from repvideo_jax.attention import check_head_split
   if not spec.topology:
     raise ValueError("no topology: pass --topology (e.g. v5e:2x2) or a preset that names one")
   tcfg, t5, vcfg = _sample_configs(spec)
   devices = topology_devices(spec.topology)
-  layout = spec.mesh or P.default_sample_mesh(len(devices), spec.batch, spec.guidance)
+  layout = spec.mesh or pipeline.default_sample_mesh(len(devices), spec.batch, spec.guidance)
   mesh = sharding.make_mesh(devices=devices, **layout)
   check_head_split(tcfg.num_heads, mesh.shape["tensor"], mesh.shape["context"])
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -303,12 +299,11 @@ def compile_sample(spec: SamplingPreset, stages=("text_encoder", "denoise", "vae
     x = jax.ShapeDtypeStruct(latent, jnp.float32, sharding=batch_sh)
     text = jax.ShapeDtypeStruct((b, tcfg.text_length, tcfg.text_embed_dim), jnp.float32, sharding=batch_sh)
     apply = T.make_apply(tcfg)
-    uncond = (lambda tx: jnp.zeros_like(tx)) if spec.guidance else (lambda tx: None)
+    uncond = samplers.unconditional_text if spec.guidance else (lambda tx: None)
 
     def step(params, x, text):  # the sampler's loop body: one network call on [uncond | cond]
       return samplers.guided_denoise(apply, x, 0.5, 0.8, 500.0, text, uncond(text), 6.0, params=params)
 
-    from repvideo_jax.training.trainer import model_flops_per_sample
     calls = b * (2 if spec.guidance else 1)
     flops = model_flops_per_sample(tcfg, latent[1:], tcfg.text_length) / 3.0 * calls
     reports.append(compile_report(
@@ -380,7 +375,7 @@ def main(argv=None) -> int:
       bad = set(stages) - {"text_encoder", "denoise", "vae_decode"}
       if bad or not stages:
         raise ValueError(f"--stages: unknown {sorted(bad)}; use text_encoder, denoise, vae_decode")
-      spec = P.load_sampling_preset(args.preset) if args.preset else SamplingPreset()
+      spec = pipeline.load_sampling_preset(args.preset) if args.preset else SamplingPreset()
       given = {k: getattr(args, k) for k in ("topology", "frames", "height", "width", "batch")
                if getattr(args, k) is not None}
       if args.model_config:

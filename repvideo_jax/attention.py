@@ -32,6 +32,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+  splash_attention_kernel as sk,
+)
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec
 
 from repvideo_jax import sharding
@@ -196,8 +200,6 @@ _attention_hm.defvjp(_attention_fwd, _attention_bwd)
 def _splash_kernel(num_heads: int, padded_len: int, block: int, interpret: bool):
   """The kernel for one shape. Built afresh in each trace, not cached: its mask tables are arrays that
   belong to the trace (and to the mesh context) they are made in; building them is cheap host work."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   mask = sm.MultiHeadMask([sm.FullMask((padded_len, padded_len)) for _ in range(num_heads)])
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
@@ -210,7 +212,6 @@ def _splash(q, k, v, *, interpret: bool, kv_len: int | None = None, block: int =
   """Splash attention; pads the sequence to a block multiple (the kernel's blocks are multiples of
   128 lanes) and masks everything from ``kv_len`` on (block padding and any padding of the caller)
   with segment ids."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   batch, seq, heads, dim = q.shape
   kv_len = seq if kv_len is None else kv_len
   padded = -(-seq // block) * block

@@ -26,8 +26,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 
 from repvideo_jax.outputs import atomic_write, replace_dir
 
@@ -416,7 +418,6 @@ def load_sat_checkpoint(path: PathLike) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- own format (orbax)
 def _check_keys(params: Any) -> None:
-    import jax
 
     for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         if any(not (isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)) for k in kp):
@@ -431,7 +432,6 @@ def save_params(directory: PathLike, params: Any, *, metadata: dict | None = Non
     ``metadata.json`` is written last and atomically, so it marks a complete
     checkpoint.  Blocks until the (async) orbax save has finished.
     """
-    import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     _check_keys(params)
@@ -514,8 +514,6 @@ def load_params(directory: PathLike, *, target: Any = None, verify: bool = True)
     ``jax.ShapeDtypeStruct`` or arrays, optionally with shardings) the leaves are
     restored into that structure, dtype and sharding.
     """
-    import jax
-    import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     if not directory.is_dir():

@@ -12,12 +12,14 @@ where no such package exists, reads the folder itself.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import importlib.resources.abc
 import pathlib
 import typing
-from typing import Any, Mapping, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import yaml
 
@@ -109,7 +111,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
   """Applies ``key=value`` overrides to a nested dict (returns a new dict)."""
-  import copy
   tree = copy.deepcopy(tree)
   for text in overrides:
     path, value = parse_override(text)

@@ -28,8 +28,11 @@ import shutil
 import sys
 import time
 
-from repvideo_jax.config import parse_override
+import jax
+
+from repvideo_jax.config import load_section, parse_override
 from repvideo_jax.outputs import replace_dir
+from repvideo_jax.training import trainer
 from repvideo_jax.weights_common import nonfinite
 
 COMPONENT_MODULES = {"transformer": "repvideo_jax.transformer_weights",
@@ -56,7 +59,6 @@ def convert_component(component: str, src, dst, *, overrides=None, overwrite=Fal
   overrides = dict(overrides or {})
   config = None
   if config_preset:
-    from repvideo_jax.config import load_section
     cls = {"transformer": "TransformerConfig", "text_encoder": "T5Config", "vae": "VAEConfig"}[component]
     module = importlib.import_module({"transformer": "repvideo_jax.transformer",
                                       "text_encoder": "repvideo_jax.text_encoder",
@@ -74,7 +76,6 @@ def convert_component(component: str, src, dst, *, overrides=None, overwrite=Fal
     _say(f"{component}: WARNING: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:8])}"
          f"{' ...' if len(bad) > 8 else ''}; the source checkpoint is probably damaged")
   weights.save(dst, cfg, params, source=f"{fmt}:{src}", overwrite=overwrite)
-  import jax
   n = sum(a.size for a in jax.tree.leaves(params))
   _say(f"{component}: wrote {dst}: {n / 1e6:.1f}M params ({time.time() - start:.1f}s)")
   return cfg
@@ -152,7 +153,6 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     if args.component == "run":
-      from repvideo_jax.training import trainer
       trainer.export_transformer(args.src, args.dst, step=args.step, use_ema=None if args.ema else False,
                                  overwrite=args.overwrite)
       _say(f"run: wrote {args.dst}")

@@ -36,12 +36,17 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from repvideo_jax import analysis, pipeline, transformer_weights, video_io
+from repvideo_jax import vae as V
+from repvideo_jax.demo import demo_model_dir
 from repvideo_jax.demo import domain as D
 from repvideo_jax.outputs import check_output
 
@@ -111,10 +116,6 @@ def confusion(specs: Sequence[D.Spec], detections: Sequence[dict]) -> dict[str, 
 def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_size: int = 8,
              feature_timestep: int = 500, features: bool = True, progress: bool = True) -> dict[str, Any]:
   """Generates ``seeds`` videos per spec and scores them (module docstring). Returns the JSON dict."""
-  from repvideo_jax import analysis
-  from repvideo_jax import pipeline as P
-  from repvideo_jax import vae as V
-  from repvideo_jax import video_io
 
   settings.validate(pipe.transformer_config, pipe.vae_config)
   jobs = [(spec, r) for r in range(seeds) for spec in specs]
@@ -122,7 +123,6 @@ def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_s
     raise ValueError("nothing to evaluate: no prompts")
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs), desc="evaluate", unit="video", leave=False)
   videos, feature_sims = [], []
   t0 = time.perf_counter()
@@ -130,8 +130,8 @@ def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_s
     batch = jobs[start:start + batch_size]
     prompts = [D.caption(spec) for spec, _ in batch]
     text = pipe.encode_prompts(prompts)
-    latents = P.sample_latents(pipe, text, settings, first_index=start)
-    frames = video_io.to_uint8(np.asarray(P.decode_latents(pipe, latents)))
+    latents = pipeline.sample_latents(pipe, text, settings, first_index=start)
+    frames = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, latents)))
     for k, ((spec, rep), clip) in enumerate(zip(batch, frames)):
       detected = D.detect(clip)
       row = {"prompt": D.caption(spec), "repeat": rep, "index": start + k, "detected": detected,
@@ -159,7 +159,7 @@ def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_s
   for i in range(0, len(renders), batch_size):
     chunk = np.stack(renders[i:i + batch_size])
     z = encode(pipe.vae_params, jnp.asarray(video_io.from_uint8(chunk)))
-    recon = video_io.to_uint8(np.asarray(P.decode_latents(pipe, z)))
+    recon = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, z)))
     roundtrip_scores += [D.score(spec, D.detect(r)) for (spec, _), r in zip(jobs[i:i + batch_size], recon)]
 
   job_specs = [spec for spec, _ in jobs]
@@ -224,10 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(model: str | None, transformer: str | None):
   """The model folder (default: bundled demo), optionally with another transformer swapped in."""
-  from repvideo_jax import pipeline as P
-  from repvideo_jax import transformer_weights
-  from repvideo_jax.demo import demo_model_dir
-  pipe = P.load_pipeline(model or demo_model_dir())
+  pipe = pipeline.load_pipeline(model or demo_model_dir())
   if transformer:
     cfg, params = transformer_weights.load(transformer)
     if (cfg.text_embed_dim, cfg.in_channels) != (pipe.transformer_config.text_embed_dim,
@@ -242,12 +239,11 @@ def load(model: str | None, transformer: str | None):
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    from repvideo_jax import pipeline as P
     if args.seeds < 1 or args.batch_size < 1:
       raise ValueError("--seeds and --batch-size must be >= 1")
     check_output(args.out, "--out", folder=False)  # before the work, not after it
     pipe = load(args.model, args.transformer)
-    settings = P.settings_for(pipe, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    settings = pipeline.settings_for(pipe, steps=args.steps, guidance=args.guidance, seed=args.seed,
                               cfg_schedule=args.cfg_schedule, sampler=args.sampler)
     specs = split_prompts(args.split, args.split_seed)[:args.limit]
     result = evaluate(pipe, specs, settings=settings, seeds=args.seeds, batch_size=args.batch_size,

@@ -10,7 +10,8 @@ inside ``jax.jit``) and ``init`` (fresh params as a plain dict).
 from __future__ import annotations
 
 import functools
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,6 @@ class Functional:
   def _build_abstract(self, config):
     """(graphdef, abstract param state) of a config, without allocating weights."""
     return nnx.split(nnx.eval_shape(lambda: self.create(config, 0)), nnx.Param)
-
-  def graphdef_and_state(self, config):
-    return self._abstract(config)
 
   def abstract_params(self, config) -> dict[str, Any]:
     """The param tree of ``config`` as jax.ShapeDtypeStruct leaves."""

@@ -22,13 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvideo_jax import config as config_lib
-from repvideo_jax import samplers, schedule, sharding
+from repvideo_jax import (
+  samplers,
+  schedule,
+  sharding,
+  text_encoder_weights,
+  transformer_weights,
+  vae_weights,
+  video_io,
+)
 from repvideo_jax import text_encoder as TE
-from repvideo_jax import text_encoder_weights, transformer_weights, vae_weights, video_io
 from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
 from repvideo_jax.text_encoder import T5Config
-from repvideo_jax.transformer import TransformerConfig
+from repvideo_jax.transformer import TransformerConfig, check_positional_table
 from repvideo_jax.vae import VAEConfig
 
 log = logging.getLogger(__name__)
@@ -166,20 +173,6 @@ class GenerationSettings:
   def latent_shape(self, tcfg: TransformerConfig, vcfg: VAEConfig) -> tuple[int, int, int, int]:
     """(frames, height, width, channels) of one video's latents."""
     return (*vcfg.latent_size(self.num_frames, self.height, self.width), tcfg.in_channels)
-
-
-def check_positional_table(tcfg: TransformerConfig, frames: int, height: int, width: int) -> None:
-  """Raises ValueError when latents of ``frames x height x width`` exceed the transformer's sin-cos
-  positional table (``sample_frames x sample_height x sample_width``); rotary positions have none.
-
-  The transformer's own input check (``check_inputs``) applies the same limit; this function is
-  meant to be its one definition, living beside ``TransformerConfig`` in transformer.py."""
-  if tcfg.positional_embedding == "sincos" and (
-      frames > tcfg.sample_frames or height > tcfg.sample_height or width > tcfg.sample_width):
-    raise ValueError(
-        f"latents {frames}x{height}x{width} (frames x height x width) exceed the positional table "
-        f"{tcfg.sample_frames}x{tcfg.sample_height}x{tcfg.sample_width}; use at most that many latent "
-        "frames and pixels, or raise sample_frames/sample_height/sample_width in the config")
 
 
 @functools.lru_cache(maxsize=64)

@@ -46,7 +46,8 @@ on a 2B batch with CFG) gives the total for progress/ETA.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

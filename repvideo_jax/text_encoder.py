@@ -22,13 +22,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 import warnings
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import T5Tokenizer
 
 from repvideo_jax import sharding
 from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate, remat
@@ -247,7 +250,7 @@ class T5Encoder(nnx.Module):
       x, _ = jax.lax.scan(step, x, layer_state)
     else:
       for i in range(cfg.num_layers):
-        x, _ = step(x, jax.tree.map(lambda a: a[i], layer_state))
+        x, _ = step(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
     return x
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -304,9 +307,7 @@ def _jitted_apply(config: T5Config):
 def load_tokenizer(path, **kwargs):
   """``T5Tokenizer`` from a tokenizer folder (holding ``spiece.model``) or a pipeline folder with
   ``tokenizer/``; ``kwargs`` go to ``T5Tokenizer.from_pretrained`` (e.g. ``extra_ids=0``)."""
-  import pathlib
 
-  from transformers import T5Tokenizer
   path = pathlib.Path(path)
   if (path / "tokenizer").is_dir() and not (path / "spiece.model").exists():
     path = path / "tokenizer"

@@ -28,7 +28,8 @@ import numpy as np
 from repvideo_jax import checkpoint_io
 from repvideo_jax import weights_common as common
 from repvideo_jax.text_encoder import DTYPES, FEED_FORWARD, T5Config, abstract_params
-from repvideo_jax.weights_common import CheckpointKeyError, Rule, linear_kernel as _linear
+from repvideo_jax.weights_common import CheckpointKeyError, Rule
+from repvideo_jax.weights_common import linear_kernel as _linear
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,6 @@ from flax import nnx, struct
 from repvideo_jax import sharding
 from repvideo_jax.attention import QKV_AXES, attention, resolve_backend
 from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate, remat
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +98,18 @@ class TransformerConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Positions and timestep features (computed on the host in NumPy: they depend only on shapes).
+
+
+def check_positional_table(cfg: TransformerConfig, frames: int, height: int, width: int) -> None:
+  """Raises ValueError when latents of ``frames x height x width`` exceed the sin-cos positional table
+  (``sample_frames x sample_height x sample_width``); rotary positions have no table. The one
+  definition of that limit: the model's input check and the pipeline's settings check both call it."""
+  if cfg.positional_embedding == "sincos" and (
+      frames > cfg.sample_frames or height > cfg.sample_height or width > cfg.sample_width):
+    raise ValueError(
+        f"latents {frames}x{height}x{width} (frames x height x width) exceed the positional table "
+        f"{cfg.sample_frames}x{cfg.sample_height}x{cfg.sample_width}; use at most that many latent "
+        "frames and pixels, or raise sample_frames/sample_height/sample_width in the config")
 
 
 def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -382,13 +394,7 @@ class RepVideoTransformer(nnx.Module):
     if h % p or w % p:
       raise ValueError(f"latent height/width {h}x{w} must be divisible by the patch size {p} "
                        f"(video height/width divisible by {8 * p})")
-    if cfg.positional_embedding == "sincos" and (
-        t > cfg.sample_frames or h > cfg.sample_height or w > cfg.sample_width):
-      raise ValueError(
-          f"latents {t}x{h}x{w} (frames x height x width) exceed the positional table "
-          f"{cfg.sample_frames}x{cfg.sample_height}x{cfg.sample_width}; use at most that many latent "
-          f"frames ({4 * (cfg.sample_frames - 1) + 1} video frames) and pixels, or raise "
-          f"sample_frames/sample_height/sample_width in the config")
+    check_positional_table(cfg, t, h, w)
     if text.ndim != 3 or text.shape[-1] != cfg.text_embed_dim:
       raise ValueError(f"text embeddings must be (batch, {cfg.text_length}, {cfg.text_embed_dim}), "
                        f"got {text.shape}")
@@ -458,7 +464,7 @@ class RepVideoTransformer(nnx.Module):
     else:
       per_layer = []
       for i in range(cfg.num_layers):
-        carry, c = step(carry, jax.tree.map(lambda a: a[i], xs))
+        carry, c = step(carry, jax.tree.map(lambda a, i=i: a[i], xs))
         per_layer.append(c)
       captured = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)  # None without capture
     return carry[0], captured
@@ -467,7 +473,7 @@ class RepVideoTransformer(nnx.Module):
     return self._forward(latents, timesteps, text_embeddings, None)[0]
 
   def intermediates(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array,
-                    capture: Callable[["LayerView"], Any]):
+                    capture: Callable[[LayerView], Any]):
     """The forward pass, also returning ``capture(view)`` of every layer stacked on a leading
     layer axis: ``(v_prediction, captured)``. ``view`` is a ``LayerView`` (the block, its mixed
     input, its output, its cache gate, ...); keep what ``capture`` returns small (reduce inside it)."""

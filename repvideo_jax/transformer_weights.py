@@ -11,14 +11,16 @@ import json
 import logging
 import pathlib
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from repvideo_jax import checkpoint_io
 from repvideo_jax import weights_common as common
-from repvideo_jax.weights_common import CheckpointKeyError, Rule, linear_kernel as _linear, same
 from repvideo_jax.transformer import DTYPES, TransformerConfig, abstract_params
+from repvideo_jax.weights_common import CheckpointKeyError, Rule, same
+from repvideo_jax.weights_common import linear_kernel as _linear
 
 log = logging.getLogger(__name__)
 

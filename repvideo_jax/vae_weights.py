@@ -22,16 +22,16 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from repvideo_jax import checkpoint_io
 from repvideo_jax import weights_common as common
 from repvideo_jax.functional import DTYPES
-from repvideo_jax.weights_common import CheckpointKeyError, Rule, flatten  # noqa: F401
 from repvideo_jax.vae import VAEConfig, abstract_params
-
+from repvideo_jax.weights_common import CheckpointKeyError, Rule, flatten  # noqa: F401
 
 SAT_IGNORED_PREFIXES = ("loss.",)
 __all__ = ["CheckpointKeyError", "config_from_diffusers", "config_from_sat", "detect_format",

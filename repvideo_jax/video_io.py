@@ -25,12 +25,11 @@ import dataclasses
 import fractions
 import math
 import os
-from typing import Iterator
-
-import numpy as np
-from PIL import Image
+from collections.abc import Iterator
 
 import av
+import numpy as np
+from PIL import Image
 
 from repvideo_jax.outputs import atomic_path
 
@@ -89,7 +88,7 @@ def _check_path(path) -> str:
   return path
 
 
-def _open(path) -> tuple[str, "av.container.InputContainer", "av.video.stream.VideoStream"]:
+def _open(path) -> tuple[str, av.container.InputContainer, av.video.stream.VideoStream]:
   """Opens ``path`` and returns (path, container, first video stream); the caller closes it."""
   path = _check_path(path)
   try:
@@ -112,7 +111,7 @@ def _stream_fps(path: str, stream) -> float:
 
 
 def _decode(path: str, container, stream, start: int = 0, fps: float | None = None
-            ) -> Iterator[tuple[int, "av.VideoFrame"]]:
+            ) -> Iterator[tuple[int, av.VideoFrame]]:
   """Yields (frame index, frame) for frames with index >= ``start``, decoding lazily.
 
   Indices count decoded frames from the start of the stream. When ``start`` is far enough in, seeks
@@ -148,7 +147,7 @@ def _decode(path: str, container, stream, start: int = 0, fps: float | None = No
       yield index, frame
 
 
-def _wrap_decode(path: str, container, stream) -> Iterator["av.VideoFrame"]:
+def _wrap_decode(path: str, container, stream) -> Iterator[av.VideoFrame]:
   count = 0
   try:
     for frame in container.decode(stream):

@@ -19,11 +19,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from repvideo_jax import checkpoint_io
+from repvideo_jax.config import from_dict, to_dict
+from repvideo_jax.functional import DTYPES
 
 
 class CheckpointKeyError(ValueError):
@@ -169,7 +174,6 @@ def convert(state: Mapping[str, Any], rules: Sequence[Rule], abstract: dict, *, 
   filled: set[tuple[tuple, int | None]] = set()
   items: Iterable[Rule] = rules
   if progress:
-    from tqdm.auto import tqdm
     items = tqdm(rules, desc=f"converting {what}", unit="tensor")
   for rule in items:
     if rule.target not in target:
@@ -259,14 +263,12 @@ def save_converted(path: str | pathlib.Path, component: Component, config: Any, 
                    *, source: str | None = None, overwrite: bool = False) -> None:
   """Writes our converted format: orbax params plus ``metadata.json`` with the component's name,
   its config and where the weights came from (plus the checksums ``save_params`` adds)."""
-  from repvideo_jax.config import to_dict
   checkpoint_io.save_params(path, params, overwrite=overwrite, metadata={
       "component": component.name, "config": to_dict(config), "source": source})
 
 
 def read_converted_config(path: str | pathlib.Path, component: Component) -> Any:
   """The config stored in a converted folder, without reading the weights."""
-  from repvideo_jax.config import from_dict
   meta = json.loads((pathlib.Path(path) / "metadata.json").read_text())
   return from_dict(component.config_cls, meta["config"], where=f"{path}/metadata.json")
 
@@ -283,9 +285,6 @@ def load_converted(path: str | pathlib.Path, component: Component, config: Any =
   SHA-256 recorded at save time; ``untagged_ok`` accepts a folder whose metadata names no
   component (written before components were recorded).
   """
-  import jax
-  from repvideo_jax.config import from_dict
-  from repvideo_jax.functional import DTYPES
   params, meta = checkpoint_io.load_params(path, verify=verify)
   found = meta.get("component", component.name if untagged_ok else None)
   if found != component.name:

@@ -152,10 +152,9 @@ def tiny_cogvideox_folder(root, seed=0, **transformer_overrides):
   """
   import pathlib
 
+  from conftest import randomize_
   from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
   from transformers import T5Config, T5EncoderModel
-
-  from conftest import randomize_
   root = pathlib.Path(root)
   transformer = tiny_diffusers_transformer(seed=seed, **transformer_overrides)
   transformer.save_pretrained(root / "transformer")

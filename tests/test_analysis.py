@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from reference_models import repvideo_reference_forward, tiny_cogvideox_folder
 
 from repvideo_jax import analysis, convert, transformer_weights
-from reference_models import repvideo_reference_forward, tiny_cogvideox_folder
 
 WINDOW = 2
 LAYERS = 5

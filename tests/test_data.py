@@ -11,12 +11,15 @@ import sys
 
 import numpy as np
 import pytest
+from reference_models import tiny_cogvideox_folder
 
-from repvideo_jax import pipeline as P
+from repvideo_jax import pipeline
 from repvideo_jax import vae as V
 from repvideo_jax import video_io as vio
-from repvideo_jax.data import online, pipeline as DP, prepare as PR, records as R
-from reference_models import tiny_cogvideox_folder
+from repvideo_jax.data import online
+from repvideo_jax.data import pipeline as DP
+from repvideo_jax.data import prepare as PR
+from repvideo_jax.data import records as R
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FRAMES, SIZE = 9, 64  # the tiny VAE: 9 frames at 64x64 -> latents (3, 8, 8, 4)
@@ -54,7 +57,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-  return P.load_pipeline(model_dir)
+  return pipeline.load_pipeline(model_dir)
 
 
 @pytest.fixture(scope="module")

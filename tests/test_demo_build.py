@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from repvideo_jax import pipeline as P
+from repvideo_jax import pipeline
 from repvideo_jax.demo import build
 
 FIRST_STEPS = ["dataset.per_spec=1", "text_training.steps=30", "text_training.log_every=1",
@@ -45,8 +45,8 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   assert _falls(transformer), transformer
 
   # The result is a model folder with the recipe's generation defaults and the held-out split.
-  pipe = P.load_pipeline(model)
-  defaults = P.model_defaults(pipe)
+  pipe = pipeline.load_pipeline(model)
+  defaults = pipeline.model_defaults(pipe)
   assert (defaults["num_frames"], defaults["height"], defaults["width"]) == (17, 64, 64)
   assert pipe.transformer_config.feature_cache and pipe.transformer_config.num_layers == 12
   from repvideo_jax.demo import domain as D

@@ -5,8 +5,20 @@ import pytest
 
 from repvideo_jax.data.prepare import read_captions
 from repvideo_jax.demo import domain
-from repvideo_jax.demo.domain import (COLORS, MOTIONS, PALETTE, SHAPES, Spec, all_specs, caption,
-                                      detect, render, score, split_specs, write_dataset)
+from repvideo_jax.demo.domain import (
+  COLORS,
+  MOTIONS,
+  PALETTE,
+  SHAPES,
+  Spec,
+  all_specs,
+  caption,
+  detect,
+  render,
+  score,
+  split_specs,
+  write_dataset,
+)
 from repvideo_jax.video_io import probe, read_video
 
 

@@ -11,8 +11,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from repvideo_jax import evaluate, pipeline as P, video_io
-from repvideo_jax.demo import MODEL_DIR, demo_model_dir, domain as D
+from repvideo_jax import evaluate, pipeline, video_io
+from repvideo_jax.demo import MODEL_DIR, demo_model_dir
+from repvideo_jax.demo import domain as D
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -55,7 +56,7 @@ def test_bundled_model_folder_is_small_complete_and_held_out_is_held_out():
   folder = demo_model_dir()
   size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and "ablations" not in p.parts)
   assert size < 12e6, f"bundled model is {size / 1e6:.1f} MB"
-  pipe = P.load_pipeline(folder)
+  pipe = pipeline.load_pipeline(folder)
   source = pipe.manifest["source"]
   train, heldout = D.split_specs(source["config"]["dataset"]["split_seed"])
   assert source["heldout"] == [D.caption(s) for s in heldout]
@@ -67,10 +68,10 @@ def test_bundled_model_folder_is_small_complete_and_held_out_is_held_out():
 
 
 def test_bundled_model_follows_held_out_prompts_above_chance():
-  pipe = P.load_pipeline(demo_model_dir())
+  pipe = pipeline.load_pipeline(demo_model_dir())
   specs = [D.split_specs(0)[1][i] for i in SUBSET]
   assert {s.color for s in specs} == set(D.COLORS) and {s.shape for s in specs} == set(D.SHAPES)
-  result = evaluate.evaluate(pipe, specs, settings=P.settings_for(pipe, seed=0), seeds=1,
+  result = evaluate.evaluate(pipe, specs, settings=pipeline.settings_for(pipe, seed=0), seeds=1,
                              progress=False)
   for attribute, bar in BAR.items():
     assert bar > 3 * evaluate.CHANCE[attribute]

@@ -5,11 +5,10 @@ exactly the params of an uninterrupted run (the loop checkpoints and its batches
 the step).
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from repvideo_jax import text_encoder as TE
 from repvideo_jax import vae as V

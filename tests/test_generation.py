@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXPipeline
-
-from repvideo_jax import pipeline as P
 from reference_models import tiny_cogvideox_folder
+
+from repvideo_jax import pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   root, refs = tiny_cogvideox_folder(tmp_path_factory.mktemp("cog"), seed=1)
-  return P.load_pipeline(root), refs
+  return pipeline.load_pipeline(root), refs
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["sincos", "rope"])
 def test_ddim_pipeline_matches_diffusers(tmp_path, rope):
   root, refs = tiny_cogvideox_folder(tmp_path / "cog", seed=2, use_rotary_positional_embeddings=rope)
-  pipe = P.load_pipeline(root)
+  pipe = pipeline.load_pipeline(root)
   ref_pipe = CogVideoXPipeline(tokenizer=refs["tokenizer"], text_encoder=refs["text_encoder"],
                                vae=refs["vae"], transformer=refs["transformer"],
                                scheduler=refs["scheduler"])
@@ -31,9 +31,9 @@ def test_ddim_pipeline_matches_diffusers(tmp_path, rope):
   ref = ref_pipe(prompt=prompts, negative_prompt="", num_frames=9, height=64, width=64,
                  num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=False,
                  latents=latents.clone(), max_sequence_length=8, output_type="np").frames
-  settings = P.GenerationSettings(num_frames=9, height=64, width=64, steps=3, guidance=6.0,
+  settings = pipeline.GenerationSettings(num_frames=9, height=64, width=64, steps=3, guidance=6.0,
                                   cfg_schedule="constant", sampler="ddim", negative_prompt="")
-  ours = P.generate(pipe, prompts, settings, noise=latents.permute(0, 1, 3, 4, 2).numpy(), output="float")
+  ours = pipeline.generate(pipe, prompts, settings, noise=latents.permute(0, 1, 3, 4, 2).numpy(), output="float")
   assert ours.shape == ref.shape == (2, 9, 64, 64, 3)
   assert ref.std() > 0.01
   np.testing.assert_allclose(ours, ref, atol=2e-4)
@@ -41,10 +41,10 @@ def test_ddim_pipeline_matches_diffusers(tmp_path, rope):
 
 def test_released_sampler_is_deterministic_per_seed(tiny):
   pipe, _ = tiny
-  s = P.GenerationSettings(num_frames=9, height=64, width=64, steps=4, seed=3)
-  a = P.generate(pipe, ["a cat"], s)
-  b = P.generate(pipe, ["a cat"], s)
-  c = P.generate(pipe, ["a cat"], P.GenerationSettings(**{**s.__dict__, "seed": 4}))
+  s = pipeline.GenerationSettings(num_frames=9, height=64, width=64, steps=4, seed=3)
+  a = pipeline.generate(pipe, ["a cat"], s)
+  b = pipeline.generate(pipe, ["a cat"], s)
+  c = pipeline.generate(pipe, ["a cat"], pipeline.GenerationSettings(**{**s.__dict__, "seed": 4}))
   assert a.dtype == np.uint8 and a.shape == (1, 9, 64, 64, 3)
   np.testing.assert_array_equal(a, b)
   assert np.abs(a.astype(int) - c).max() > 0
@@ -53,17 +53,17 @@ def test_released_sampler_is_deterministic_per_seed(tiny):
 
 def test_prompt_noise_does_not_depend_on_batch_neighbours(tiny):
   pipe, _ = tiny
-  s = P.GenerationSettings(num_frames=9, height=64, width=64, steps=2, sampler="ddim", seed=5)
-  both = P.generate(pipe, ["a cat", "a dog"], s, output="float")
-  alone = P.generate(pipe, ["a cat"], s, output="float")
+  s = pipeline.GenerationSettings(num_frames=9, height=64, width=64, steps=2, sampler="ddim", seed=5)
+  both = pipeline.generate(pipe, ["a cat", "a dog"], s, output="float")
+  alone = pipeline.generate(pipe, ["a cat"], s, output="float")
   np.testing.assert_allclose(both[0], alone[0], atol=1e-5)
 
 
 def test_progress_callback_counts_every_step(tiny):
   pipe, _ = tiny
   seen = []
-  s = P.GenerationSettings(num_frames=9, height=64, width=64, steps=5, seed=0)
-  P.generate(pipe, ["a cat"], s, progress=seen.append)
+  s = pipeline.GenerationSettings(num_frames=9, height=64, width=64, steps=5, seed=0)
+  pipeline.generate(pipe, ["a cat"], s, progress=seen.append)
   assert sorted(seen) == [0, 1, 2, 3, 4]
 
 
@@ -73,6 +73,6 @@ def test_progress_callback_counts_every_step(tiny):
     ("sampler", "euler", "sampler must be"), ("cfg_schedule", "wild", "cfg_schedule")])
 def test_bad_settings_raise_clear_errors(tiny, field, value, match):
   pipe, _ = tiny
-  s = P.GenerationSettings(num_frames=9, height=64, width=64, steps=2)
+  s = pipeline.GenerationSettings(num_frames=9, height=64, width=64, steps=2)
   with pytest.raises(ValueError, match=match):
-    P.GenerationSettings(**{**s.__dict__, field: value}).validate(pipe.transformer_config, pipe.vae_config)
+    pipeline.GenerationSettings(**{**s.__dict__, field: value}).validate(pipe.transformer_config, pipe.vae_config)

@@ -9,11 +9,18 @@ import jax
 import numpy as np
 import pytest
 import torch
+from reference_models import (
+  diffusers_forward,
+  repvideo_reference_forward,
+  sat_state_dict,
+  tiny_cogvideox_folder,
+  to_channels_last,
+)
 
-from repvideo_jax import convert, transformer as T, vae as V
+from repvideo_jax import convert
+from repvideo_jax import transformer as T
+from repvideo_jax import vae as V
 from repvideo_jax.pipeline import load_pipeline
-from reference_models import (diffusers_forward, repvideo_reference_forward, sat_state_dict,
-                              tiny_cogvideox_folder, to_channels_last)
 
 
 @pytest.fixture(scope="module")

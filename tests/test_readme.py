@@ -5,7 +5,6 @@ import re
 
 import numpy as np
 import torch
-
 from reference_models import sat_state_dict, tiny_diffusers_transformer
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"

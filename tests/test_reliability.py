@@ -16,11 +16,11 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from reference_models import tiny_cogvideox_folder
+from train_helpers import FixedBatches, tiny_config
+
 from repvideo_jax import checkpoint_io, convert, pipeline, video_io
 from repvideo_jax.training import trainer
-from train_helpers import FixedBatches, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZE = ["--frames", "9", "--height", "64", "--width", "64"]  # the tiny model's positional table

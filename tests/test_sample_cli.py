@@ -8,9 +8,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from reference_models import tiny_cogvideox_folder
 
 from repvideo_jax import convert, video_io
-from reference_models import tiny_cogvideox_folder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -78,20 +78,20 @@ SHARDED = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np
-    from repvideo_jax import pipeline as P, sharding
-    pipe = P.load_pipeline(sys.argv[1])
+    from repvideo_jax import pipeline, sharding
+    pipe = pipeline.load_pipeline(sys.argv[1])
     prompts = [f"{c} {a}" for c in ("red", "blue") for a in ("cat", "dog", "bird", "car")]
-    s = P.GenerationSettings(num_frames=9, height=64, width=64, steps=3, seed=11)
+    s = pipeline.GenerationSettings(num_frames=9, height=64, width=64, steps=3, seed=11)
     mesh = sharding.make_mesh(data=8)
-    sharded = P.generate(pipe, prompts, s, mesh=mesh, output="float")
-    single = P.generate(pipe, prompts, s, output="float")
+    sharded = pipeline.generate(pipe, prompts, s, mesh=mesh, output="float")
+    single = pipeline.generate(pipe, prompts, s, output="float")
     err = float(np.abs(sharded - single).max())
     # frames in [0, 1]; 1e-4 is 40x below one uint8 level (sharding changes reduction order only)
     assert jax.device_count() == 8 and err < 1e-4, err
     # One video on 4 devices: its CFG pair over data=2, its sequence over context=2 (attention's
     # all-to-all; 8 text + 16 video tokens per frame).
     mesh = sharding.make_mesh(data=2, context=2, devices=jax.devices()[:4])
-    one = P.generate(pipe, prompts[:1], s, mesh=mesh, output="float")
+    one = pipeline.generate(pipe, prompts[:1], s, mesh=mesh, output="float")
     err1 = float(np.abs(one - single[:1]).max())
     assert err1 < 1e-4, err1
     print("ok", err, err1)

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_, state_dict_numpy
 from transformers import T5Config as HFConfig
 from transformers import T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from repvideo_jax import text_encoder as TE
 from repvideo_jax import text_encoder_weights as W
-from conftest import randomize_, state_dict_numpy
 
 PEAK_RTOL = 1e-5
 TINY = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
@@ -39,12 +39,12 @@ def _hf_config(ffn="gated-gelu", **kw):
   return cfg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hf_model(ffn="gated-gelu", seed=1):
   return randomize_(T5EncoderModel(_hf_config(ffn)), seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _converted(ffn="gated-gelu", seed=1):
   model = _hf_model(ffn, seed)
   cfg = W.config_from_hf(model.config.to_dict())

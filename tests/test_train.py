@@ -16,9 +16,9 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from train_helpers import FixedBatches, tiny_config
 
 from repvideo_jax.training import trainer
-from train_helpers import FixedBatches, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -137,7 +137,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
                              "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "step 3/3" in outs[0][0] and "step 3/3" not in outs[1][0]  # only process 0 logs
   assert "2 process(es)" in outs[0][1]
@@ -159,6 +159,7 @@ def test_export_a_run_as_a_transformer_folder(tmp_path):
   """export_transformer writes the run's last params (its EMA by default when kept) in the format
   transformer_weights.load reads; it restores on one device whatever the run's layout."""
   import dataclasses
+
   from repvideo_jax import transformer_weights
   cfg = tiny_config(tmp_path, steps=4, save_every=2)
   cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, ema_decay=0.5))

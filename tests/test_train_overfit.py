@@ -9,17 +9,15 @@ import csv
 import dataclasses
 import os
 
+import jax
 import numpy as np
+import pytest
+from reference_models import tiny_cogvideox_folder
+from test_video_io import DATA
 
 from repvideo_jax import video_io
 from repvideo_jax.data import prepare as PR
 from repvideo_jax.training import trainer
-from reference_models import tiny_cogvideox_folder
-from test_video_io import DATA
-
-
-import jax
-import pytest
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,18 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import state_dict_numpy
+from reference_models import (
+  diffusers_forward,
+  repvideo_reference_forward,
+  sat_state_dict,
+  tiny_diffusers_transformer,
+  to_channels_last,
+)
 
 from repvideo_jax import convert
 from repvideo_jax import transformer as T
 from repvideo_jax import transformer_weights as W
-from conftest import state_dict_numpy
-from reference_models import (diffusers_forward, repvideo_reference_forward, sat_state_dict,
-                              tiny_diffusers_transformer, to_channels_last)
 
 ATOL = 2e-5
 

@@ -32,8 +32,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_, state_dict_numpy
+
 from repvideo_jax import vae as V
 from repvideo_jax import vae_weights as W
 

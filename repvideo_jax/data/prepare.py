@@ -53,11 +53,17 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from repvideo_jax import video_io
+from repvideo_jax import pipeline, video_io
+from repvideo_jax import text_encoder as TE
+from repvideo_jax import vae as V
 from repvideo_jax.data import records
 from repvideo_jax.outputs import check_output
 
@@ -186,7 +192,7 @@ class Encoders:
   path: pathlib.Path | None = None
 
   @classmethod
-  def from_pipeline(cls, pipe) -> "Encoders":
+  def from_pipeline(cls, pipe) -> Encoders:
     return cls(pipe.vae_config, pipe.vae_params, pipe.text_encoder_config, pipe.text_encoder_params,
                pipe.tokenizer, pipe.transformer_config.text_length, pipe.path)
 
@@ -200,7 +206,6 @@ class Encoders:
 
   def encode_text(self, captions: Sequence[str]) -> np.ndarray:
     """Captions -> (B, L, D) float32, as ``Pipeline.encode_prompts``."""
-    from repvideo_jax import text_encoder as TE
     out = TE.encode_prompts(self.text_params, self.text_config, self.tokenizer, list(captions),
                             max_length=self.text_length)
     return np.asarray(out, np.float32)
@@ -212,7 +217,6 @@ class Encoders:
     The posterior mean (``vae.encode(sample=False)``), or with ``noise_keys`` ((B,) JAX keys) a
     posterior sample mean + std * N(0, I) with one key per video.
     """
-    from repvideo_jax import vae as V
     post = V.encode_posterior(self.vae_params, video, config=self.vae_config, chunking=chunking)
     if noise_keys is None:
       z = post.mean
@@ -229,7 +233,6 @@ class Encoders:
     pad = batch_size - n
     video = np.stack(list(clips) + [clips[-1]] * pad)
     if noise_keys is not None:
-      import jax.numpy as jnp
       noise_keys = jnp.concatenate([noise_keys] + [noise_keys[-1:]] * pad)
     latents = self.encode_video(video, chunking=chunking, noise_keys=noise_keys)[:n]
     text = self.encode_text(list(captions) + [captions[-1]] * pad)[:n]
@@ -241,10 +244,8 @@ def _posterior_sample(mean, logvar, keys):
   return _jitted_sample()(mean, logvar, keys)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_sample():
-  import jax
-  import jax.numpy as jnp
 
   def one(m, lv, key):
     return m + jnp.exp(0.5 * lv) * jax.random.normal(key, m.shape, m.dtype)
@@ -254,8 +255,6 @@ def _jitted_sample():
 
 def noise_keys(seed: int, indices: Sequence[int], epochs: Sequence[int] | None = None):
   """One JAX key per entry: fold_in(key(seed), index), then fold_in(., epoch) if epochs are given."""
-  import jax
-  import jax.numpy as jnp
   base = jax.random.key(seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
   if epochs is not None:
@@ -266,9 +265,8 @@ def noise_keys(seed: int, indices: Sequence[int], epochs: Sequence[int] | None =
 def load_encoders(model_dir, *, dtype: str = "float32") -> Encoders:
   """Loads the VAE, T5 encoder and tokenizer of a model folder (``load_pipeline`` without the
   transformer's weights)."""
-  from repvideo_jax import pipeline as P
   overrides = {"dtype": dtype, "param_dtype": dtype}
-  return Encoders.from_pipeline(P.load_pipeline(model_dir, text_encoder_overrides=overrides,
+  return Encoders.from_pipeline(pipeline.load_pipeline(model_dir, text_encoder_overrides=overrides,
                                                 vae_overrides=overrides, load_transformer=False))
 
 
@@ -386,7 +384,6 @@ def prepare(videos, captions, model, out, config: PrepareConfig = PrepareConfig(
   ``encoders``: already loaded encoders to use instead of loading ``model`` (which is then only
   recorded).
   """
-  from tqdm.auto import tqdm
   config.validate()
   videos, out = pathlib.Path(videos), pathlib.Path(out)
   if not videos.is_dir():

@@ -34,10 +34,13 @@ import os
 import pathlib
 import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import grain
 import ml_dtypes
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from repvideo_jax.outputs import atomic_path, atomic_write
 
@@ -139,7 +142,6 @@ def write_shard(path, records: Iterable[bytes]) -> int:
   Returns the number of records. ``path`` never holds a partial shard: a killed writer leaves only
   a ``.<name>.*.tmp`` file behind, which the next ``write_shard`` into the folder does not mind.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter
   count = 0
   with atomic_path(path) as tmp:
     writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
@@ -154,7 +156,6 @@ def write_shard(path, records: Iterable[bytes]) -> int:
 
 def read_shard(path) -> list[bytes]:
   """All records of one ArrayRecord file, in order."""
-  from array_record.python.array_record_module import ArrayRecordReader
   reader = ArrayRecordReader(os.fspath(path))
   try:
     return list(reader.read_all()) if reader.num_records() else []
@@ -238,7 +239,6 @@ class ExampleSource:
   """
 
   def __init__(self, data_dir):
-    import grain
     self.data_dir = pathlib.Path(data_dir).absolute()
     self.metadata = read_metadata(self.data_dir)
     files = [self.data_dir / s["file"] for s in self.metadata["shards"] if s["num_examples"] > 0]

@@ -7,8 +7,19 @@ Rebuild the bundled model with ``python -m repvideo_jax.demo.build`` (recipe: ``
 import pathlib
 
 from repvideo_jax.demo.domain import (  # noqa: F401
-  COLORS, MOTIONS, SHAPES, Spec, all_specs, caption, detect, parse_caption, render, score,
-  split_specs, write_dataset)
+  COLORS,
+  MOTIONS,
+  SHAPES,
+  Spec,
+  all_specs,
+  caption,
+  detect,
+  parse_caption,
+  render,
+  score,
+  split_specs,
+  write_dataset,
+)
 
 MODEL_DIR = pathlib.Path(__file__).resolve().parent / "model"
 

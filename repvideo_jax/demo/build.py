@@ -37,19 +37,24 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 import yaml
 
-from repvideo_jax import checkpoint_io
+from repvideo_jax import (
+  checkpoint_io,
+  outputs,
+  pipeline,
+  text_encoder_weights,
+  transformer_weights,
+  vae_weights,
+)
 from repvideo_jax import config as config_lib
-from repvideo_jax import outputs
-from repvideo_jax import pipeline as P
 from repvideo_jax import text_encoder as TE
-from repvideo_jax import text_encoder_weights, transformer_weights, vae_weights
 from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
 from repvideo_jax.data import prepare
@@ -105,7 +110,7 @@ def _validate(tree: dict[str, Any], where: str) -> None:
   trainer.config_from_dict(tree["train"] or {}, f"{where}:train")
   generation = dict(tree["generation"] or {})
   fps = generation.pop("fps", 8.0)
-  config_lib.from_dict(P.GenerationSettings, generation, f"{where}:generation")
+  config_lib.from_dict(pipeline.GenerationSettings, generation, f"{where}:generation")
   if not fps > 0:
     raise ValueError(f"{where}:generation.fps must be positive, got {fps}")
   if tree["storage_dtype"] not in ("float32", "float16", "bfloat16"):

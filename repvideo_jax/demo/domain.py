@@ -18,6 +18,7 @@ import pathlib
 import numpy as np
 
 from repvideo_jax.outputs import atomic_path
+from repvideo_jax.video_io import write_mp4
 
 __all__ = ["SHAPES", "COLORS", "MOTIONS", "PALETTE", "Spec", "caption", "parse_caption", "render", "all_specs",
            "split_specs", "write_dataset", "detect", "score"]
@@ -195,7 +196,6 @@ def write_dataset(out_dir, specs, *, per_spec: int = 2, num_frames: int = 9, hei
   ``python -m repvideo_jax.data.prepare --videos out_dir --captions out_dir/captions.csv`` reads it.
   Returns the path of the CSV. Clip k of a spec is rendered with seed ``seed * 1000 + k``.
   """
-  from repvideo_jax.video_io import write_mp4
 
   if per_spec < 1:
     raise ValueError(f"per_spec must be >= 1, got {per_spec}")

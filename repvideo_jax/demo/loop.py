@@ -16,12 +16,14 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from repvideo_jax.training import optim
 from repvideo_jax.training.checkpoints import Checkpointer, abstract_like
@@ -86,7 +88,6 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: L
   log_path = out / "log.jsonl"
   bar = None
   if progress and start < steps:
-    from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", leave=False)
   with open(log_path, "a") as log_file:
     for step in range(start, steps if stop_at is None else min(steps, stop_at)):

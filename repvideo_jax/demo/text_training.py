@@ -22,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece as spm
+from transformers import T5Tokenizer
 
 from repvideo_jax import text_encoder as TE
 from repvideo_jax.demo import loop
@@ -40,8 +42,6 @@ def train_tokenizer(texts: Sequence[str], folder: str | pathlib.Path, *, vocab_s
   """Trains a sentencepiece model (``model_type``: word, unigram, bpe or char) on ``texts``;
   writes ``folder/spiece.model`` (plus the tokenizer config) and returns the loaded
   ``T5Tokenizer``. ``vocab_size`` is an upper bound: a small corpus yields fewer pieces."""
-  import sentencepiece as spm
-  from transformers import T5Tokenizer
 
   texts = [t for t in texts if t.strip()]
   if not texts:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

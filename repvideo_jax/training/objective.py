@@ -31,7 +31,8 @@ T5("")), which is also what the sampler's unconditional branch uses.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

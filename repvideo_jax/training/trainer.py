@@ -173,10 +173,10 @@ class Logger:
     if run.tensorboard:
       # Imported here, not at the top: tensorboardX takes ~1.5 s to import (measured on this
       # project's venv), paid only by runs that write TensorBoard logs.
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # noqa: PLC0415
       self.tb = SummaryWriter(str(out / "tensorboard"))
     if run.wandb_project:
-      import wandb  # optional dependency (not in requirements.txt): imported only when asked for
+      import wandb  # noqa: PLC0415 -- optional dependency (not in requirements.txt): imported only when asked for
       self.wandb = wandb.init(project=run.wandb_project, config=config_dict, dir=str(out))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
