@@ -28,45 +28,76 @@ from repvideo_jax.outputs import check_output
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default=None,
-                 help="model folder (converted pipeline or diffusers layout); default: the bundled "
-                 "demo model")
+  p = argparse.ArgumentParser(
+    prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--model",
+    default=None,
+    help="model folder (converted pipeline or diffusers layout); default: the bundled demo model",
+  )
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="text file with one prompt per line")
-  p.add_argument("--negative-prompt", default=None,
-                 help="encode this as the unconditional branch (diffusers style); default: the "
-                 "released zero embedding")
-  p.add_argument("--out", default="outputs", help="output folder (default: outputs); videos already "
-                 "there are kept and numbering continues after them")
-  p.add_argument("--overwrite", action="store_true",
-                 help="number from 0000 again, replacing videos of the same number and prompt")
+  p.add_argument(
+    "--negative-prompt",
+    default=None,
+    help="encode this as the unconditional branch (diffusers style); default: the released zero embedding",
+  )
+  p.add_argument(
+    "--out",
+    default="outputs",
+    help="output folder (default: outputs); videos already there are kept and numbering continues after them",
+  )
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="number from 0000 again, replacing videos of the same number and prompt",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50)")
-  p.add_argument("--guidance", type=float, default=None,
-                 help="CFG scale (constant w, or the scale of the released/smooth schedules; default 6)")
-  p.add_argument("--cfg-schedule", choices=["released", "constant", "smooth"], default=None,
-                 help="released (default): dynamic CFG with the raw-timestep formula; smooth: the same "
-                 "formula over the step index (a deviation from the release)")
+  p.add_argument(
+    "--guidance",
+    type=float,
+    default=None,
+    help="CFG scale (constant w, or the scale of the released/smooth schedules; default 6)",
+  )
+  p.add_argument(
+    "--cfg-schedule",
+    choices=["released", "constant", "smooth"],
+    default=None,
+    help="released (default): dynamic CFG with the raw-timestep formula; smooth: the same "
+    "formula over the step index (a deviation from the release)",
+  )
   p.add_argument("--sampler", choices=["dpmpp2m", "ddim"], default=None, help="default dpmpp2m")
   p.add_argument("--frames", type=int, default=None, help="video frames, 8k+1 (default 49)")
   p.add_argument("--height", type=int, default=None, help="default 480")
   p.add_argument("--width", type=int, default=None, help="default 720")
   p.add_argument("--fps", type=float, default=None, help="default 8")
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                 help="compute dtype of all models (default: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument(
+    "--dtype",
+    choices=["float32", "bfloat16"],
+    default=None,
+    help="compute dtype of all models (default: bfloat16 on GPU/TPU, float32 on CPU)",
+  )
   p.add_argument("--batch-size", type=int, default=None, help="prompts sampled together (default 1)")
-  p.add_argument("--preset", default=None,
-                 help="sampling preset (configs/sample-*.yaml): batch size, sizes, weight dtypes, VAE "
-                 "tiling and device mesh for an accelerator; flags given here still win")
-  p.add_argument("--mesh", default=None, metavar="data=N,context=M",
-                 help="device mesh for one call (axes data, fsdp, tensor, context): batch and its CFG "
-                 "pair over data, each video's sequence over context. Default: the preset's, else the "
-                 "batch over all devices when it divides them")
+  p.add_argument(
+    "--preset",
+    default=None,
+    help="sampling preset (configs/sample-*.yaml): batch size, sizes, weight dtypes, VAE "
+    "tiling and device mesh for an accelerator; flags given here still win",
+  )
+  p.add_argument(
+    "--mesh",
+    default=None,
+    metavar="data=N,context=M",
+    help="device mesh for one call (axes data, fsdp, tensor, context): batch and its CFG "
+    "pair over data, each video's sequence over context. Default: the preset's, else the "
+    "batch over all devices when it divides them",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  p.add_argument("--no-verify", action="store_true",
-                 help="skip the SHA-256 check of the converted weight files on load")
+  p.add_argument(
+    "--no-verify", action="store_true", help="skip the SHA-256 check of the converted weight files on load"
+  )
   return p.parse_args(argv)
 
 
@@ -90,14 +121,19 @@ def check_args(args) -> None:
   """Each flag's own check, once, before any model is loaded: one clear error naming the flag (and
   the --out folder created). The settings they make up with the model folder's defaults are checked
   against the model by ``pipeline.settings_for``; the library trusts both from then on."""
-  if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+  if args.seed is not None and not 0 <= args.seed < 2**32:
     raise ValueError(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
   if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
     raise ValueError(f"--guidance must be a finite number >= 1 (1 = no guidance), got {args.guidance}")
   if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
     raise ValueError(f"--fps must be a finite number > 0, got {args.fps}")
-  for flag, value in (("--steps", args.steps), ("--frames", args.frames), ("--height", args.height),
-                      ("--width", args.width), ("--batch-size", args.batch_size)):
+  for flag, value in (
+    ("--steps", args.steps),
+    ("--frames", args.frames),
+    ("--height", args.height),
+    ("--width", args.width),
+    ("--batch-size", args.batch_size),
+  ):
     if value is not None and value < 1:
       raise ValueError(f"{flag} must be >= 1, got {value}")
   check_output(args.out, "--out", folder=True)
@@ -120,9 +156,12 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print(f"interrupted: kept the {len(written)} finished video(s) in {args.out}"
-          f"{' (' + ', '.join(p.name for p in written) + ')' if written else ''}; the batch in progress "
-          "was not written", file=sys.stderr)
+    print(
+      f"interrupted: kept the {len(written)} finished video(s) in {args.out}"
+      f"{' (' + ', '.join(p.name for p in written) + ')' if written else ''}; the batch in progress "
+      "was not written",
+      file=sys.stderr,
+    )
     return 130
 
 
@@ -133,11 +172,16 @@ def run(args, written: list) -> int:
 
   from repvideo_jax import pipeline, sharding, video_io  # noqa: PLC0415
   from repvideo_jax.demo import demo_model_dir  # noqa: PLC0415
+
   prompts = read_prompts(args)
   preset = pipeline.load_sampling_preset(args.preset) if args.preset else None
   if preset is not None:  # the preset fills what the command line leaves unset
-    for flag, value in (("batch_size", preset.batch), ("frames", preset.frames),
-                        ("height", preset.height), ("width", preset.width)):
+    for flag, value in (
+      ("batch_size", preset.batch),
+      ("frames", preset.frames),
+      ("height", preset.height),
+      ("width", preset.width),
+    ):
       if getattr(args, flag) is None:
         setattr(args, flag, value)
   args.batch_size = 1 if args.batch_size is None else args.batch_size  # >= 1: flag or preset checked
@@ -150,39 +194,70 @@ def run(args, written: list) -> int:
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   model = args.model or str(demo_model_dir())
   t0 = time.perf_counter()
-  overrides = {c: {"dtype": dtype, **((getattr(preset, c) or {}) if preset is not None else {})}
-               for c in ("transformer", "text_encoder", "vae")}
+  overrides = {
+    c: {"dtype": dtype, **((getattr(preset, c) or {}) if preset is not None else {})}
+    for c in ("transformer", "text_encoder", "vae")
+  }
   if args.dtype:  # an explicit --dtype wins over the preset's compute dtypes
     for c in overrides.values():
       c["dtype"] = dtype
-  pipe = pipeline.load_pipeline(model, transformer_overrides=overrides["transformer"],
-                         text_encoder_overrides=overrides["text_encoder"],
-                         vae_overrides=overrides["vae"], verify=not args.no_verify)
+  pipe = pipeline.load_pipeline(
+    model,
+    transformer_overrides=overrides["transformer"],
+    text_encoder_overrides=overrides["text_encoder"],
+    vae_overrides=overrides["vae"],
+    verify=not args.no_verify,
+  )
   fps = args.fps  # --fps was checked by check_args; the folder's default is checked here
   if fps is None:
     fps = pipeline.model_defaults(pipe).get("fps", 8.0)
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-      raise ValueError(f"\"fps\" in {model}/pipeline.json defaults must be a positive number, got {fps!r}")
-  settings = pipeline.settings_for(pipe, num_frames=args.frames, height=args.height, width=args.width,
-                            steps=args.steps, guidance=args.guidance, cfg_schedule=args.cfg_schedule,
-                            sampler=args.sampler, seed=args.seed, negative_prompt=args.negative_prompt)
+      raise ValueError(f'"fps" in {model}/pipeline.json defaults must be a positive number, got {fps!r}')
+  settings = pipeline.settings_for(
+    pipe,
+    num_frames=args.frames,
+    height=args.height,
+    width=args.width,
+    steps=args.steps,
+    guidance=args.guidance,
+    cfg_schedule=args.cfg_schedule,
+    sampler=args.sampler,
+    seed=args.seed,
+    negative_prompt=args.negative_prompt,
+  )
   load_s = time.perf_counter() - t0
   out = pathlib.Path(args.out)  # created by check_args
   first_number = 0 if args.overwrite else next_number(out)
   from tqdm.auto import tqdm  # noqa: PLC0415 (see the top of run)
+
   total_steps, sampling_s = 0, 0.0
   for start in range(0, len(prompts), args.batch_size):
-    batch = prompts[start:start + args.batch_size]
+    batch = prompts[start : start + args.batch_size]
     if layout is not None:
       mesh = sharding.make_mesh(**layout)
     else:
       mesh = sharding.make_mesh(data=n_dev) if n_dev > 1 and len(batch) % n_dev == 0 else None
-    bar = None if args.no_progress else tqdm(total=settings.steps, unit="step", leave=False,
-                                              desc=f"prompts {start + 1}-{start + len(batch)}/{len(prompts)}")
+    bar = (
+      None
+      if args.no_progress
+      else tqdm(
+        total=settings.steps,
+        unit="step",
+        leave=False,
+        desc=f"prompts {start + 1}-{start + len(batch)}/{len(prompts)}",
+      )
+    )
     timings: dict = {}
-    frames = pipeline.generate(pipe, batch, settings, mesh=mesh, timings=timings, first_index=start,
-                        vae_tiling=bool(preset is not None and preset.vae_tiling),
-                        progress=None if bar is None else (lambda _i, bar=bar: bar.update(1)))
+    frames = pipeline.generate(
+      pipe,
+      batch,
+      settings,
+      mesh=mesh,
+      timings=timings,
+      first_index=start,
+      vae_tiling=bool(preset is not None and preset.vae_tiling),
+      progress=None if bar is None else (lambda _i, bar=bar: bar.update(1)),
+    )
     if bar is not None:
       bar.close()
     total_steps += settings.steps
@@ -191,19 +266,35 @@ def run(args, written: list) -> int:
       index = start + k  # the video's noise key: position in this run, whatever the file number
       stem = out / f"{first_number + index:04d}_{slug(prompt)}"
       video_io.write_mp4(stem.with_suffix(".mp4"), frames[k], fps=fps)
-      sidecar = {"prompt": prompt, "index": index, "video": stem.with_suffix(".mp4").name,
-                 "frames_sha256": hashlib.sha256(frames[k].tobytes()).hexdigest(),
-                 "model": str(pathlib.Path(model).resolve()), "fps": fps, "dtype": dtype,
-                 "batch_size": args.batch_size, "batch_prompts": batch, "devices": n_dev,
-                 "preset": args.preset, "mesh": dict(mesh.shape) if mesh is not None else None,
-                 "settings": dataclasses.asdict(settings), "timings": {**timings, "load_s": load_s},
-                 "transformer": {"feature_cache": pipe.transformer_config.feature_cache,
-                                 "num_layers": pipe.transformer_config.num_layers},
-                 "jax_backend": jax.default_backend(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+      sidecar = {
+        "prompt": prompt,
+        "index": index,
+        "video": stem.with_suffix(".mp4").name,
+        "frames_sha256": hashlib.sha256(frames[k].tobytes()).hexdigest(),
+        "model": str(pathlib.Path(model).resolve()),
+        "fps": fps,
+        "dtype": dtype,
+        "batch_size": args.batch_size,
+        "batch_prompts": batch,
+        "devices": n_dev,
+        "preset": args.preset,
+        "mesh": dict(mesh.shape) if mesh is not None else None,
+        "settings": dataclasses.asdict(settings),
+        "timings": {**timings, "load_s": load_s},
+        "transformer": {
+          "feature_cache": pipe.transformer_config.feature_cache,
+          "num_layers": pipe.transformer_config.num_layers,
+        },
+        "jax_backend": jax.default_backend(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+      }
       stem.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
       written.append(stem.with_suffix(".mp4"))
-  print(f"wrote {len(written)} video(s) to {out} | {sampling_s / max(total_steps, 1):.3f} s/step "
-        f"(incl. first-call compile) | load {load_s:.1f}s", file=sys.stderr)
+  print(
+    f"wrote {len(written)} video(s) to {out} | {sampling_s / max(total_steps, 1):.3f} s/step "
+    f"(incl. first-call compile) | load {load_s:.1f}s",
+    file=sys.stderr,
+  )
   return 0
 
 

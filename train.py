@@ -24,19 +24,29 @@ import sys
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--config", required=True, help="preset name in configs/ or a YAML file")
-  parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                      help="config overrides, e.g. run.steps=100 optim.lr=1e-4 mesh.fsdp=8")
+  parser.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="section.key=value",
+    help="config overrides, e.g. run.steps=100 optim.lr=1e-4 mesh.fsdp=8",
+  )
   parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="run.output_dir holds an earlier run: move it aside (to <dir>.old-<time>) "
-                      "and start fresh")
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="run.output_dir holds an earlier run: move it aside (to <dir>.old-<time>) and start fresh",
+  )
   parser.add_argument("--init-from", help="shortcut for run.init_from=DIR (a converted model folder)")
   parser.add_argument("--output-dir", help="shortcut for run.output_dir=DIR")
-  parser.add_argument("--compile-only", action="store_true",
-                      help="compile the train step for these devices, print memory and fit, run nothing")
+  parser.add_argument(
+    "--compile-only",
+    action="store_true",
+    help="compile the train step for these devices, print memory and fit, run nothing",
+  )
   parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process without a scheduler)")
   parser.add_argument("--num-processes", type=int)
   parser.add_argument("--process-id", type=int)
@@ -63,12 +73,17 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 3
   if result["stopped"] == "sigterm":  # saved and stopped early: not a finished run
-    print(f"stopped by SIGTERM at step {result['final_step']} of {cfg.run.steps}, checkpoint saved; "
-          "continue with --resume", file=sys.stderr)
+    print(
+      f"stopped by SIGTERM at step {result['final_step']} of {cfg.run.steps}, checkpoint saved; "
+      "continue with --resume",
+      file=sys.stderr,
+    )
     return 143
-  print(f"done: step {result['final_step']}"
-        f"{' (max_wall_seconds reached; continue with --resume)' if result['stopped'] else ''}",
-        file=sys.stderr)
+  print(
+    f"done: step {result['final_step']}"
+    f"{' (max_wall_seconds reached; continue with --resume)' if result['stopped'] else ''}",
+    file=sys.stderr,
+  )
   return 0
 
 
@@ -76,6 +91,7 @@ def _compile_only(cfg) -> int:
   import jax  # noqa: PLC0415 (imported late, see main)
 
   from repvideo_jax import aot  # noqa: PLC0415
+
   devices = jax.devices()
   where = f"{len(devices)} {devices[0].device_kind} device(s)"
   report = aot.compile_train_config(cfg, devices, where, name="train")

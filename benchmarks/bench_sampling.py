@@ -21,10 +21,21 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 CONFIGS = {
-    # name: (transformer overrides, frames, height, width)
-    "tiny": (dict(), 9, 64, 64),
-    "small": (dict(num_layers=8, num_attention_heads=4, attention_head_dim=64, sample_frames=49,
-                   sample_height=16, sample_width=16), 25, 128, 128),
+  # name: (transformer overrides, frames, height, width)
+  "tiny": (dict(), 9, 64, 64),
+  "small": (
+    dict(
+      num_layers=8,
+      num_attention_heads=4,
+      attention_head_dim=64,
+      sample_frames=49,
+      sample_height=16,
+      sample_width=16,
+    ),
+    25,
+    128,
+    128,
+  ),
 }
 
 
@@ -43,19 +54,32 @@ def bench(name, steps, repeats):
   from reference_models import tiny_cogvideox_folder
 
   from repvideo_jax import pipeline
+
   overrides, frames, height, width = CONFIGS[name]
   torch.set_num_threads(max(1, torch.get_num_threads()))
   with tempfile.TemporaryDirectory() as tmp:
     root, refs = tiny_cogvideox_folder(pathlib.Path(tmp) / name, seed=0, **overrides)
     pipe = pipeline.load_pipeline(root)
-  ref = CogVideoXPipeline(tokenizer=refs["tokenizer"], text_encoder=refs["text_encoder"], vae=refs["vae"],
-                          transformer=refs["transformer"], scheduler=refs["scheduler"])
+  ref = CogVideoXPipeline(
+    tokenizer=refs["tokenizer"],
+    text_encoder=refs["text_encoder"],
+    vae=refs["vae"],
+    transformer=refs["transformer"],
+    scheduler=refs["scheduler"],
+  )
   prompts = ["a red cat playing guitar"]
   text = pipe.encode_prompts(prompts)
   rows = {}
   for sampler in ("dpmpp2m", "ddim"):
-    s = pipeline.GenerationSettings(num_frames=frames, height=height, width=width, steps=steps, sampler=sampler,
-                             cfg_schedule="constant", guidance=6.0)
+    s = pipeline.GenerationSettings(
+      num_frames=frames,
+      height=height,
+      width=width,
+      steps=steps,
+      sampler=sampler,
+      cfg_schedule="constant",
+      guidance=6.0,
+    )
     for progress in (False, True):
       hook = (lambda i: None) if progress else None
       t = time.perf_counter()
@@ -66,8 +90,18 @@ def bench(name, steps, repeats):
 
   def run_ref():
     with torch.no_grad():
-      ref(prompt=prompts, negative_prompt="", num_frames=frames, height=height, width=width,
-          num_inference_steps=steps, guidance_scale=6.0, max_sequence_length=8, output_type="latent")
+      ref(
+        prompt=prompts,
+        negative_prompt="",
+        num_frames=frames,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=6.0,
+        max_sequence_length=8,
+        output_type="latent",
+      )
+
   run_ref()
   rows["diffusers ddim"] = (_median(run_ref, repeats) / steps, None)
   return rows
@@ -85,8 +119,10 @@ def main(argv=None):
     rows = bench(name, args.steps, args.repeats)
     results[name] = {k: {"s_per_step": v[0], "first_call_s": v[1]} for k, v in rows.items()}
     base = rows["diffusers ddim"][0]
-    print(f"\n[{name}] {CONFIGS[name][1]} frames {CONFIGS[name][2]}x{CONFIGS[name][3]}, "
-          f"{args.steps} steps, CFG batch 2")
+    print(
+      f"\n[{name}] {CONFIGS[name][1]} frames {CONFIGS[name][2]}x{CONFIGS[name][3]}, "
+      f"{args.steps} steps, CFG batch 2"
+    )
     print(f"{'run':<26}{'ms/step':>10}{'vs diffusers':>14}{'first call (s)':>16}")
     for k, (sec, first) in rows.items():
       print(f"{k:<26}{sec * 1e3:>10.2f}{base / sec:>13.2f}x{'' if first is None else f'{first:>16.2f}'}")

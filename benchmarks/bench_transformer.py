@@ -53,8 +53,9 @@ from benchutil import OtherLoad, log, time_it, wait_idle
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
   ap.add_argument("--quick", action="store_true", help="tiny config (< 1 min); overrides size flags")
   ap.add_argument("--heads", type=int, default=8)
   ap.add_argument("--head-dim", type=int, default=64)
@@ -73,17 +74,28 @@ def parse_args(argv=None):
   ap.add_argument("--peak-gflops", type=float, default=170.0)
   ap.add_argument("--shallow-layers", type=int, default=2, help="compile-time benchmark: shallow depth")
   ap.add_argument("--deep-layers", type=int, default=30, help="compile-time benchmark: deep depth")
-  ap.add_argument("--skip-unrolled-deep-grad", action="store_true",
-                  help="skip compiling fwd+bwd of the unrolled deep model (the slowest compile)")
+  ap.add_argument(
+    "--skip-unrolled-deep-grad",
+    action="store_true",
+    help="skip compiling fwd+bwd of the unrolled deep model (the slowest compile)",
+  )
   ap.add_argument("--skip-compile", action="store_true", help="skip the compile-time section")
   ap.add_argument("--skip-remat", action="store_true", help="skip the remat fwd+bwd rows")
   ap.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
-  ap.add_argument("--omp-wait-policy", default="PASSIVE",
-                  help="OMP_WAIT_POLICY for torch's OpenMP pool unless already set in the environment "
-                       "('' leaves it alone). ACTIVE (libgomp's spinning default) made diffusers 3-6x "
-                       "slower on a 2-vCPU VM; PASSIVE is torch's best setting there")
-  ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                  help="wait up to this long for other processes to leave the CPUs idle before starting")
+  ap.add_argument(
+    "--omp-wait-policy",
+    default="PASSIVE",
+    help="OMP_WAIT_POLICY for torch's OpenMP pool unless already set in the environment "
+    "('' leaves it alone). ACTIVE (libgomp's spinning default) made diffusers 3-6x "
+    "slower on a 2-vCPU VM; PASSIVE is torch's best setting there",
+  )
+  ap.add_argument(
+    "--wait-idle",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="wait up to this long for other processes to leave the CPUs idle before starting",
+  )
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", metavar="PATH", help="write all results as JSON here")
   args = ap.parse_args(argv)
@@ -106,12 +118,12 @@ def forward_flops(a) -> dict[str, float]:
   n = a.frames * (a.height // p) * (a.width // p)
   s = l + n
   parts = {
-      "embed": 2 * b * n * (p * p * c) * d + 2 * b * l * a.text_embed_dim * d + 2 * b * (d * e + e * e),
-      "modulation": a.layers * 2 * b * 2 * e * 6 * d + 2 * b * e * 2 * d,
-      "qkv_out": a.layers * 2 * b * s * 4 * d * d,
-      "attention": a.layers * 4 * b * s * s * d,
-      "mlp": a.layers * 2 * b * s * 2 * d * f,
-      "proj_out": 2 * b * n * d * (p * p * c),
+    "embed": 2 * b * n * (p * p * c) * d + 2 * b * l * a.text_embed_dim * d + 2 * b * (d * e + e * e),
+    "modulation": a.layers * 2 * b * 2 * e * 6 * d + 2 * b * e * 2 * d,
+    "qkv_out": a.layers * 2 * b * s * 4 * d * d,
+    "attention": a.layers * 4 * b * s * s * d,
+    "mlp": a.layers * 2 * b * s * 2 * d * f,
+    "proj_out": 2 * b * n * d * (p * p * c),
   }
   parts["total"] = float(sum(parts.values()))
   parts["tokens"] = s
@@ -141,13 +153,24 @@ def xla_flops(compiled) -> float | None:
 
 def build_diffusers(a, torch):
   from diffusers import CogVideoXTransformer3DModel
+
   torch.manual_seed(a.seed)
   model = CogVideoXTransformer3DModel(
-      num_attention_heads=a.heads, attention_head_dim=a.head_dim, in_channels=a.channels,
-      out_channels=a.channels, time_embed_dim=a.time_embed_dim, text_embed_dim=a.text_embed_dim,
-      num_layers=a.layers, sample_frames=4 * (a.frames - 1) + 1, sample_height=a.height,
-      sample_width=a.width, patch_size=2, max_text_seq_length=a.text_len,
-      use_rotary_positional_embeddings=False, temporal_compression_ratio=4).float()
+    num_attention_heads=a.heads,
+    attention_head_dim=a.head_dim,
+    in_channels=a.channels,
+    out_channels=a.channels,
+    time_embed_dim=a.time_embed_dim,
+    text_embed_dim=a.text_embed_dim,
+    num_layers=a.layers,
+    sample_frames=4 * (a.frames - 1) + 1,
+    sample_height=a.height,
+    sample_width=a.width,
+    patch_size=2,
+    max_text_seq_length=a.text_len,
+    use_rotary_positional_embeddings=False,
+    temporal_compression_ratio=4,
+  ).float()
   # Random, unit-scale weights everywhere (diffusers' init leaves some biases at 0 / norms at 1,
   # which would let a layout bug hide in the parity check).
   gen = torch.Generator().manual_seed(a.seed)
@@ -155,7 +178,7 @@ def build_diffusers(a, torch):
     for name, prm in model.named_parameters():
       if prm.ndim >= 2:
         fan_in = prm[0].numel()
-        prm.copy_(torch.randn(prm.shape, generator=gen) / fan_in ** 0.5)
+        prm.copy_(torch.randn(prm.shape, generator=gen) / fan_in**0.5)
       elif name.endswith("weight") and "norm" in name:
         prm.copy_(1.0 + 0.1 * torch.randn(prm.shape, generator=gen))
       else:
@@ -200,16 +223,19 @@ def main(argv=None) -> dict:
   torch.set_num_threads(a.threads)
   flops = forward_flops(a)
   fwd_gflop = flops["total"] / 1e9
-  log(f"config: D={a.heads * a.head_dim} ({a.heads}x{a.head_dim}) layers={a.layers} "
-      f"latents {a.frames}x{a.height}x{a.width}x{a.channels} text {a.text_len}x{a.text_embed_dim} "
-      f"batch={a.batch} tokens={flops['tokens']} fwd={fwd_gflop:.2f} GFLOP")
+  log(
+    f"config: D={a.heads * a.head_dim} ({a.heads}x{a.head_dim}) layers={a.layers} "
+    f"latents {a.frames}x{a.height}x{a.width}x{a.channels} text {a.text_len}x{a.text_embed_dim} "
+    f"batch={a.batch} tokens={flops['tokens']} fwd={fwd_gflop:.2f} GFLOP"
+  )
 
   # ---- models and weights ------------------------------------------------------------------
   model = build_diffusers(a, torch)
   lat, ts, text = make_inputs(a, torch)
   state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-  cfg = W.config_from_diffusers(dict(model.config), feature_cache=False, scan_layers=True,
-                                remat="none", dtype="float32")
+  cfg = W.config_from_diffusers(
+    dict(model.config), feature_cache=False, scan_layers=True, remat="none", dtype="float32"
+  )
   params = jax.device_put(W.from_diffusers(state, cfg))
   cfg_cache = dataclasses.replace(cfg, feature_cache=True)
   params_cache = jax.device_put(W.from_diffusers(state, cfg_cache, allow_missing_gates=True))
@@ -223,8 +249,15 @@ def main(argv=None) -> dict:
   def add_row(name, kind, timing, gflop, extra=None):
     ms = 1e3 * timing["median_s"]
     ref = diff_fwd_ms if kind == "fwd" else diff_bwd_ms
-    row = dict(name=name, kind=kind, **timing, gflop=gflop, gflops_per_s=gflop / (ms / 1e3),
-               speedup_vs_diffusers=(ref / ms) if ref else None, **(extra or {}))
+    row = dict(
+      name=name,
+      kind=kind,
+      **timing,
+      gflop=gflop,
+      gflops_per_s=gflop / (ms / 1e3),
+      speedup_vs_diffusers=(ref / ms) if ref else None,
+      **(extra or {}),
+    )
     row["peak_fraction"] = row["gflops_per_s"] / a.peak_gflops
     rows.append(row)
     log(f"  {name}: {ms:.1f} ms")
@@ -250,8 +283,13 @@ def main(argv=None) -> dict:
     out = compiled(prm, *inputs)
     out.block_until_ready()
     t = time_it(lambda: compiled(prm, *inputs).block_until_ready(), a.repeats, a.warmup)
-    return add_row(name, "fwd", t, fwd_gflop, dict(compile_s=compile_s, xla_gflop=(
-        (xla_flops(compiled) or float("nan")) / 1e9))), np.asarray(out)
+    return add_row(
+      name,
+      "fwd",
+      t,
+      fwd_gflop,
+      dict(compile_s=compile_s, xla_gflop=((xla_flops(compiled) or float("nan")) / 1e9)),
+    ), np.asarray(out)
 
   log("forward: ours")
   row, ours_out = jax_fwd_variant("ours fwd (jit, scan)", cfg, params)
@@ -294,22 +332,31 @@ def main(argv=None) -> dict:
     res = compiled(prm, *inputs)
     jax.block_until_ready(res)
     t = time_it(lambda: jax.block_until_ready(compiled(prm, *inputs)), a.repeats, a.warmup)
-    row = add_row(name, "fwd+bwd", t, 3 * fwd_gflop, dict(
-        compile_s=compile_s, xla_gflop=(xla_flops(compiled) or float("nan")) / 1e9))
+    row = add_row(
+      name,
+      "fwd+bwd",
+      t,
+      3 * fwd_gflop,
+      dict(compile_s=compile_s, xla_gflop=(xla_flops(compiled) or float("nan")) / 1e9),
+    )
     return row, res
 
   log("fwd+bwd: ours")
   policies = ["none"] if a.skip_remat else ["none", "full", "save_dots"]
   grad_check = None
   for pol in policies:
-    _, (l_val, grads) = jax_grad_variant(f"ours fwd+bwd (remat={pol})",
-                                          dataclasses.replace(cfg, remat=pol), params)
+    _, (l_val, grads) = jax_grad_variant(
+      f"ours fwd+bwd (remat={pol})", dataclasses.replace(cfg, remat=pol), params
+    )
     if grad_check is None:
       gnorm = float(np.sqrt(sum((np.asarray(g, np.float64) ** 2).sum() for g in jax.tree.leaves(grads))))
-      grad_check = dict(loss_ours=float(l_val), loss_diffusers=torch_loss, grad_norm_ours=gnorm,
-                        grad_norm_diffusers=torch_grad_norm)
-  jax_grad_variant("ours fwd+bwd (remat=none, unrolled)", dataclasses.replace(cfg, scan_layers=False),
-                   params)
+      grad_check = dict(
+        loss_ours=float(l_val),
+        loss_diffusers=torch_loss,
+        grad_norm_ours=gnorm,
+        grad_norm_diffusers=torch_grad_norm,
+      )
+  jax_grad_variant("ours fwd+bwd (remat=none, unrolled)", dataclasses.replace(cfg, scan_layers=False), params)
   jax_grad_variant("ours fwd+bwd (remat=none, feature cache)", cfg_cache, params_cache)
   model = None  # frees the reference model (the closures above no longer run)
 
@@ -320,8 +367,7 @@ def main(argv=None) -> dict:
     for layers in (a.shallow_layers, a.deep_layers):
       for scan in (True, False):
         for kind in ("fwd", "fwd+bwd"):
-          if (kind == "fwd+bwd" and not scan and layers == a.deep_layers
-              and a.skip_unrolled_deep_grad):
+          if kind == "fwd+bwd" and not scan and layers == a.deep_layers and a.skip_unrolled_deep_grad:
             continue
           c = dataclasses.replace(cfg, num_layers=layers, scan_layers=scan)
           prm = T.abstract_params(c)
@@ -334,8 +380,15 @@ def main(argv=None) -> dict:
           t1 = time.perf_counter()
           compiled = lowered.compile()
           t2 = time.perf_counter()
-          r = dict(layers=layers, scan=scan, kind=kind, lower_s=t1 - t0, compile_s=t2 - t1,
-                   total_s=t2 - t0, xla_gflop=(xla_flops(compiled) or float("nan")) / 1e9)
+          r = dict(
+            layers=layers,
+            scan=scan,
+            kind=kind,
+            lower_s=t1 - t0,
+            compile_s=t2 - t1,
+            total_s=t2 - t0,
+            xla_gflop=(xla_flops(compiled) or float("nan")) / 1e9,
+          )
           compile_rows.append(r)
           log(f"  layers={layers} scan={scan} {kind}: {r['total_s']:.1f} s")
           del compiled, lowered
@@ -344,38 +397,56 @@ def main(argv=None) -> dict:
   lines = []
   p = lambda s="": lines.append(s)
   busy_run = run_load.value()
-  p(f"RepVideo transformer CPU benchmark  (jax {jax.__version__}, torch {torch.__version__}, "
-    f"{os.cpu_count()} CPUs, torch threads {a.threads}, {platform.processor() or platform.machine()})")
-  p(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  OMP_WAIT_POLICY="
+  p(
+    f"RepVideo transformer CPU benchmark  (jax {jax.__version__}, torch {torch.__version__}, "
+    f"{os.cpu_count()} CPUs, torch threads {a.threads}, {platform.processor() or platform.machine()})"
+  )
+  p(
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  OMP_WAIT_POLICY="
     f"{os.environ.get('OMP_WAIT_POLICY', '')!r}  other processes' CPU share: {100 * busy_before:.0f}% "
-    f"before, {100 * busy_run:.0f}% during the run" + ("  (WARNING: timings disturbed)"
-                                                       if max(busy_before, busy_run) > 0.05 else ""))
-  p(f"config: hidden {a.heads * a.head_dim} ({a.heads} heads x {a.head_dim}), {a.layers} layers, "
+    f"before, {100 * busy_run:.0f}% during the run"
+    + ("  (WARNING: timings disturbed)" if max(busy_before, busy_run) > 0.05 else "")
+  )
+  p(
+    f"config: hidden {a.heads * a.head_dim} ({a.heads} heads x {a.head_dim}), {a.layers} layers, "
     f"latents {a.frames}x{a.height}x{a.width}x{a.channels}, text {a.text_len}x{a.text_embed_dim}, "
-    f"batch {a.batch}, sequence {flops['tokens']} tokens, float32")
-  p(f"analytic forward FLOPs: {fwd_gflop:.2f} GFLOP (attention {flops['attention'] / 1e9:.2f}, "
+    f"batch {a.batch}, sequence {flops['tokens']} tokens, float32"
+  )
+  p(
+    f"analytic forward FLOPs: {fwd_gflop:.2f} GFLOP (attention {flops['attention'] / 1e9:.2f}, "
     f"qkv+out {flops['qkv_out'] / 1e9:.2f}, mlp {flops['mlp'] / 1e9:.2f}, other "
     f"{(flops['embed'] + flops['modulation'] + flops['proj_out']) / 1e9:.2f});  XLA cost_analysis: "
     f"{xla_fwd_gflop_scan:.2f} GFLOP (scan: loop body counted once), "
-    f"{xla_fwd_gflop_unrolled:.2f} GFLOP (unrolled)")
-  p(f"parity (forward, cache off): max |ours - diffusers| = {max_diff:.2e} "
+    f"{xla_fwd_gflop_unrolled:.2f} GFLOP (unrolled)"
+  )
+  p(
+    f"parity (forward, cache off): max |ours - diffusers| = {max_diff:.2e} "
     f"(mean |output| = {ref_scale:.3f});  loss ours {grad_check['loss_ours']:.6f} vs diffusers "
     f"{grad_check['loss_diffusers']:.6f};  |grad| ours {grad_check['grad_norm_ours']:.5f} vs "
-    f"diffusers {grad_check['grad_norm_diffusers']:.5f}")
-  p(f"timings: median of {a.repeats} after {a.warmup} warm-up; fwd+bwd GFLOP = 3 x forward "
-    f"(remat recompute not counted); peak = {a.peak_gflops:.0f} GFLOP/s")
+    f"diffusers {grad_check['grad_norm_diffusers']:.5f}"
+  )
+  p(
+    f"timings: median of {a.repeats} after {a.warmup} warm-up; fwd+bwd GFLOP = 3 x forward "
+    f"(remat recompute not counted); peak = {a.peak_gflops:.0f} GFLOP/s"
+  )
   p()
-  hdr = (f"{'name':<42} {'median ms':>9} {'min ms':>8} {'GFLOP/s':>7} {'% peak':>6} {'vs diffusers':>12}"
-         f" {'other load':>10}")
+  hdr = (
+    f"{'name':<42} {'median ms':>9} {'min ms':>8} {'GFLOP/s':>7} {'% peak':>6} {'vs diffusers':>12}"
+    f" {'other load':>10}"
+  )
   p(hdr)
   p("-" * len(hdr))
   for r in rows:
     sp = f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "1.00x"
-    p(f"{r['name']:<42} {1e3 * r['median_s']:>9.1f} {1e3 * r['min_s']:>8.1f} {r['gflops_per_s']:>7.1f} "
-      f"{100 * r['peak_fraction']:>5.1f}% {sp:>12} {100 * r['other_load']:>9.0f}%")
-  p("('vs diffusers' = diffusers median / ours median of the same kind, > 1 means ours is faster; "
+    p(
+      f"{r['name']:<42} {1e3 * r['median_s']:>9.1f} {1e3 * r['min_s']:>8.1f} {r['gflops_per_s']:>7.1f} "
+      f"{100 * r['peak_fraction']:>5.1f}% {sp:>12} {100 * r['other_load']:>9.0f}%"
+    )
+  p(
+    "('vs diffusers' = diffusers median / ours median of the same kind, > 1 means ours is faster; "
     "'other load' = share of\n CPU time taken by other processes while that row was timed: rows "
-    "with more than a few % are unreliable)")
+    "with more than a few % are unreliable)"
+  )
   if compile_rows:
     p()
     p(f"compile time of ours (lower + compile, seconds; hidden {a.heads * a.head_dim}, same shapes):")
@@ -383,18 +454,29 @@ def main(argv=None) -> dict:
     p(hdr)
     p("-" * len(hdr))
     for r in compile_rows:
-      p(f"{r['layers']:>6} {'lax.scan' if r['scan'] else 'unrolled':>10} {r['kind']:>8} "
-        f"{r['lower_s']:>8.2f} {r['compile_s']:>10.2f} {r['total_s']:>8.2f}")
+      p(
+        f"{r['layers']:>6} {'lax.scan' if r['scan'] else 'unrolled':>10} {r['kind']:>8} "
+        f"{r['lower_s']:>8.2f} {r['compile_s']:>10.2f} {r['total_s']:>8.2f}"
+      )
   p()
   p(f"total benchmark wall time: {time.perf_counter() - t_start:.0f} s")
   print("\n".join(lines), flush=True)
 
-  results = dict(args=vars(a), flops=flops, xla_fwd_gflop_unrolled=xla_fwd_gflop_unrolled,
-                 parity=dict(max_abs_diff=max_diff, mean_abs_output=ref_scale, **grad_check),
-                 rows=rows, compile=compile_rows, jax=jax.__version__, torch=torch.__version__,
-                 cpus=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
-                 other_load_before=busy_before, other_load_run=busy_run)
+  results = dict(
+    args=vars(a),
+    flops=flops,
+    xla_fwd_gflop_unrolled=xla_fwd_gflop_unrolled,
+    parity=dict(max_abs_diff=max_diff, mean_abs_output=ref_scale, **grad_check),
+    rows=rows,
+    compile=compile_rows,
+    jax=jax.__version__,
+    torch=torch.__version__,
+    cpus=os.cpu_count(),
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+    other_load_before=busy_before,
+    other_load_run=busy_run,
+  )
   if a.json:
     with open(a.json, "w") as fh:
       json.dump(results, fh, indent=2)

@@ -72,5 +72,12 @@ def time_it(fn, repeats: int, warmup: int) -> dict:
     fn()
     wall.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
-  return dict(median_s=statistics.median(wall), min_s=min(wall), max_s=max(wall), runs_s=wall,
-              cpu_median_s=statistics.median(cpu), repeats=repeats, other_load=load.value())
+  return dict(
+    median_s=statistics.median(wall),
+    min_s=min(wall),
+    max_s=max(wall),
+    runs_s=wall,
+    cpu_median_s=statistics.median(cpu),
+    repeats=repeats,
+    other_load=load.value(),
+  )

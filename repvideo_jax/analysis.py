@@ -76,7 +76,7 @@ def _capture(view: T.LayerView, *, frames: int) -> dict[str, jax.Array]:
   q, k, _, _ = view.block.attention_inputs(view.inputs, view.temb, view.text_len, view.rope)
   b, s, heads, d = q.shape
   n = (s - view.text_len) // frames
-  q_frames = q[:, view.text_len:].reshape(b, frames, n, heads, d).transpose(1, 0, 2, 3, 4)
+  q_frames = q[:, view.text_len :].reshape(b, frames, n, heads, d).transpose(1, 0, 2, 3, 4)
   kf = k.astype(jnp.float32)
 
   def one_frame(qf):  # (B, n, heads, d) -> (B, S)
@@ -84,7 +84,7 @@ def _capture(view: T.LayerView, *, frames: int) -> dict[str, jax.Array]:
     return jnp.mean(jax.nn.softmax(scores, axis=-1), axis=(1, 2))
 
   attention = jax.lax.map(one_frame, q_frames).transpose(1, 0, 2)
-  feats = view.outputs[:, view.text_len:].astype(jnp.float32).reshape(b, frames, -1)
+  feats = view.outputs[:, view.text_len :].astype(jnp.float32).reshape(b, frames, -1)
   a, c = feats[:, :-1], feats[:, 1:]
   cosine = jnp.sum(a * c, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(c, axis=-1))
   return {"token_attention": attention, "adjacent_similarity": cosine}
@@ -93,11 +93,14 @@ def _capture(view: T.LayerView, *, frames: int) -> dict[str, jax.Array]:
 @functools.lru_cache(maxsize=8)
 def _recorder(config: T.TransformerConfig, frames: int):
   """One compiled recording forward per (config, frame count), reused across calls."""
+
   @jax.jit
   def run(params, x, t, text):
     _, captured = T.apply_with_intermediates(
-        params, x, t, text, config=config, capture=lambda v: _capture(v, frames=frames))
+      params, x, t, text, config=config, capture=lambda v: _capture(v, frames=frames)
+    )
     return captured
+
   return run
 
 
@@ -110,8 +113,15 @@ def record(params, config: T.TransformerConfig, noisy_latents, timestep: int, te
   return {k: np.asarray(v[:, 0], np.float64) for k, v in captured.items()}
 
 
-def summarize(recorded: dict[str, np.ndarray], config: T.TransformerConfig, *, text_len: int,
-              grid: tuple[int, int, int], frame: int, gates=None) -> list[dict[str, Any]]:
+def summarize(
+  recorded: dict[str, np.ndarray],
+  config: T.TransformerConfig,
+  *,
+  text_len: int,
+  grid: tuple[int, int, int],
+  frame: int,
+  gates=None,
+) -> list[dict[str, Any]]:
   """Per-layer JSON rows from ``record``'s arrays (module docstring for the definitions)."""
   frames, gh, gw = grid
   n = gh * gw
@@ -125,18 +135,30 @@ def summarize(recorded: dict[str, np.ndarray], config: T.TransformerConfig, *, t
     same = np.diag(per_key_frame)
     other = per_key_frame.sum(-1) - same
     own = text_len + frame * n
-    rows.append({
+    rows.append(
+      {
         "layer": layer,
         "gate": None if gates is None else float(gates[layer]),
         "gate_has_effect": bool(config.feature_cache and layer not in identity),
-        "attention_mass": {"text": float(text_mass.mean()), "same_frame": float(same.mean()),
-                           "other_frames": float(other.mean())},
-        "attention_mass_by_frame": [{"frame": f, "text": float(text_mass[f]), "same_frame": float(same[f]),
-                                     "other_frames": float(other[f])} for f in range(frames)],
+        "attention_mass": {
+          "text": float(text_mass.mean()),
+          "same_frame": float(same.mean()),
+          "other_frames": float(other.mean()),
+        },
+        "attention_mass_by_frame": [
+          {
+            "frame": f,
+            "text": float(text_mass[f]),
+            "same_frame": float(same[f]),
+            "other_frames": float(other[f]),
+          }
+          for f in range(frames)
+        ],
         "attention_to_frames": per_key_frame.tolist(),
-        "attention_map": a[frame, own:own + n].reshape(gh, gw).tolist(),
+        "attention_map": a[frame, own : own + n].reshape(gh, gw).tolist(),
         "adjacent_frame_similarity": sims[layer].tolist(),
-    })
+      }
+    )
   return rows
 
 
@@ -156,8 +178,9 @@ def noisy_latents(clean: np.ndarray, timestep: int, seed: int) -> np.ndarray:
 def clean_latents(pipe, prompt: str, settings, video: str | None = None, fps: float = 8.0):
   """(z0 (1, T, h, w, C), frames uint8 (F, H, W, 3)): the prompt's generated video, or ``video``."""
   if video is not None:
-    clip = video_io.load_clip(video, num_frames=settings.num_frames, height=settings.height,
-                              width=settings.width, fps=fps)
+    clip = video_io.load_clip(
+      video, num_frames=settings.num_frames, height=settings.height, width=settings.width, fps=fps
+    )
     z0 = V.encode(pipe.vae_params, jnp.asarray(clip[None]), config=pipe.vae_config)
     return np.asarray(z0), video_io.to_uint8(clip)
   text = pipe.encode_prompts([prompt])
@@ -178,18 +201,34 @@ def variant(pipe, spec: str) -> tuple[str, T.TransformerConfig, dict]:
     on = what == "on"
     if on and not cfg.feature_cache:
       raise ValueError(f"--compare {spec}: the model has no gates to switch the cache on with")
-    return label, dataclasses.replace(cfg, feature_cache=on), (
-        params if on else {k: v for k, v in params.items() if k != "gates"})
+    return (
+      label,
+      dataclasses.replace(cfg, feature_cache=on),
+      (params if on else {k: v for k, v in params.items() if k != "gates"}),
+    )
   cfg2, params2 = transformer_weights.load(what, dtype=cfg.dtype)
   for field in ("in_channels", "text_embed_dim", "text_length", "patch_size"):
     if getattr(cfg2, field) != getattr(cfg, field):
-      raise ValueError(f"--compare {spec}: {field} {getattr(cfg2, field)} differs from the model's "
-                       f"{getattr(cfg, field)}; the transformer must fit this folder's VAE and T5")
+      raise ValueError(
+        f"--compare {spec}: {field} {getattr(cfg2, field)} differs from the model's "
+        f"{getattr(cfg, field)}; the transformer must fit this folder's VAE and T5"
+      )
   return label, cfg2, params2
 
 
-def analyse(pipe, prompt: str, *, settings, timestep: int = 500, frame: int = 1, seed: int = 0,
-            video: str | None = None, fps: float = 8.0, variants=(), out=None) -> dict[str, Any]:
+def analyse(
+  pipe,
+  prompt: str,
+  *,
+  settings,
+  timestep: int = 500,
+  frame: int = 1,
+  seed: int = 0,
+  video: str | None = None,
+  fps: float = 8.0,
+  variants=(),
+  out=None,
+) -> dict[str, Any]:
   """Runs the analysis for the model (label "model") and each ``variants`` entry; returns the JSON
   dict and, with ``out``, writes every output file (module docstring)."""
   z0, frames = clean_latents(pipe, prompt, settings, video, fps)
@@ -198,26 +237,44 @@ def analyse(pipe, prompt: str, *, settings, timestep: int = 500, frame: int = 1,
   cfg = pipe.transformer_config
   grid = (xt.shape[1], xt.shape[2] // cfg.patch_size, xt.shape[3] // cfg.patch_size)
   if not 0 <= frame < grid[0]:
-    raise ValueError(f"--frame {frame} is out of range: the clip has {grid[0]} latent frames (0..{grid[0] - 1})")
+    raise ValueError(
+      f"--frame {frame} is out of range: the clip has {grid[0]} latent frames (0..{grid[0] - 1})"
+    )
   runs = [("model", cfg, pipe.transformer_params)] + [variant(pipe, v) for v in variants]
   labels = [r[0] for r in runs]
   if len(set(labels)) != len(labels):
     raise ValueError(f"--compare labels must be distinct and not 'model', got {labels[1:]}")
-  result = {"prompt": prompt, "model": str(pipe.path), "source": video or "generated",
-            "timestep": timestep, "seed": seed, "frame": frame, "token_grid": list(grid),
-            "text_length": int(text.shape[1]), "settings": dataclasses.asdict(settings), "variants": {}}
+  result = {
+    "prompt": prompt,
+    "model": str(pipe.path),
+    "source": video or "generated",
+    "timestep": timestep,
+    "seed": seed,
+    "frame": frame,
+    "token_grid": list(grid),
+    "text_length": int(text.shape[1]),
+    "settings": dataclasses.asdict(settings),
+    "variants": {},
+  }
   arrays = {}
   for label, vcfg, params in runs:
     rec = record(params, vcfg, xt, timestep, text)
     gates = np.asarray(params["gates"]) if vcfg.feature_cache else None
     result["variants"][label] = {
-        "feature_cache": vcfg.feature_cache, "num_layers": vcfg.num_layers,
-        "layers": summarize(rec, vcfg, text_len=text.shape[1], grid=grid, frame=frame, gates=gates)}
+      "feature_cache": vcfg.feature_cache,
+      "num_layers": vcfg.num_layers,
+      "layers": summarize(rec, vcfg, text_len=text.shape[1], grid=grid, frame=frame, gates=gates),
+    }
     arrays.update({f"{label}/{k}": v for k, v in rec.items()})
   if out is not None:
-    _write(pathlib.Path(out), result, arrays, dict(noisy_latents=xt, clean_latents=z0,
-                                                    text_embeddings=text, timestep=np.int32(timestep)),
-           frames, fps)
+    _write(
+      pathlib.Path(out),
+      result,
+      arrays,
+      dict(noisy_latents=xt, clean_latents=z0, text_embeddings=text, timestep=np.int32(timestep)),
+      frames,
+      fps,
+    )
   return result
 
 
@@ -313,8 +370,12 @@ def plot(result: dict, arrays: dict, out: pathlib.Path) -> list[pathlib.Path]:
   grid = fig.add_gridspec(rows, cols)
   ax = fig.add_subplot(grid[0, :])
   for label, v in variants:
-    ax.plot([r["layer"] for r in v["layers"]],
-            [np.mean(r["adjacent_frame_similarity"]) for r in v["layers"]], marker="o", label=label)
+    ax.plot(
+      [r["layer"] for r in v["layers"]],
+      [np.mean(r["adjacent_frame_similarity"]) for r in v["layers"]],
+      marker="o",
+      label=label,
+    )
   ax.set_xlabel("layer")
   ax.set_ylabel("mean adjacent-frame cosine")
   ax.legend(fontsize=8)
@@ -338,8 +399,11 @@ def plot(result: dict, arrays: dict, out: pathlib.Path) -> list[pathlib.Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m repvideo_jax.analysis", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m repvideo_jax.analysis",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--model", help="model folder (default: the bundled demo model)")
   p.add_argument("--prompt", required=True)
   p.add_argument("--out", required=True, help="output folder")
@@ -348,8 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="seed of the generated video and of the noise")
   p.add_argument("--steps", type=int, default=None, help="sampler steps of the generated video")
   p.add_argument("--video", help="analyse this video (VAE-encoded) instead of generating one")
-  p.add_argument("--compare", action="append", default=[], metavar="LABEL=off|on|TRANSFORMER_DIR",
-                 help="also analyse a variant on the same inputs (repeatable)")
+  p.add_argument(
+    "--compare",
+    action="append",
+    default=[],
+    metavar="LABEL=off|on|TRANSFORMER_DIR",
+    help="also analyse a variant on the same inputs (repeatable)",
+  )
   return p
 
 
@@ -360,7 +429,7 @@ def main(argv=None) -> int:
     check_output(args.out, "--out", folder=True)
     if not 0 <= args.timestep < 1000:  # the cheap checks, before the model is loaded
       raise ValueError(f"--timestep must be in [0, 1000) (a DDPM timestep), got {args.timestep}")
-    if args.frame < 0 or not 0 <= args.seed < 2 ** 32:
+    if args.frame < 0 or not 0 <= args.seed < 2**32:
       raise ValueError(f"--frame must be >= 0 and --seed in [0, 2^32 - 1], got {args.frame} and {args.seed}")
     for spec in args.compare:
       if "=" not in spec:
@@ -368,8 +437,18 @@ def main(argv=None) -> int:
     pipe = pipeline.load_pipeline(args.model or demo_model_dir())
     settings = pipeline.settings_for(pipe, steps=args.steps, seed=args.seed)
     fps = pipeline.model_defaults(pipe).get("fps", 8.0)
-    result = analyse(pipe, args.prompt, settings=settings, timestep=args.timestep, frame=args.frame,
-                     seed=args.seed, video=args.video, fps=fps, variants=args.compare, out=args.out)
+    result = analyse(
+      pipe,
+      args.prompt,
+      settings=settings,
+      timestep=args.timestep,
+      frame=args.frame,
+      seed=args.seed,
+      video=args.video,
+      fps=fps,
+      variants=args.compare,
+      out=args.out,
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -377,8 +456,10 @@ def main(argv=None) -> int:
     print(f"{label}: layer | same-frame / other-frame / text attention | adjacent-frame cosine")
     for r in v["layers"]:
       m = r["attention_mass"]
-      print(f"  {r['layer']:3d} | {m['same_frame']:.3f} / {m['other_frames']:.3f} / {m['text']:.3f} | "
-            f"{np.mean(r['adjacent_frame_similarity']):.4f}")
+      print(
+        f"  {r['layer']:3d} | {m['same_frame']:.3f} / {m['other_frames']:.3f} / {m['text']:.3f} | "
+        f"{np.mean(r['adjacent_frame_similarity']):.4f}"
+      )
   print(f"wrote {args.out}/analysis.json and plots", file=sys.stderr)
   return 0
 

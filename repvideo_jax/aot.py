@@ -53,8 +53,19 @@ from repvideo_jax.training.trainer import model_flops_per_sample
 PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 # Chips per topology axis: 3D tori for v4/v5p, 2D for v5e/v6e.
 _DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
-TOPOLOGY_FORMS = ("v5p:2x2x1", "v5p:2x2x2", "v5p:4x4x2", "v5p:4x4x4", "v4:2x2x2", "v5e:1x1", "v5e:2x2",
-                  "v5e:4x4", "v6e:1x1", "v6e:2x2", "v6e:4x4")
+TOPOLOGY_FORMS = (
+  "v5p:2x2x1",
+  "v5p:2x2x2",
+  "v5p:4x4x2",
+  "v5p:4x4x4",
+  "v4:2x2x2",
+  "v5e:1x1",
+  "v5e:2x2",
+  "v5e:4x4",
+  "v6e:1x1",
+  "v6e:2x2",
+  "v6e:4x4",
+)
 _GIB = 1 << 30
 
 
@@ -68,8 +79,9 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
   dims = tuple(int(d) for d in m.group(2).split("x")) if m else ()
   if not m or len(dims) != _DIMS[m.group(1)] or min(dims) < 1:
     raise ValueError(
-        f"unknown TPU topology {name!r}: use <generation>:<chips per axis>, AxBxC for v4/v5p and AxB "
-        f"for v5e/v6e, as libtpu names them, e.g. {', '.join(TOPOLOGY_FORMS)}")
+      f"unknown TPU topology {name!r}: use <generation>:<chips per axis>, AxBxC for v4/v5p and AxB "
+      f"for v5e/v6e, as libtpu names them, e.g. {', '.join(TOPOLOGY_FORMS)}"
+    )
   return m.group(1), dims
 
 
@@ -86,8 +98,11 @@ def topology_devices(name: str) -> tuple:
   try:
     topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name)
   except Exception as e:  # libtpu missing, or a shape it does not build
-    hint = ("install libtpu: pip install -r requirements-tpu.txt" if "libtpu" in str(e).lower()
-            or "tpu" not in str(e).lower() else f"valid forms: {', '.join(TOPOLOGY_FORMS)}")
+    hint = (
+      "install libtpu: pip install -r requirements-tpu.txt"
+      if "libtpu" in str(e).lower() or "tpu" not in str(e).lower()
+      else f"valid forms: {', '.join(TOPOLOGY_FORMS)}"
+    )
     raise ValueError(f"cannot build TPU topology {name!r}: {str(e).splitlines()[0]} ({hint})") from None
   devices = tuple(topo.devices)[:count]
   if len(devices) != count:
@@ -140,6 +155,7 @@ def generation_of(device) -> str | None:
 @dataclasses.dataclass
 class Report:
   """Compiler figures of one program on one topology; bytes are per chip."""
+
   name: str
   topology: str
   chips: int
@@ -164,25 +180,35 @@ class Report:
 
   def lines(self) -> list[str]:
     g = lambda b: f"{b / _GIB:.2f} GiB"
-    out = [f"{self.name} on {self.topology} ({self.chips} chip{'s' if self.chips > 1 else ''}), "
-           f"mesh {self.mesh}",
-           f"  per chip: arguments {g(self.argument_bytes)}, temporaries {g(self.temp_bytes)}, "
-           f"output {g(self.output_bytes)}, aliased {g(self.alias_bytes)}, code {g(self.code_bytes)}",
-           f"  total {g(self.total_bytes)} of {g(self.hbm_bytes)} HBM: "
-           f"{'fits' if self.fits else 'DOES NOT FIT'}, headroom {100 * self.headroom:.1f}%",
-           f"  compile {self.compile_s:.1f} s; Mosaic kernel calls in the program: {self.mosaic_kernels}"]
+    out = [
+      f"{self.name} on {self.topology} ({self.chips} chip{'s' if self.chips > 1 else ''}), mesh {self.mesh}",
+      f"  per chip: arguments {g(self.argument_bytes)}, temporaries {g(self.temp_bytes)}, "
+      f"output {g(self.output_bytes)}, aliased {g(self.alias_bytes)}, code {g(self.code_bytes)}",
+      f"  total {g(self.total_bytes)} of {g(self.hbm_bytes)} HBM: "
+      f"{'fits' if self.fits else 'DOES NOT FIT'}, headroom {100 * self.headroom:.1f}%",
+      f"  compile {self.compile_s:.1f} s; Mosaic kernel calls in the program: {self.mosaic_kernels}",
+    ]
     if self.model_flops:
-      out.append(f"  model FLOPs per step {self.model_flops:.3e}; 40% MFU = {self.step_s_at_mfu_40:.3f} s/step, "
-                 f"60% MFU = {self.step_s_at_mfu_60:.3f} s/step (at {self.peak_tflops_per_chip:g} "
-                 "TFLOP/s per chip; compiler estimate, not a measured time)")
+      out.append(
+        f"  model FLOPs per step {self.model_flops:.3e}; 40% MFU = {self.step_s_at_mfu_40:.3f} s/step, "
+        f"60% MFU = {self.step_s_at_mfu_60:.3f} s/step (at {self.peak_tflops_per_chip:g} "
+        "TFLOP/s per chip; compiler estimate, not a measured time)"
+      )
     if self.notes:
       out.append(f"  {self.notes}")
     return out
 
 
-def compile_report(name: str, topology: str, mesh, lower: Callable[[], Any], *,
-                   model_flops: float | None = None, peak_tflops: float | None = None,
-                   notes: str = "") -> Report:
+def compile_report(
+  name: str,
+  topology: str,
+  mesh,
+  lower: Callable[[], Any],
+  *,
+  model_flops: float | None = None,
+  peak_tflops: float | None = None,
+  notes: str = "",
+) -> Report:
   """Lowers (under ``jax.set_mesh(mesh)``) and compiles; reads the compiler's memory analysis.
   A program too large for the chip is a report with ``fits=False``, not an exception. ``topology``
   names where it compiles for (a libtpu topology, or a description of real devices)."""
@@ -198,13 +224,27 @@ def compile_report(name: str, topology: str, mesh, lower: Callable[[], Any], *,
     if not m:
       raise
     need = float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1)
-    return _report(name, topology, mesh, dict(temp=int(need)), hbm, time.perf_counter() - t0,
-                   model_flops, None, peak, notes or "temporaries alone exceed HBM (compiler)")
+    return _report(
+      name,
+      topology,
+      mesh,
+      dict(temp=int(need)),
+      hbm,
+      time.perf_counter() - t0,
+      model_flops,
+      None,
+      peak,
+      notes or "temporaries alone exceed HBM (compiler)",
+    )
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-               alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
-               code=mem.generated_code_size_in_bytes)
+  sizes = dict(
+    argument=mem.argument_size_in_bytes,
+    output=mem.output_size_in_bytes,
+    alias=mem.alias_size_in_bytes,
+    temp=mem.temp_size_in_bytes,
+    code=mem.generated_code_size_in_bytes,
+  )
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else None
@@ -218,12 +258,28 @@ def _report(name, topology, mesh, sizes, hbm, seconds, model_flops, compiler_flo
   total = s["argument"] + s["output"] - s["alias"] + s["temp"] + s["code"]
   chips = int(mesh.devices.size)
   at = lambda mfu: model_flops / (chips * peak * 1e12 * mfu) if model_flops and peak else None
-  return Report(name=name, topology=topology, chips=chips, mesh=dict(mesh.shape),
-                argument_bytes=s["argument"], output_bytes=s["output"], alias_bytes=s["alias"],
-                temp_bytes=s["temp"], code_bytes=s["code"], total_bytes=total, hbm_bytes=hbm,
-                fits=total <= hbm, headroom=1.0 - total / hbm, compile_s=round(seconds, 2),
-                model_flops=model_flops, compiler_flops_per_chip=compiler_flops, peak_tflops_per_chip=peak,
-                step_s_at_mfu_40=at(0.4), step_s_at_mfu_60=at(0.6), notes=notes)
+  return Report(
+    name=name,
+    topology=topology,
+    chips=chips,
+    mesh=dict(mesh.shape),
+    argument_bytes=s["argument"],
+    output_bytes=s["output"],
+    alias_bytes=s["alias"],
+    temp_bytes=s["temp"],
+    code_bytes=s["code"],
+    total_bytes=total,
+    hbm_bytes=hbm,
+    fits=total <= hbm,
+    headroom=1.0 - total / hbm,
+    compile_s=round(seconds, 2),
+    model_flops=model_flops,
+    compiler_flops_per_chip=compiler_flops,
+    peak_tflops_per_chip=peak,
+    step_s_at_mfu_40=at(0.4),
+    step_s_at_mfu_60=at(0.6),
+    notes=notes,
+  )
 
 
 def _abstract(tree, shardings):
@@ -249,12 +305,19 @@ def compile_train_config(cfg, devices, where: str, name: str = "train") -> Repor
   with sharding.activate(mesh, cfg.mesh.logical_axis_rules):
     step = trainer.build_train_step(cfg, mesh)  # its step traces under these rules wherever lowered
   shapes = trainer.batch_shapes(cfg)
-  flops = trainer.model_flops_per_sample(cfg.transformer, shapes["latents"][1:], shapes["text"][1]) * \
-      cfg.run.global_batch
+  flops = (
+    trainer.model_flops_per_sample(cfg.transformer, shapes["latents"][1:], shapes["text"][1])
+    * cfg.run.global_batch
+  )
   peak = None if devices[0].platform == "tpu" else cfg.run.peak_tflops_per_device
-  return compile_report(f"{name} (global batch {cfg.run.global_batch}, remat {cfg.transformer.remat})",
-                        where, mesh, lambda: step.fn.lower(*trainer.abstract_inputs(step, cfg)),
-                        model_flops=flops, peak_tflops=peak)
+  return compile_report(
+    f"{name} (global batch {cfg.run.global_batch}, remat {cfg.transformer.remat})",
+    where,
+    mesh,
+    lambda: step.fn.lower(*trainer.abstract_inputs(step, cfg)),
+    model_flops=flops,
+    peak_tflops=peak,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,8 +332,9 @@ def _sample_configs(spec: SamplingPreset):
   return tcfg, t5, vcfg
 
 
-def compile_sample(spec: SamplingPreset, stages=("text_encoder", "denoise", "vae_decode"),
-                   name: str = "sample") -> list[Report]:
+def compile_sample(
+  spec: SamplingPreset, stages=("text_encoder", "denoise", "vae_decode"), name: str = "sample"
+) -> list[Report]:
   """Compiles the sampling stages of ``spec`` for its topology; one report per stage."""
   if not spec.topology:
     raise ValueError("no topology: pass --topology (e.g. v5e:2x2) or a preset that names one")
@@ -291,9 +355,15 @@ def compile_sample(spec: SamplingPreset, stages=("text_encoder", "denoise", "vae
     params = _abstract(TE.abstract_params(t5), sharding.tree_shardings(TE.logical_axes(t5), mesh))
     ids = jax.ShapeDtypeStruct((b, tcfg.text_length), jnp.int32, sharding=batch_sh)
     flops = 2.0 * b * tcfg.text_length * _param_count(TE.abstract_params(t5))
-    reports.append(compile_report(f"{name}: T5 encode ({t5.dtype}, params {t5.param_dtype}; batch {b})",
-                                  spec.topology, mesh,
-                                  lambda: jax.jit(TE.make_apply(t5)).lower(params, ids), model_flops=flops))
+    reports.append(
+      compile_report(
+        f"{name}: T5 encode ({t5.dtype}, params {t5.param_dtype}; batch {b})",
+        spec.topology,
+        mesh,
+        lambda: jax.jit(TE.make_apply(t5)).lower(params, ids),
+        model_flops=flops,
+      )
+    )
   if "denoise" in stages:
     params = _abstract(T.abstract_params(tcfg), sharding.tree_shardings(T.logical_axes(tcfg), mesh))
     x = jax.ShapeDtypeStruct(latent, jnp.float32, sharding=batch_sh)
@@ -306,30 +376,51 @@ def compile_sample(spec: SamplingPreset, stages=("text_encoder", "denoise", "vae
 
     calls = b * (2 if spec.guidance else 1)
     flops = model_flops_per_sample(tcfg, latent[1:], tcfg.text_length) / 3.0 * calls
-    reports.append(compile_report(
+    reports.append(
+      compile_report(
         f"{name}: denoising step with{'' if spec.guidance else 'out'} CFG ({tcfg.dtype}, params "
-        f"{tcfg.param_dtype}, attention {tcfg.attention_backend}; {sizes})", spec.topology, mesh,
-        lambda: jax.jit(step).lower(params, x, text), model_flops=flops))
+        f"{tcfg.param_dtype}, attention {tcfg.attention_backend}; {sizes})",
+        spec.topology,
+        mesh,
+        lambda: jax.jit(step).lower(params, x, text),
+        model_flops=flops,
+      )
+    )
   if "vae_decode" in stages:
     params = _abstract(V.abstract_params(vcfg), jax.tree.map(lambda _: replicated, V.abstract_params(vcfg)))
     what = f"{vcfg.dtype}; {spec.frames}x{spec.height}x{spec.width}"
     if spec.vae_tiling:  # streamed (vae.decode_streamed): the largest tile-chunk step bounds the memory
       steps = V.streamed_steps(vcfg, latent[1:], V.TilingConfig())
-      cache = jax.eval_shape(lambda p, z: V.decode_chunk(p, z, None, config=vcfg)[1],
-                             V.abstract_params(vcfg), jax.ShapeDtypeStruct(steps[0][0], jnp.float32))
+      cache = jax.eval_shape(
+        lambda p, z: V.decode_chunk(p, z, None, config=vcfg)[1],
+        V.abstract_params(vcfg),
+        jax.ShapeDtypeStruct(steps[0][0], jnp.float32),
+      )
       for shape, with_cache in steps:
         z = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated)
         c = _abstract(cache, jax.tree.map(lambda _: replicated, cache)) if with_cache else None
-        reports.append(compile_report(
+        reports.append(
+          compile_report(
             f"{name}: VAE decode step, tile {shape[2]}x{shape[3]} latents x {shape[1]} frames"
-            f"{' + cache' if with_cache else ''} (streamed, tiled; {what})", spec.topology, mesh,
-            functools.partial(lambda z, c: jax.jit(functools.partial(V.decode_chunk, config=vcfg)).lower(
-                params, z, c), z, c)))
+            f"{' + cache' if with_cache else ''} (streamed, tiled; {what})",
+            spec.topology,
+            mesh,
+            functools.partial(
+              lambda z, c: jax.jit(functools.partial(V.decode_chunk, config=vcfg)).lower(params, z, c), z, c
+            ),
+          )
+        )
     else:
       z = jax.ShapeDtypeStruct((1,) + latent[1:], jnp.float32, sharding=replicated)
       decode = functools.partial(V.decode, config=vcfg, chunking="released")
-      reports.append(compile_report(f"{name}: VAE decode of one video (released chunks, one program; {what})",
-                                    spec.topology, mesh, lambda: jax.jit(decode).lower(params, z)))
+      reports.append(
+        compile_report(
+          f"{name}: VAE decode of one video (released chunks, one program; {what})",
+          spec.topology,
+          mesh,
+          lambda: jax.jit(decode).lower(params, z),
+        )
+      )
   return reports
 
 
@@ -342,8 +433,11 @@ def _param_count(tree) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m repvideo_jax.aot", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m repvideo_jax.aot",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   tr = sub.add_parser("train", help="compile a training preset's step")
   tr.add_argument("--config", required=True, help="training preset (configs/train-*.yaml) or YAML path")
@@ -357,11 +451,15 @@ def main(argv=None) -> int:
   sa.add_argument("--height", type=int)
   sa.add_argument("--width", type=int)
   sa.add_argument("--batch", type=int, help="videos per call")
-  sa.add_argument("--mesh", help="data=,fsdp=,tensor=,context= (default: CFG pair x batch over data, "
-                  "the rest over context)")
+  sa.add_argument(
+    "--mesh", help="data=,fsdp=,tensor=,context= (default: CFG pair x batch over data, the rest over context)"
+  )
   sa.add_argument("--vae-tiling", choices=("on", "off"))
-  sa.add_argument("--stages", default="text_encoder,denoise,vae_decode",
-                  help="comma-separated subset of text_encoder,denoise,vae_decode")
+  sa.add_argument(
+    "--stages",
+    default="text_encoder,denoise,vae_decode",
+    help="comma-separated subset of text_encoder,denoise,vae_decode",
+  )
   for p in (tr, sa):
     p.add_argument("--json", metavar="FILE", help="also write the reports as JSON")
   args = parser.parse_args(argv)
@@ -376,8 +474,11 @@ def main(argv=None) -> int:
       if bad or not stages:
         raise ValueError(f"--stages: unknown {sorted(bad)}; use text_encoder, denoise, vae_decode")
       spec = pipeline.load_sampling_preset(args.preset) if args.preset else SamplingPreset()
-      given = {k: getattr(args, k) for k in ("topology", "frames", "height", "width", "batch")
-               if getattr(args, k) is not None}
+      given = {
+        k: getattr(args, k)
+        for k in ("topology", "frames", "height", "width", "batch")
+        if getattr(args, k) is not None
+      }
       if args.model_config:
         given["model_config"] = args.model_config
       if args.mesh:

@@ -32,9 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import (
-  splash_attention_kernel as sk,
-)
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec
 
@@ -58,8 +56,9 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
   needed = _PLATFORM_OF.get(backend)
   if needed is not None and platform != needed:
     raise ValueError(
-        f"attention backend {backend!r} needs a {needed.upper()} but the computation is placed on "
-        f"{platform!r}; set attention_backend='xla' (works everywhere) or 'auto'")
+      f"attention backend {backend!r} needs a {needed.upper()} but the computation is placed on "
+      f"{platform!r}; set attention_backend='xla' (works everywhere) or 'auto'"
+    )
   return backend
 
 
@@ -72,13 +71,15 @@ def check_head_split(num_heads: int, tensor: int, context: int) -> None:
   """Raises a ValueError naming the valid degrees when tensor x context does not divide the heads."""
   if num_heads % (tensor * context):
     raise ValueError(
-        f"{num_heads} attention heads cannot be split over mesh tensor={tensor} x context={context} "
-        f"= {tensor * context}: tensor x context must divide the heads, one of "
-        f"{valid_parallel_degrees(num_heads)}")
+      f"{num_heads} attention heads cannot be split over mesh tensor={tensor} x context={context} "
+      f"= {tensor * context}: tensor x context must divide the heads, one of "
+      f"{valid_parallel_degrees(num_heads)}"
+    )
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
-              interpret: bool = False) -> jax.Array:
+def attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla", interpret: bool = False
+) -> jax.Array:
   """Softmax(q k^T / sqrt(d)) v over the full sequence, no mask. Shapes (B, S, H, D) -> (B, S, H, D)."""
   if not (interpret and backend == "splash"):
     backend = resolve_backend(backend, sharding.target_platform(q))
@@ -95,8 +96,10 @@ def _local_attention(q, k, v, *, kv_len: int, backend: str, interpret: bool):
     return _splash(q, k, v, interpret=interpret, kv_len=kv_len)
   if backend == "cudnn":
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-      raise ValueError(f"cudnn attention needs bfloat16/float16 inputs, got {q.dtype}; "
-                       "set dtype='bfloat16' or attention_backend='xla'")
+      raise ValueError(
+        f"cudnn attention needs bfloat16/float16 inputs, got {q.dtype}; "
+        "set dtype='bfloat16' or attention_backend='xla'"
+      )
     lengths = None
     if kv_len < k.shape[1]:
       lengths = jnp.full((q.shape[0],), kv_len, jnp.int32)
@@ -133,8 +136,7 @@ def _sharded(local, q, k, v, mesh):
       out = jax.lax.all_to_all(out, seq_axes, 1, 2, tiled=True)
     return out
 
-  out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                      check_vma=False)(q, k, v)
+  out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
   return out[:, :seq] if padded != seq else out
 
 
@@ -163,8 +165,9 @@ def _attention_fwd(q, k, v, kv_len):
   peak = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
   e = jnp.exp(scores - peak)
   total = e.sum(-1, keepdims=True)
-  out = (jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-         / total).astype(v.dtype)
+  out = (
+    jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+  ).astype(v.dtype)
   return out, (q, k, v, out, peak + jnp.log(total))
 
 
@@ -201,11 +204,17 @@ def _splash_kernel(num_heads: int, padded_len: int, block: int, interpret: bool)
   """The kernel for one shape. Built afresh in each trace, not cached: its mask tables are arrays that
   belong to the trace (and to the mesh context) they are made in; building them is cheap host work."""
   mask = sm.MultiHeadMask([sm.FullMask((padded_len, padded_len)) for _ in range(num_heads)])
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                        block_kv_dq=block)
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret)
+  sizes = sk.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash(q, k, v, *, interpret: bool, kv_len: int | None = None, block: int = 128):

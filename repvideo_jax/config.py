@@ -46,8 +46,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if not isinstance(value, (list, tuple)):
       raise ValueError(f"{where}: expected a list, got {value!r}")
     item = args[0] if args else Any
-    return tuple(_coerce(v, item, where) for v in value) if origin is tuple else [
-        _coerce(v, item, where) for v in value]
+    return (
+      tuple(_coerce(v, item, where) for v in value)
+      if origin is tuple
+      else [_coerce(v, item, where) for v in value]
+    )
   if annotation is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if annotation is float and isinstance(value, str):
@@ -71,10 +74,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
 
 def to_dict(config: Any) -> dict[str, Any]:
   """Dataclass -> plain dict with lists instead of tuples (YAML/JSON friendly)."""
+
   def plain(v):
     if isinstance(v, tuple):
       return [plain(x) for x in v]
     return v
+
   return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
@@ -98,7 +103,8 @@ def preset_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(candidate)  # the package is installed as files on disk (it ships weight folders)
   available = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
   raise FileNotFoundError(
-      f"config preset {str(name_or_path)!r} not found: pass a YAML file path or one of {available}")
+    f"config preset {str(name_or_path)!r} not found: pass a YAML file path or one of {available}"
+  )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -130,8 +136,9 @@ def load_yaml(name_or_path: str | pathlib.Path, overrides: Sequence[str] = ()) -
   return apply_overrides(tree, overrides)
 
 
-def load_section(cls: type[T], section: str, name_or_path: str | pathlib.Path,
-                 overrides: Sequence[str] = ()) -> T:
+def load_section(
+  cls: type[T], section: str, name_or_path: str | pathlib.Path, overrides: Sequence[str] = ()
+) -> T:
   """One typed section of a preset, e.g. ``load_section(TransformerConfig, 'transformer', 'tiny')``.
 
   Overrides may be given as ``section.key=value`` or, for this section, plain ``key=value``.

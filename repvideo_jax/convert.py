@@ -35,9 +35,11 @@ from repvideo_jax.outputs import replace_dir
 from repvideo_jax.training import trainer
 from repvideo_jax.weights_common import nonfinite
 
-COMPONENT_MODULES = {"transformer": "repvideo_jax.transformer_weights",
-                     "text_encoder": "repvideo_jax.text_encoder_weights",
-                     "vae": "repvideo_jax.vae_weights"}
+COMPONENT_MODULES = {
+  "transformer": "repvideo_jax.transformer_weights",
+  "text_encoder": "repvideo_jax.text_encoder_weights",
+  "vae": "repvideo_jax.vae_weights",
+}
 
 
 def _overrides(items) -> dict:
@@ -52,19 +54,25 @@ def _say(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def convert_component(component: str, src, dst, *, overrides=None, overwrite=False,
-                      config_preset: str | None = None):
+def convert_component(
+  component: str, src, dst, *, overrides=None, overwrite=False, config_preset: str | None = None
+):
   """Loads ``component`` from any supported source and writes it in our format. Returns its config."""
   weights = importlib.import_module(COMPONENT_MODULES[component])
   overrides = dict(overrides or {})
   config = None
   if config_preset:
     cls = {"transformer": "TransformerConfig", "text_encoder": "T5Config", "vae": "VAEConfig"}[component]
-    module = importlib.import_module({"transformer": "repvideo_jax.transformer",
-                                      "text_encoder": "repvideo_jax.text_encoder",
-                                      "vae": "repvideo_jax.vae"}[component])
-    config = load_section(getattr(module, cls), component, config_preset,
-                          [f"{k}={v}" for k, v in overrides.items()])
+    module = importlib.import_module(
+      {
+        "transformer": "repvideo_jax.transformer",
+        "text_encoder": "repvideo_jax.text_encoder",
+        "vae": "repvideo_jax.vae",
+      }[component]
+    )
+    config = load_section(
+      getattr(module, cls), component, config_preset, [f"{k}={v}" for k, v in overrides.items()]
+    )
     overrides = {}
   start = time.time()
   fmt = weights.detect_format(src)
@@ -73,8 +81,10 @@ def convert_component(component: str, src, dst, *, overrides=None, overwrite=Fal
   cfg, params = weights.load(src, config, **kwargs, **overrides)
   bad = nonfinite(params)
   if bad:
-    _say(f"{component}: WARNING: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:8])}"
-         f"{' ...' if len(bad) > 8 else ''}; the source checkpoint is probably damaged")
+    _say(
+      f"{component}: WARNING: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:8])}"
+      f"{' ...' if len(bad) > 8 else ''}; the source checkpoint is probably damaged"
+    )
   weights.save(dst, cfg, params, source=f"{fmt}:{src}", overwrite=overwrite)
   n = sum(a.size for a in jax.tree.leaves(params))
   _say(f"{component}: wrote {dst}: {n / 1e6:.1f}M params ({time.time() - start:.1f}s)")
@@ -86,8 +96,10 @@ def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_ov
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   for sub in ("vae", "text_encoder", "tokenizer") + (() if repvideo else ("transformer",)):
     if not (src / sub).is_dir():
-      raise FileNotFoundError(f"{src} is not a CogVideoX pipeline folder: missing {sub}/ "
-                              f"(found {sorted(p.name for p in src.iterdir()) if src.is_dir() else 'nothing'})")
+      raise FileNotFoundError(
+        f"{src} is not a CogVideoX pipeline folder: missing {sub}/ "
+        f"(found {sorted(p.name for p in src.iterdir()) if src.is_dir() else 'nothing'})"
+      )
   if dst.exists() and not overwrite:
     raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
   # The new folder is built beside the old one and swapped in only when complete: a bad source
@@ -103,9 +115,12 @@ def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_ov
     shutil.copytree(src / "tokenizer", tmp / "tokenizer")
     if (src / "scheduler").is_dir():
       shutil.copytree(src / "scheduler", tmp / "scheduler")
-    manifest = {"format": "repvideo-jax-pipeline", "version": 1,
-                "components": ["transformer", "text_encoder", "vae", "tokenizer"],
-                "source": {"pipeline": str(src), "transformer": str(t_src)}}
+    manifest = {
+      "format": "repvideo-jax-pipeline",
+      "version": 1,
+      "components": ["transformer", "text_encoder", "vae", "tokenizer"],
+      "source": {"pipeline": str(src), "transformer": str(t_src)},
+    }
     (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=2))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -115,29 +130,48 @@ def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_ov
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m repvideo_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m repvideo_jax.convert",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = parser.add_subparsers(dest="component", required=True)
-  for name, help_text in (("transformer", "the diffusion transformer (diffusers, SAT or ours)"),
-                          ("text_encoder", "the T5 encoder (Hugging Face folder)"),
-                          ("vae", "the 3D causal VAE (diffusers folder or SAT 3d-vae.pt)")):
+  for name, help_text in (
+    ("transformer", "the diffusion transformer (diffusers, SAT or ours)"),
+    ("text_encoder", "the T5 encoder (Hugging Face folder)"),
+    ("vae", "the 3D causal VAE (diffusers folder or SAT 3d-vae.pt)"),
+  ):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--src", required=True, help="checkpoint folder or file")
     p.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--config", help="preset name or YAML file to use instead of the checkpoint's config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set param_dtype=bfloat16")
+    p.add_argument(
+      "--set",
+      action="append",
+      metavar="KEY=VALUE",
+      help="override a config field, e.g. --set param_dtype=bfloat16",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     if name == "transformer":
-      p.add_argument("--feature-cache", dest="feature_cache", action=argparse.BooleanOptionalAction,
-                     default=None, help="force the RepVideo cache on/off (on for a diffusers "
-                     "CogVideoX-2B checkpoint adds gates initialised to 0.5)")
+      p.add_argument(
+        "--feature-cache",
+        dest="feature_cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force the RepVideo cache on/off (on for a diffusers "
+        "CogVideoX-2B checkpoint adds gates initialised to 0.5)",
+      )
   p = sub.add_parser("pipeline", help="a whole CogVideoX folder (+ RepVideo SAT transformer)")
   p.add_argument("--src", required=True, help="diffusers CogVideoX-2b folder")
   p.add_argument("--repvideo", help="RepVideo SAT checkpoint to use as the transformer")
   p.add_argument("--dst", required=True)
-  p.add_argument("--feature-cache", dest="feature_cache", action=argparse.BooleanOptionalAction,
-                 default=None, help="force the transformer's RepVideo cache on/off")
+  p.add_argument(
+    "--feature-cache",
+    dest="feature_cache",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="force the transformer's RepVideo cache on/off",
+  )
   p.add_argument("--overwrite", action="store_true")
   p = sub.add_parser("run", help="the transformer of a train.py run (its last checkpoint)")
   p.add_argument("--src", required=True, help="the run's output_dir (config.resolved.json + checkpoints/)")
@@ -153,19 +187,27 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     if args.component == "run":
-      trainer.export_transformer(args.src, args.dst, step=args.step, use_ema=None if args.ema else False,
-                                 overwrite=args.overwrite)
+      trainer.export_transformer(
+        args.src, args.dst, step=args.step, use_ema=None if args.ema else False, overwrite=args.overwrite
+      )
       _say(f"run: wrote {args.dst}")
     elif args.component == "pipeline":
       t_over = {} if args.feature_cache is None else {"feature_cache": args.feature_cache}
-      convert_pipeline(args.src, args.dst, repvideo=args.repvideo, overwrite=args.overwrite,
-                       transformer_overrides=t_over)
+      convert_pipeline(
+        args.src, args.dst, repvideo=args.repvideo, overwrite=args.overwrite, transformer_overrides=t_over
+      )
     else:
       overrides = _overrides(args.set)
       if getattr(args, "feature_cache", None) is not None:
         overrides["feature_cache"] = args.feature_cache
-      convert_component(args.component, args.src, args.dst, overrides=overrides,
-                        overwrite=args.overwrite, config_preset=args.config)
+      convert_component(
+        args.component,
+        args.src,
+        args.dst,
+        overrides=overrides,
+        overwrite=args.overwrite,
+        config_preset=args.config,
+      )
   except (FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -51,8 +51,12 @@ from repvideo_jax.demo import domain as D
 from repvideo_jax.outputs import check_output
 
 ATTRIBUTES = ("color", "shape", "motion")
-CHANCE = {"color": 1 / len(D.COLORS), "shape": 1 / len(D.SHAPES), "motion": 1 / len(D.MOTIONS),
-          "all": 1 / (len(D.COLORS) * len(D.SHAPES) * len(D.MOTIONS))}
+CHANCE = {
+  "color": 1 / len(D.COLORS),
+  "shape": 1 / len(D.SHAPES),
+  "motion": 1 / len(D.MOTIONS),
+  "all": 1 / (len(D.COLORS) * len(D.SHAPES) * len(D.MOTIONS)),
+}
 
 
 def split_prompts(split: str, seed: int = 0) -> list[D.Spec]:
@@ -87,8 +91,10 @@ def balanced_accuracy(specs: Sequence[D.Spec], detections: Sequence[dict]) -> di
   out = {}
   for k in ATTRIBUTES:
     truth = [getattr(s, k) for s in specs]
-    recalls = [np.mean([d[k] == value for t, d in zip(truth, detections) if t == value])
-               for value in sorted(set(truth))]
+    recalls = [
+      np.mean([d[k] == value for t, d in zip(truth, detections) if t == value])
+      for value in sorted(set(truth))
+    ]
     out[k] = float(np.mean(recalls))
   return out
 
@@ -113,8 +119,17 @@ def confusion(specs: Sequence[D.Spec], detections: Sequence[dict]) -> dict[str, 
   return out
 
 
-def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_size: int = 8,
-             feature_timestep: int = 500, features: bool = True, progress: bool = True) -> dict[str, Any]:
+def evaluate(
+  pipe,
+  specs: Sequence[D.Spec],
+  *,
+  settings,
+  seeds: int = 1,
+  batch_size: int = 8,
+  feature_timestep: int = 500,
+  features: bool = True,
+  progress: bool = True,
+) -> dict[str, Any]:
   """Generates ``seeds`` videos per spec and scores them (module docstring). Returns the JSON dict."""
 
   settings.validate(pipe.transformer_config, pipe.vae_config)
@@ -127,20 +142,28 @@ def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_s
   videos, feature_sims = [], []
   t0 = time.perf_counter()
   for start in range(0, len(jobs), batch_size):
-    batch = jobs[start:start + batch_size]
+    batch = jobs[start : start + batch_size]
     prompts = [D.caption(spec) for spec, _ in batch]
     text = pipe.encode_prompts(prompts)
     latents = pipeline.sample_latents(pipe, text, settings, first_index=start)
     frames = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, latents)))
     for k, ((spec, rep), clip) in enumerate(zip(batch, frames)):
       detected = D.detect(clip)
-      row = {"prompt": D.caption(spec), "repeat": rep, "index": start + k, "detected": detected,
-             "score": D.score(spec, detected),
-             "pixel_similarity": float(pixel_similarity(clip).mean())}
+      row = {
+        "prompt": D.caption(spec),
+        "repeat": rep,
+        "index": start + k,
+        "detected": detected,
+        "score": D.score(spec, detected),
+        "pixel_similarity": float(pixel_similarity(clip).mean()),
+      }
       if features:
-        xt = analysis.noisy_latents(np.asarray(latents[k:k + 1]), feature_timestep, settings.seed + start + k)
-        rec = analysis.record(pipe.transformer_params, pipe.transformer_config, xt, feature_timestep,
-                              np.asarray(text[k:k + 1]))
+        xt = analysis.noisy_latents(
+          np.asarray(latents[k : k + 1]), feature_timestep, settings.seed + start + k
+        )
+        rec = analysis.record(
+          pipe.transformer_params, pipe.transformer_config, xt, feature_timestep, np.asarray(text[k : k + 1])
+        )
         sims = rec["adjacent_similarity"].mean(axis=1)  # per layer
         feature_sims.append(sims)
         row["feature_similarity"] = float(sims.mean())
@@ -152,29 +175,43 @@ def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_s
   seconds = time.perf_counter() - t0
 
   # References: real renders of the same captions, and their VAE round trip.
-  renders = [D.render(spec, num_frames=settings.num_frames, height=settings.height, width=settings.width,
-                      seed=10_000 + rep) for spec, rep in jobs]
+  renders = [
+    D.render(
+      spec, num_frames=settings.num_frames, height=settings.height, width=settings.width, seed=10_000 + rep
+    )
+    for spec, rep in jobs
+  ]
   encode = jax.jit(lambda p, x: V.encode(p, x, config=pipe.vae_config))
   roundtrip_scores = []
   for i in range(0, len(renders), batch_size):
-    chunk = np.stack(renders[i:i + batch_size])
+    chunk = np.stack(renders[i : i + batch_size])
     z = encode(pipe.vae_params, jnp.asarray(video_io.from_uint8(chunk)))
     recon = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, z)))
-    roundtrip_scores += [D.score(spec, D.detect(r)) for (spec, _), r in zip(jobs[i:i + batch_size], recon)]
+    roundtrip_scores += [D.score(spec, D.detect(r)) for (spec, _), r in zip(jobs[i : i + batch_size], recon)]
 
   job_specs = [spec for spec, _ in jobs]
   detections = [v["detected"] for v in videos]
   result = {
-      "model": str(pipe.path), "num_prompts": len(specs), "seeds": seeds, "num_videos": len(jobs),
-      "settings": dataclasses.asdict(settings), "feature_timestep": feature_timestep,
-      "feature_cache": pipe.transformer_config.feature_cache,
-      "accuracy": accuracy([v["score"] for v in videos]),
-      "balanced_accuracy": balanced_accuracy(job_specs, detections), "chance": CHANCE,
-      "majority_baseline": majority_baseline(job_specs), "confusion": confusion(job_specs, detections),
-      "vae_roundtrip_accuracy": accuracy(roundtrip_scores),
-      "pixel_similarity": {"generated": float(np.mean([v["pixel_similarity"] for v in videos])),
-                           "real_renders": float(np.mean([pixel_similarity(r).mean() for r in renders]))},
-      "seconds": seconds, "videos": videos}
+    "model": str(pipe.path),
+    "num_prompts": len(specs),
+    "seeds": seeds,
+    "num_videos": len(jobs),
+    "settings": dataclasses.asdict(settings),
+    "feature_timestep": feature_timestep,
+    "feature_cache": pipe.transformer_config.feature_cache,
+    "accuracy": accuracy([v["score"] for v in videos]),
+    "balanced_accuracy": balanced_accuracy(job_specs, detections),
+    "chance": CHANCE,
+    "majority_baseline": majority_baseline(job_specs),
+    "confusion": confusion(job_specs, detections),
+    "vae_roundtrip_accuracy": accuracy(roundtrip_scores),
+    "pixel_similarity": {
+      "generated": float(np.mean([v["pixel_similarity"] for v in videos])),
+      "real_renders": float(np.mean([pixel_similarity(r).mean() for r in renders])),
+    },
+    "seconds": seconds,
+    "videos": videos,
+  }
   if features:
     per_layer = np.mean(feature_sims, axis=0)
     result["feature_similarity"] = {"mean": float(per_layer.mean()), "per_layer": per_layer.tolist()}
@@ -184,13 +221,16 @@ def evaluate(pipe, specs: Sequence[D.Spec], *, settings, seeds: int = 1, batch_s
 def format_table(result: dict[str, Any]) -> str:
   acc, chance, vae = result["accuracy"], result["chance"], result["vae_roundtrip_accuracy"]
   bal, major = result["balanced_accuracy"], result["majority_baseline"]
-  lines = [f"{result['num_prompts']} prompts x {result['seeds']} seed(s) = {result['num_videos']} videos "
-           f"({result['seconds']:.0f}s), feature cache {'on' if result['feature_cache'] else 'off'}",
-           f"{'prompt following':<18}{'accuracy':>10}{'balanced':>10}{'chance':>10}{'majority':>10}"
-           f"{'VAE only':>10}"]
+  lines = [
+    f"{result['num_prompts']} prompts x {result['seeds']} seed(s) = {result['num_videos']} videos "
+    f"({result['seconds']:.0f}s), feature cache {'on' if result['feature_cache'] else 'off'}",
+    f"{'prompt following':<18}{'accuracy':>10}{'balanced':>10}{'chance':>10}{'majority':>10}{'VAE only':>10}",
+  ]
   for k in ATTRIBUTES:
     lines.append(f"{k:<18}{acc[k]:>10.3f}{bal[k]:>10.3f}{chance[k]:>10.3f}{major[k]:>10.3f}{vae[k]:>10.3f}")
-  lines.append(f"{'all three':<18}{acc['all']:>10.3f}{'':>10}{chance['all']:>10.3f}{'':>10}{vae['all']:>10.3f}")
+  lines.append(
+    f"{'all three':<18}{acc['all']:>10.3f}{'':>10}{chance['all']:>10.3f}{'':>10}{vae['all']:>10.3f}"
+  )
   px = result["pixel_similarity"]
   lines.append(f"{'adjacent-frame cosine':<28}{'generated':>10}{'real':>10}")
   lines.append(f"{'  pixels':<28}{px['generated']:>10.4f}{px['real_renders']:>10.4f}")
@@ -200,12 +240,19 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m repvideo_jax.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m repvideo_jax.evaluate",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--model", help="model folder (default: the bundled demo model)")
   p.add_argument("--transformer", help="use this transformer instead of the folder's (e.g. an ablation)")
-  p.add_argument("--split", default="heldout", choices=["heldout", "train", "all"],
-                 help="which demo captions to prompt with (default: the held-out combinations)")
+  p.add_argument(
+    "--split",
+    default="heldout",
+    choices=["heldout", "train", "all"],
+    help="which demo captions to prompt with (default: the held-out combinations)",
+  )
   p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (default 0)")
   p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the split")
   p.add_argument("--seeds", type=int, default=2, help="videos per prompt (default 2)")
@@ -227,11 +274,15 @@ def load(model: str | None, transformer: str | None):
   pipe = pipeline.load_pipeline(model or demo_model_dir())
   if transformer:
     cfg, params = transformer_weights.load(transformer)
-    if (cfg.text_embed_dim, cfg.in_channels) != (pipe.transformer_config.text_embed_dim,
-                                                  pipe.transformer_config.in_channels):
-      raise ValueError(f"--transformer {transformer} does not fit {pipe.path}: text width / latent "
-                       f"channels {cfg.text_embed_dim}/{cfg.in_channels} vs "
-                       f"{pipe.transformer_config.text_embed_dim}/{pipe.transformer_config.in_channels}")
+    if (cfg.text_embed_dim, cfg.in_channels) != (
+      pipe.transformer_config.text_embed_dim,
+      pipe.transformer_config.in_channels,
+    ):
+      raise ValueError(
+        f"--transformer {transformer} does not fit {pipe.path}: text width / latent "
+        f"channels {cfg.text_embed_dim}/{cfg.in_channels} vs "
+        f"{pipe.transformer_config.text_embed_dim}/{pipe.transformer_config.in_channels}"
+      )
     pipe = dataclasses.replace(pipe, transformer_config=cfg, transformer_params=params)
   return pipe
 
@@ -243,12 +294,25 @@ def main(argv=None) -> int:
       raise ValueError("--seeds and --batch-size must be >= 1")
     check_output(args.out, "--out", folder=False)  # before the work, not after it
     pipe = load(args.model, args.transformer)
-    settings = pipeline.settings_for(pipe, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                              cfg_schedule=args.cfg_schedule, sampler=args.sampler)
-    specs = split_prompts(args.split, args.split_seed)[:args.limit]
-    result = evaluate(pipe, specs, settings=settings, seeds=args.seeds, batch_size=args.batch_size,
-                      feature_timestep=args.feature_timestep, features=not args.no_features,
-                      progress=not args.no_progress)
+    settings = pipeline.settings_for(
+      pipe,
+      steps=args.steps,
+      guidance=args.guidance,
+      seed=args.seed,
+      cfg_schedule=args.cfg_schedule,
+      sampler=args.sampler,
+    )
+    specs = split_prompts(args.split, args.split_seed)[: args.limit]
+    result = evaluate(
+      pipe,
+      specs,
+      settings=settings,
+      seeds=args.seeds,
+      batch_size=args.batch_size,
+      feature_timestep=args.feature_timestep,
+      features=not args.no_features,
+      progress=not args.no_progress,
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -45,6 +45,7 @@ COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 @dataclasses.dataclass
 class Pipeline:
   """Configs, params (plain nested dicts) and the tokenizer of one model."""
+
   transformer_config: TransformerConfig
   transformer_params: dict[str, Any] | None  # None when loaded with load_transformer=False
   text_encoder_config: T5Config
@@ -57,13 +58,25 @@ class Pipeline:
 
   def encode_prompts(self, prompts, use_mask: bool = False):
     """Prompts -> T5 embeddings (B, text_length, d_model), as released (no mask, pads kept)."""
-    return TE.encode_prompts(self.text_encoder_params, self.text_encoder_config, self.tokenizer,
-                             prompts, use_mask=use_mask, max_length=self.transformer_config.text_length)
+    return TE.encode_prompts(
+      self.text_encoder_params,
+      self.text_encoder_config,
+      self.tokenizer,
+      prompts,
+      use_mask=use_mask,
+      max_length=self.transformer_config.text_length,
+    )
 
 
-def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | None = None,
-                  text_encoder_overrides: dict | None = None, vae_overrides: dict | None = None,
-                  load_transformer: bool = True, verify: bool = True) -> Pipeline:
+def load_pipeline(
+  path: str | pathlib.Path,
+  *,
+  transformer_overrides: dict | None = None,
+  text_encoder_overrides: dict | None = None,
+  vae_overrides: dict | None = None,
+  load_transformer: bool = True,
+  verify: bool = True,
+) -> Pipeline:
   """Loads every component of a model folder; overrides replace config fields (e.g. dtype).
 
   ``load_transformer=False`` reads only the transformer's config (for data preparation, which
@@ -73,43 +86,59 @@ def load_pipeline(path: str | pathlib.Path, *, transformer_overrides: dict | Non
   """
   path = pathlib.Path(path)
   if not path.is_dir():
-    raise FileNotFoundError(f"no model folder at {path}: convert one with "
-                            "`python -m repvideo_jax.convert pipeline --src COGVIDEOX_DIR --dst DIR`")
+    raise FileNotFoundError(
+      f"no model folder at {path}: convert one with "
+      "`python -m repvideo_jax.convert pipeline --src COGVIDEOX_DIR --dst DIR`"
+    )
   missing = [c for c in COMPONENTS if not (path / c).is_dir()]
   if missing:
-    raise FileNotFoundError(f"{path} is not a model folder: missing {missing} (found "
-                            f"{sorted(p.name for p in path.iterdir())})")
+    raise FileNotFoundError(
+      f"{path} is not a model folder: missing {missing} (found {sorted(p.name for p in path.iterdir())})"
+    )
   manifest = {}
   if (path / "pipeline.json").exists():
     try:
       manifest = json.loads((path / "pipeline.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}/pipeline.json is not valid JSON ({e}); re-create the folder with "
-                       "`python -m repvideo_jax.convert pipeline`") from None
+      raise ValueError(
+        f"{path}/pipeline.json is not valid JSON ({e}); re-create the folder with "
+        "`python -m repvideo_jax.convert pipeline`"
+      ) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("defaults") or {}, dict):
-      raise ValueError(f"{path}/pipeline.json must be a JSON object (with an optional \"defaults\" "
-                       "object of generation settings); re-create the folder with "
-                       "`python -m repvideo_jax.convert pipeline`")
+      raise ValueError(
+        f'{path}/pipeline.json must be a JSON object (with an optional "defaults" '
+        "object of generation settings); re-create the folder with "
+        "`python -m repvideo_jax.convert pipeline`"
+      )
   else:
-    log.info("%s has no pipeline.json: loading the diffusers layout directly (convert it once with "
-             "`python -m repvideo_jax.convert pipeline` for faster loads)", path)
+    log.info(
+      "%s has no pipeline.json: loading the diffusers layout directly (convert it once with "
+      "`python -m repvideo_jax.convert pipeline` for faster loads)",
+      path,
+    )
   t_cfg, t_params = None, None
   if not load_transformer:
     t_cfg = transformer_weights.read_config(path / "transformer")
     if t_cfg is not None and transformer_overrides:
       t_cfg = dataclasses.replace(t_cfg, **transformer_overrides)
   if t_cfg is None:
-    t_cfg, t_params = transformer_weights.load(path / "transformer", verify=verify,
-                                               **(transformer_overrides or {}))
-  e_cfg, e_params = text_encoder_weights.load(path / "text_encoder", verify=verify,
-                                              **(text_encoder_overrides or {}))
+    t_cfg, t_params = transformer_weights.load(
+      path / "transformer", verify=verify, **(transformer_overrides or {})
+    )
+  e_cfg, e_params = text_encoder_weights.load(
+    path / "text_encoder", verify=verify, **(text_encoder_overrides or {})
+  )
   v_cfg, v_params = vae_weights.load(path / "vae", verify=verify, **(vae_overrides or {}))
   if e_cfg.d_model != t_cfg.text_embed_dim:
-    raise ValueError(f"text encoder width {e_cfg.d_model} != transformer text_embed_dim "
-                     f"{t_cfg.text_embed_dim}: the components come from different models")
+    raise ValueError(
+      f"text encoder width {e_cfg.d_model} != transformer text_embed_dim "
+      f"{t_cfg.text_embed_dim}: the components come from different models"
+    )
   if v_cfg.latent_channels != t_cfg.in_channels:
-    raise ValueError(f"VAE latent channels {v_cfg.latent_channels} != transformer in_channels "
-                     f"{t_cfg.in_channels}: the components come from different models")
+    raise ValueError(
+      f"VAE latent channels {v_cfg.latent_channels} != transformer in_channels "
+      f"{t_cfg.in_channels}: the components come from different models"
+    )
   tokenizer = TE.load_tokenizer(path / "tokenizer")
   return Pipeline(t_cfg, t_params, e_cfg, e_params, v_cfg, v_params, tokenizer, path, manifest)
 
@@ -130,6 +159,7 @@ CFG_SCHEDULES = ("released", "constant", "smooth")
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
   """Everything that determines a video besides the prompt and the weights."""
+
   num_frames: int = 49
   height: int = 480
   width: int = 720
@@ -146,9 +176,11 @@ class GenerationSettings:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
     if not math.isfinite(self.guidance) or self.guidance < 1:
       raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {self.guidance}")
-    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
-      raise ValueError(f"seed must be an integer in [0, 2^32 - 1] (the range the sampler's random keys "
-                       f"use; larger seeds would repeat smaller ones), got {self.seed}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+      raise ValueError(
+        f"seed must be an integer in [0, 2^32 - 1] (the range the sampler's random keys "
+        f"use; larger seeds would repeat smaller ones), got {self.seed}"
+      )
     if self.sampler not in SAMPLERS:
       raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
     if self.cfg_schedule not in CFG_SCHEDULES:
@@ -182,23 +214,31 @@ def _check_fit(settings: GenerationSettings, tcfg: TransformerConfig, vcfg: VAEC
   tcr, s, p = vcfg.temporal_compression_ratio, vcfg.spatial_compression, tcfg.patch_size
   if n < 1 or (n - 1) % tcr:
     k = max(0, round((n - 1) / tcr))
-    raise ValueError(f"num_frames={n} must be {tcr}k+1 (the VAE keeps frame 0 and compresses the rest "
-                     f"{tcr}x), e.g. {tcr * k + 1} or {tcr * (k + 1) + 1}")
+    raise ValueError(
+      f"num_frames={n} must be {tcr}k+1 (the VAE keeps frame 0 and compresses the rest "
+      f"{tcr}x), e.g. {tcr * k + 1} or {tcr * (k + 1) + 1}"
+    )
   lat_t, lat_h, lat_w = vcfg.latent_size(n, height, width)
   if lat_t % 2 == 0:  # the VAE keeps a lone first frame only for an odd latent count
-    raise ValueError(f"num_frames={n} gives {lat_t} latent frames, and the VAE decodes an even count to "
-                     f"{tcr} frames each ({tcr * lat_t}, not {n}): use {2 * tcr}k+1 frames, e.g. "
-                     f"{tcr * (lat_t - 2) + 1} or {tcr * lat_t + 1}")
+    raise ValueError(
+      f"num_frames={n} gives {lat_t} latent frames, and the VAE decodes an even count to "
+      f"{tcr} frames each ({tcr * lat_t}, not {n}): use {2 * tcr}k+1 frames, e.g. "
+      f"{tcr * (lat_t - 2) + 1} or {tcr * lat_t + 1}"
+    )
   unit = s * p
   if height % unit or width % unit or height <= 0 or width <= 0:
-    raise ValueError(f"height and width must be positive multiples of {unit} (VAE {s}x times patch "
-                     f"{p}), got {height}x{width}")
+    raise ValueError(
+      f"height and width must be positive multiples of {unit} (VAE {s}x times patch "
+      f"{p}), got {height}x{width}"
+    )
   try:
     check_positional_table(tcfg, lat_t, lat_h, lat_w)
   except ValueError as e:
-    raise ValueError(f"{n} frames at {height}x{width} exceed what this model's positional table covers "
-                     f"(at most {tcr * (tcfg.sample_frames - 1) + 1} frames at "
-                     f"{s * tcfg.sample_height}x{s * tcfg.sample_width}): {e}") from None
+    raise ValueError(
+      f"{n} frames at {height}x{width} exceed what this model's positional table covers "
+      f"(at most {tcr * (tcfg.sample_frames - 1) + 1} frames at "
+      f"{s * tcfg.sample_height}x{s * tcfg.sample_width}): {e}"
+    ) from None
 
 
 def model_defaults(pipe: Pipeline) -> dict[str, Any]:
@@ -209,8 +249,9 @@ def model_defaults(pipe: Pipeline) -> dict[str, Any]:
   fields = {f.name for f in dataclasses.fields(GenerationSettings)} | {"fps"}
   unknown = sorted(set(defaults) - fields)
   if unknown:
-    raise ValueError(f"{pipe.path}/pipeline.json: unknown generation default(s) {unknown}; valid "
-                     f"keys are {sorted(fields)}")
+    raise ValueError(
+      f"{pipe.path}/pipeline.json: unknown generation default(s) {unknown}; valid keys are {sorted(fields)}"
+    )
   return defaults
 
 
@@ -219,8 +260,7 @@ def settings_for(pipe: Pipeline, **overrides) -> GenerationSettings:
   checked against the folder's model (``validate``): what the command lines build their settings with."""
   values = {k: v for k, v in model_defaults(pipe).items() if k != "fps"}
   values.update({k: v for k, v in overrides.items() if v is not None})
-  settings = config_lib.from_dict(GenerationSettings, values,
-                                  where=f"{pipe.path}/pipeline.json defaults")
+  settings = config_lib.from_dict(GenerationSettings, values, where=f"{pipe.path}/pipeline.json defaults")
   settings.validate(pipe.transformer_config, pipe.vae_config)
   return settings
 
@@ -252,6 +292,7 @@ class SamplingPreset:
   """A sampling preset (``configs/sample-*.yaml``, section ``sample:``): sizes, dtypes, mesh and the
   TPU topology it is checked for. ``sample.py --preset`` runs it; ``python -m repvideo_jax.aot sample
   --preset`` compiles it for ``topology`` and says whether each stage fits."""
+
   model_config: str = "repvideo-2b"  # transformer preset the AOT check compiles (sample.py: --model)
   topology: str | None = None  # libtpu name, e.g. v5e:1x1 or v5e:2x2
   batch: int = 1  # videos per call (the denoiser sees 2 x batch with CFG)
@@ -291,23 +332,35 @@ def initial_noise(settings: GenerationSettings, shape, batch: int, first_index: 
   """x_T ~ N(0, I) per video, keyed by (seed, the video's index in the whole prompt list): a prompt's
   starting noise does not depend on which other prompts share its batch."""
   base = jax.random.key(settings.seed)
-  return jnp.stack([jax.random.normal(jax.random.fold_in(base, first_index + i), shape, jnp.float32)
-                    for i in range(batch)])
+  return jnp.stack(
+    [jax.random.normal(jax.random.fold_in(base, first_index + i), shape, jnp.float32) for i in range(batch)]
+  )
 
 
-def sample_latents(pipe: Pipeline, text, settings: GenerationSettings, *, text_uncond=None,
-                   noise=None, mesh=None, progress=None, first_index: int = 0):
+def sample_latents(
+  pipe: Pipeline,
+  text,
+  settings: GenerationSettings,
+  *,
+  text_uncond=None,
+  noise=None,
+  mesh=None,
+  progress=None,
+  first_index: int = 0,
+):
   """Runs the sampler on prompt embeddings (B, L, D); returns latents (B, T, h, w, C), scaled.
   ``text_uncond`` None: the settings' unconditional text (``unconditional_text``)."""
   settings.validate(pipe.transformer_config, pipe.vae_config)
   if text_uncond is None:
     text_uncond = unconditional_text(pipe, settings, text)
-  return _sample(pipe, text, text_uncond, settings, noise=noise, mesh=mesh, progress=progress,
-                 first_index=first_index)
+  return _sample(
+    pipe, text, text_uncond, settings, noise=noise, mesh=mesh, progress=progress, first_index=first_index
+  )
 
 
-def _sample(pipe: Pipeline, text, text_uncond, settings: GenerationSettings, *, noise, mesh, progress,
-            first_index: int):
+def _sample(
+  pipe: Pipeline, text, text_uncond, settings: GenerationSettings, *, noise, mesh, progress, first_index: int
+):
   """``sample_latents`` on settings already validated for ``pipe``."""
   tcfg, vcfg = pipe.transformer_config, pipe.vae_config
   b = text.shape[0]
@@ -327,10 +380,15 @@ def _sample(pipe: Pipeline, text, text_uncond, settings: GenerationSettings, *, 
   else:
     sched = schedule.sampling_schedule(settings.steps)
   weights = cfg_weights(settings, sched.timesteps)
-  kwargs = dict(schedule=sched, cfg_weights=weights, params=params, use_cfg=settings.uses_guidance,
-                progress=progress is not None)
+  kwargs = dict(
+    schedule=sched,
+    cfg_weights=weights,
+    params=params,
+    use_cfg=settings.uses_guidance,
+    progress=progress is not None,
+  )
   # On a mesh the model's sharding hints and attention's shard_map read it from the context.
-  with samplers.progress_hook(progress), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+  with samplers.progress_hook(progress), jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     if settings.sampler == "ddim":
       out = samplers.sample_ddim(model_fn, noise, text, text_uncond, **kwargs)
     else:
@@ -357,9 +415,19 @@ def decode_latents(pipe: Pipeline, latents, tiling: bool = False):
   return V.decode(pipe.vae_params, latents, config=pipe.vae_config, chunking=chunking)
 
 
-def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationSettings(), *,
-             mesh=None, progress=None, timings: dict | None = None, noise=None,
-             output: str = "uint8", first_index: int = 0, vae_tiling: bool = False):
+def generate(
+  pipe: Pipeline,
+  prompts,
+  settings: GenerationSettings = GenerationSettings(),
+  *,
+  mesh=None,
+  progress=None,
+  timings: dict | None = None,
+  noise=None,
+  output: str = "uint8",
+  first_index: int = 0,
+  vae_tiling: bool = False,
+):
   """Prompts -> frames (B, num_frames, height, width, 3): uint8, or float in [0, 1] with
   ``output="float"``. ``noise`` overrides the seeded initial latents; ``timings`` is filled in.
 
@@ -374,14 +442,19 @@ def generate(pipe: Pipeline, prompts, settings: GenerationSettings = GenerationS
   text = pipe.encode_prompts(prompts)
   uncond = unconditional_text(pipe, settings, text)
   t1 = time.perf_counter()
-  latents = _sample(pipe, text, uncond, settings, mesh=mesh, progress=progress, noise=noise,
-                    first_index=first_index)
+  latents = _sample(
+    pipe, text, uncond, settings, mesh=mesh, progress=progress, noise=noise, first_index=first_index
+  )
   t2 = time.perf_counter()
   video = np.asarray(decode_latents(pipe, latents, tiling=vae_tiling))
   t3 = time.perf_counter()
   if timings is not None:
-    timings.update(text_encode_s=t1 - t0, sampling_s=t2 - t1, vae_decode_s=t3 - t2,
-                   seconds_per_step=(t2 - t1) / settings.steps)
+    timings.update(
+      text_encode_s=t1 - t0,
+      sampling_s=t2 - t1,
+      vae_decode_s=t3 - t2,
+      seconds_per_step=(t2 - t1) / settings.steps,
+    )
   if output == "float":
     return np.clip((video + 1.0) / 2.0, 0.0, 1.0)
   return video_io.to_uint8(video)

@@ -80,8 +80,9 @@ def v_to_x0(x: jax.Array, v: jax.Array, c_skip, c_out) -> jax.Array:
   return c_skip * x - c_out * v
 
 
-def denoise(model_fn: ModelFn, x: jax.Array, a, timesteps, text: jax.Array, *, table=None,
-            params: Any = None) -> jax.Array:
+def denoise(
+  model_fn: ModelFn, x: jax.Array, a, timesteps, text: jax.Array, *, table=None, params: Any = None
+) -> jax.Array:
   """x0 estimate D(x; a, t) for one batch; a is scalar or (B,), timesteps raw (B,) or scalar.
 
   With ``table`` (the 1000-table, ``schedule.sqrt_alpha_table()``) a is first quantised to its nearest
@@ -109,8 +110,18 @@ def unconditional_text(text_cond: jax.Array, text_uncond: jax.Array | None = Non
   return jnp.broadcast_to(jnp.asarray(text_uncond, text_cond.dtype), text_cond.shape)
 
 
-def guided_denoise(model_fn: ModelFn, x: jax.Array, c_skip, c_out, timestep, text_cond: jax.Array,
-                   text_uncond: jax.Array | None, w, *, params: Any = None) -> jax.Array:
+def guided_denoise(
+  model_fn: ModelFn,
+  x: jax.Array,
+  c_skip,
+  c_out,
+  timestep,
+  text_cond: jax.Array,
+  text_uncond: jax.Array | None,
+  w,
+  *,
+  params: Any = None,
+) -> jax.Array:
   """CFG-combined x0 at one level. One network call on [uncond | cond] (2B); scalar c_skip/c_out/t/w.
 
   ``text_uncond=None`` disables guidance (a single B-batch call, w unused).
@@ -182,9 +193,14 @@ def _step_arrays(sched: schedules.SamplingSchedule, cfg_weights, coefs: dict[str
   if weights.shape != (n,):
     raise ValueError(f"cfg_weights must have one weight per step ({n}), got shape {weights.shape}")
   a_q = np.asarray(sched.model_alphas, np.float64)
-  steps = {"i": np.arange(n, dtype=np.int32),
-           "t": np.asarray(sched.timesteps, np.float32),
-           "c_skip": a_q, "c_out": np.sqrt(1.0 - a_q * a_q), "w": weights, **coefs}
+  steps = {
+    "i": np.arange(n, dtype=np.int32),
+    "t": np.asarray(sched.timesteps, np.float32),
+    "c_skip": a_q,
+    "c_out": np.sqrt(1.0 - a_q * a_q),
+    "w": weights,
+    **coefs,
+  }
   return {k: jnp.asarray(v if v.dtype == np.int32 else v.astype(np.float32)) for k, v in steps.items()}
 
 
@@ -235,16 +251,16 @@ def _step_noise_fn(key, step_noise, shape):
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg", "progress"))
-def _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, text_uncond, steps, key, step_noise, use_cfg,
-                      progress=False):
+def _dpmpp2m_sde_loop(
+  model_fn, params, noise, text_cond, text_uncond, steps, key, step_noise, use_cfg, progress=False
+):
   x = noise.astype(jnp.float32)
   uncond = text_uncond if use_cfg else None
   draw = _step_noise_fn(key, step_noise, x.shape)
 
   def body(carry, s):
     x, d_prev = carry
-    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"],
-                       params=params)
+    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"], params=params)
     x = s["c_x"] * x + s["c_d"] * d + s["c_prev"] * d_prev + s["c_z"] * draw(s["i"])
     _maybe_report(progress, s["i"], d)
     return (x, d), None
@@ -258,8 +274,7 @@ def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_cfg, 
   uncond = text_uncond if use_cfg else None
 
   def body(x, s):
-    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"],
-                       params=params)
+    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"], params=params)
     _maybe_report(progress, s["i"], d)
     return s["c_x"] * x + s["c_d"] * d, None
 
@@ -267,11 +282,21 @@ def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_cfg, 
   return x
 
 
-def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array,
-                       text_uncond: jax.Array | None = None, *, num_steps: int = 50, cfg_weights=None,
-                       key: jax.Array | None = None, step_noise: jax.Array | None = None,
-                       schedule: schedules.SamplingSchedule | None = None, params: Any = None,
-                       use_cfg: bool = True, progress: bool = False) -> jax.Array:
+def sample_dpmpp2m_sde(
+  model_fn: ModelFn,
+  noise: jax.Array,
+  text_cond: jax.Array,
+  text_uncond: jax.Array | None = None,
+  *,
+  num_steps: int = 50,
+  cfg_weights=None,
+  key: jax.Array | None = None,
+  step_noise: jax.Array | None = None,
+  schedule: schedules.SamplingSchedule | None = None,
+  params: Any = None,
+  use_cfg: bool = True,
+  progress: bool = False,
+) -> jax.Array:
   """The released DPM-Solver++(2M) SDE sampler; returns D_{n-1}, the x0 estimate at t_{n-1}.
 
   model_fn:     ``model_fn(x, t, text) -> v`` (or ``model_fn(params, x, t, text)`` when ``params`` is
@@ -302,14 +327,25 @@ def sample_dpmpp2m_sde(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array
     step_noise = jnp.asarray(step_noise, jnp.float32)
   steps = _step_arrays(sched, cfg_weights, dpmpp2m_sde_coefficients(sched))
   uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
-  return _dpmpp2m_sde_loop(model_fn, params, noise, text_cond, uncond, steps, key, step_noise,
-                           use_cfg=use_cfg, progress=progress)
+  return _dpmpp2m_sde_loop(
+    model_fn, params, noise, text_cond, uncond, steps, key, step_noise, use_cfg=use_cfg, progress=progress
+  )
 
 
-def sample_ddim(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array,
-                text_uncond: jax.Array | None = None, *, num_steps: int = 50, cfg_weights=None,
-                timestep_spacing: str = "trailing", schedule: schedules.SamplingSchedule | None = None,
-                params: Any = None, use_cfg: bool = True, progress: bool = False) -> jax.Array:
+def sample_ddim(
+  model_fn: ModelFn,
+  noise: jax.Array,
+  text_cond: jax.Array,
+  text_uncond: jax.Array | None = None,
+  *,
+  num_steps: int = 50,
+  cfg_weights=None,
+  timestep_spacing: str = "trailing",
+  schedule: schedules.SamplingSchedule | None = None,
+  params: Any = None,
+  use_cfg: bool = True,
+  progress: bool = False,
+) -> jax.Array:
   """Deterministic DDIM (eta = 0) as diffusers' CogVideoXDDIMScheduler + CogVideoXPipeline run it.
 
   Defaults follow the diffusers pipeline: ``diffusers_sampling_schedule(num_steps, timestep_spacing)``
@@ -317,11 +353,11 @@ def sample_ddim(model_fn: ModelFn, noise: jax.Array, text_cond: jax.Array,
   (pass ``schedule.dynamic_cfg_weights(timesteps)`` for ``use_dynamic_cfg=True``). Arguments as in
   ``sample_dpmpp2m_sde``. Returns the final latents (the last step's x0 estimate).
   """
-  sched = schedule if schedule is not None else schedules.diffusers_sampling_schedule(
-      num_steps, timestep_spacing)
+  sched = (
+    schedule if schedule is not None else schedules.diffusers_sampling_schedule(num_steps, timestep_spacing)
+  )
   if cfg_weights is None:
     cfg_weights = schedules.constant_cfg_weights(sched.num_steps, 6.0)
   steps = _step_arrays(sched, cfg_weights, ddim_coefficients(sched))
   uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
-  return _ddim_loop(model_fn, params, noise, text_cond, uncond, steps, use_cfg=use_cfg,
-                    progress=progress)
+  return _ddim_loop(model_fn, params, noise, text_cond, uncond, steps, use_cfg=use_cfg, progress=progress)

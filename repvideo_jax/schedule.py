@@ -46,10 +46,14 @@ TIMESTEP_SPACINGS = ("trailing", "linspace", "leading")
 # The released (SGM) discretisation.
 
 
-def zero_snr_alphas_cumprod(num_train: int = NUM_TRAIN_TIMESTEPS, linear_start: float = LINEAR_START,
-                            linear_end: float = LINEAR_END, shift_scale: float = SHIFT_SCALE) -> np.ndarray:
+def zero_snr_alphas_cumprod(
+  num_train: int = NUM_TRAIN_TIMESTEPS,
+  linear_start: float = LINEAR_START,
+  linear_end: float = LINEAR_END,
+  shift_scale: float = SHIFT_SCALE,
+) -> np.ndarray:
   """The shifted abar'_t, t = 0..num_train-1, float64 (before any rescale)."""
-  betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, num_train, dtype=np.float64) ** 2
+  betas = np.linspace(linear_start**0.5, linear_end**0.5, num_train, dtype=np.float64) ** 2
   alphas_cumprod = np.cumprod(1.0 - betas)
   return alphas_cumprod / (shift_scale + (1.0 - shift_scale) * alphas_cumprod)
 
@@ -78,14 +82,23 @@ def rescaled_sqrt_alphas(timesteps: np.ndarray, **discretisation) -> np.ndarray:
   return _rescale_zero_terminal(np.sqrt(alphas_cumprod.astype(np.float32)))
 
 
-def sqrt_alpha_table(num_train: int = NUM_TRAIN_TIMESTEPS, linear_start: float = LINEAR_START,
-                     linear_end: float = LINEAR_END, shift_scale: float = SHIFT_SCALE) -> np.ndarray:
+def sqrt_alpha_table(
+  num_train: int = NUM_TRAIN_TIMESTEPS,
+  linear_start: float = LINEAR_START,
+  linear_end: float = LINEAR_END,
+  shift_scale: float = SHIFT_SCALE,
+) -> np.ndarray:
   """The 1000-entry table a_i (float32) used by the denoiser and training: table[i] = a at timestep i.
 
   a_0 = 0.998726 ... a_999 = 0 exactly (docs/sampling.md, 'The 1000-entry table').
   """
-  return rescaled_sqrt_alphas(np.arange(num_train), num_train=num_train, linear_start=linear_start,
-                              linear_end=linear_end, shift_scale=shift_scale)
+  return rescaled_sqrt_alphas(
+    np.arange(num_train),
+    num_train=num_train,
+    linear_start=linear_start,
+    linear_end=linear_end,
+    shift_scale=shift_scale,
+  )
 
 
 def quantize_to_table(a, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +131,7 @@ class SamplingSchedule:
   run all of them inside one ``lax.scan`` and report each finished step through a host callback
   (``samplers.progress_hook``).
   """
+
   timesteps: np.ndarray
   alphas: np.ndarray
   alphas_next: np.ndarray
@@ -163,9 +177,13 @@ def sampling_schedule(num_steps: int = 50, *, quantize: bool = True, **discretis
 # diffusers-compatible schedules (CogVideoXDDIMScheduler / CogVideoXDPMScheduler).
 
 
-def diffusers_alphas_cumprod(num_train: int = NUM_TRAIN_TIMESTEPS, beta_start: float = LINEAR_START,
-                             beta_end: float = LINEAR_END, snr_shift_scale: float = SHIFT_SCALE,
-                             rescale_betas_zero_snr: bool = True) -> np.ndarray:
+def diffusers_alphas_cumprod(
+  num_train: int = NUM_TRAIN_TIMESTEPS,
+  beta_start: float = LINEAR_START,
+  beta_end: float = LINEAR_END,
+  snr_shift_scale: float = SHIFT_SCALE,
+  rescale_betas_zero_snr: bool = True,
+) -> np.ndarray:
   """``scheduler.alphas_cumprod`` (float64) for beta_schedule="scaled_linear".
 
   Shift as above, then (optionally) the zero-terminal-SNR rescale of sqrt(abar') over *all* steps in
@@ -177,8 +195,12 @@ def diffusers_alphas_cumprod(num_train: int = NUM_TRAIN_TIMESTEPS, beta_start: f
   return alphas_cumprod
 
 
-def diffusers_timesteps(num_steps: int, timestep_spacing: str = "trailing",
-                        num_train: int = NUM_TRAIN_TIMESTEPS, steps_offset: int = 0) -> np.ndarray:
+def diffusers_timesteps(
+  num_steps: int,
+  timestep_spacing: str = "trailing",
+  num_train: int = NUM_TRAIN_TIMESTEPS,
+  steps_offset: int = 0,
+) -> np.ndarray:
   """``scheduler.set_timesteps(n)`` timesteps, descending. "trailing" with n = 50 gives 999, 979, ..., 19."""
   if not 1 <= num_steps <= num_train:
     raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}")
@@ -192,9 +214,15 @@ def diffusers_timesteps(num_steps: int, timestep_spacing: str = "trailing",
   raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
 
 
-def diffusers_sampling_schedule(num_steps: int = 50, timestep_spacing: str = "trailing", *,
-                                num_train: int = NUM_TRAIN_TIMESTEPS, steps_offset: int = 0,
-                                set_alpha_to_one: bool = True, **table_kwargs) -> SamplingSchedule:
+def diffusers_sampling_schedule(
+  num_steps: int = 50,
+  timestep_spacing: str = "trailing",
+  *,
+  num_train: int = NUM_TRAIN_TIMESTEPS,
+  steps_offset: int = 0,
+  set_alpha_to_one: bool = True,
+  **table_kwargs,
+) -> SamplingSchedule:
   """Per-step levels as diffusers' CogVideoX schedulers use them in ``step`` (float64).
 
   The target of step t is ``prev_t = t - num_train // n`` (not necessarily the next listed timestep),
@@ -213,8 +241,9 @@ def diffusers_sampling_schedule(num_steps: int = 50, timestep_spacing: str = "tr
 # Classifier-free guidance weights (docs/sampling.md, 'Guidance'). One float64 weight per sampling step.
 
 
-def dynamic_cfg_weights(timesteps, scale: float = 6.0, exp: float = 5.0, num_steps: int = 50,
-                        sampler_steps: int | None = None) -> np.ndarray:
+def dynamic_cfg_weights(
+  timesteps, scale: float = 6.0, exp: float = 5.0, num_steps: int = 50, sampler_steps: int | None = None
+) -> np.ndarray:
   """The released ``DynamicCFG`` weights: w_i = 1 + scale (1 - cos(pi (s_i / N) ** exp)) / 2.
 
   s_i = sampler_steps - t_i uses the raw timestep t_i (the release's behaviour), N =
@@ -222,8 +251,13 @@ def dynamic_cfg_weights(timesteps, scale: float = 6.0, exp: float = 5.0, num_ste
   s_i < 0 the power needs an integer ``exp``. Evaluated in Python float64 like ``step_index.item()``.
   """
   steps = num_steps if sampler_steps is None else sampler_steps
-  return np.array([1.0 + scale * (1.0 - math.cos(math.pi * ((steps - int(t)) / num_steps) ** exp)) / 2.0
-                   for t in np.asarray(timesteps).reshape(-1)], dtype=np.float64)
+  return np.array(
+    [
+      1.0 + scale * (1.0 - math.cos(math.pi * ((steps - int(t)) / num_steps) ** exp)) / 2.0
+      for t in np.asarray(timesteps).reshape(-1)
+    ],
+    dtype=np.float64,
+  )
 
 
 def constant_cfg_weights(num_steps: int, scale: float = 6.0) -> np.ndarray:

@@ -36,7 +36,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "context")
 MeshAxes = tuple[str, ...] | str | None
 
 # logical axis -> mesh axes. Read-only: a run changes it through MeshConfig.logical_axis_rules.
-DEFAULT_LOGICAL_RULES: Mapping[str, MeshAxes] = types.MappingProxyType({
+DEFAULT_LOGICAL_RULES: Mapping[str, MeshAxes] = types.MappingProxyType(
+  {
     "activation_batch": ("data", "fsdp"),
     "activation_length": "context",
     "activation_embed": None,
@@ -58,7 +59,8 @@ DEFAULT_LOGICAL_RULES: Mapping[str, MeshAxes] = types.MappingProxyType({
     "layers": None,
     "conv_in": None,  # VAE convolutions: small, replicated
     "conv_out": None,
-})
+  }
+)
 
 
 def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> dict[str, MeshAxes]:
@@ -68,19 +70,22 @@ def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> dict[s
   table = dict(DEFAULT_LOGICAL_RULES)
   for name, axes in (overrides or {}).items():
     if name not in DEFAULT_LOGICAL_RULES:
-      raise ValueError(f"logical_axis_rules: unknown logical axis {name!r}; the models use "
-                       f"{sorted(DEFAULT_LOGICAL_RULES)}")
+      raise ValueError(
+        f"logical_axis_rules: unknown logical axis {name!r}; the models use {sorted(DEFAULT_LOGICAL_RULES)}"
+      )
     if isinstance(axes, (list, tuple)):
       axes = tuple(axes)
       if len(set(axes)) != len(axes):
         raise ValueError(f"logical_axis_rules.{name}: mesh axis named twice in {list(axes)}")
     elif axes is not None and not isinstance(axes, str):
-      raise ValueError(f"logical_axis_rules.{name}: expected a mesh axis, a list of them or null, "
-                       f"got {axes!r}")
+      raise ValueError(
+        f"logical_axis_rules.{name}: expected a mesh axis, a list of them or null, got {axes!r}"
+      )
     bad = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in MESH_AXES]
     if bad:
-      raise ValueError(f"logical_axis_rules.{name}: unknown mesh axis {bad[0]!r}; the mesh axes are "
-                       f"{list(MESH_AXES)}")
+      raise ValueError(
+        f"logical_axis_rules.{name}: unknown mesh axis {bad[0]!r}; the mesh axes are {list(MESH_AXES)}"
+      )
     table[name] = axes
   return table
 
@@ -88,6 +93,7 @@ def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> dict[s
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """The device layout of a run (a training preset's ``mesh:`` section)."""
+
   data: int = -1  # -1: all remaining devices (of one slice when dcn_data > 1)
   fsdp: int = 1
   tensor: int = 1
@@ -115,13 +121,18 @@ def _resolve_shape(shape: Sequence[int], count: int, what: str) -> list[int]:
       raise ValueError(f"{count} {what} do not divide into fsdp*tensor*context={fixed}")
     shape[shape.index(-1)] = count // fixed
   if int(np.prod(shape)) != count:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} {what}, "
-                     f"have {count}")
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} {what}, have {count}")
   return shape
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1,
-              devices: Sequence[jax.Device] | None = None, dcn_data: int = 1) -> Mesh:
+def make_mesh(
+  data: int = -1,
+  fsdp: int = 1,
+  tensor: int = 1,
+  context: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+  dcn_data: int = 1,
+) -> Mesh:
   """Builds the (data, fsdp, tensor, context) mesh; ``-1`` for an axis takes the remaining devices.
 
   With ``dcn_data > 1`` the devices form that many slices joined by DCN: the sizes given describe one
@@ -141,8 +152,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1,
 
 def build_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh a ``MeshConfig`` describes, over ``devices`` (default: all of them)."""
-  return make_mesh(config.data, config.fsdp, config.tensor, config.context, devices=devices,
-                   dcn_data=config.dcn_data)
+  return make_mesh(
+    config.data, config.fsdp, config.tensor, config.context, devices=devices, dcn_data=config.dcn_data
+  )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -160,7 +172,8 @@ def parse_mesh(text: str) -> dict[str, int]:
 # Logical axes -> PartitionSpecs, under the active rule table.
 
 _ACTIVE_RULES: contextvars.ContextVar[dict[str, MeshAxes] | None] = contextvars.ContextVar(
-    "repvideo_logical_rules", default=None)
+  "repvideo_logical_rules", default=None
+)
 
 
 @contextlib.contextmanager
@@ -195,8 +208,9 @@ def _table(rules: Mapping[str, MeshAxes] | None) -> Mapping[str, MeshAxes]:
   return active_rules() if rules is None else rule_table(rules)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None] | None,
-                    rules: Mapping[str, MeshAxes] | None = None) -> P:
+def logical_to_spec(
+  logical_axes: Sequence[str | None] | None, rules: Mapping[str, MeshAxes] | None = None
+) -> P:
   """Turns a tuple of logical axis names into a PartitionSpec under ``rules`` (default: the active
   table; a partial mapping is laid over the defaults). Unknown names raise KeyError."""
   table = _table(rules)
@@ -221,8 +235,11 @@ def tree_shardings(logical_tree, mesh: Mesh, rules: Mapping[str, MeshAxes] | Non
   """A tree of logical-axis tuples (e.g. ``transformer.logical_axes(cfg)``) -> NamedShardings, under
   ``rules`` (default: the active table)."""
   table = _table(rules)
-  return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, table)), logical_tree,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda names: NamedSharding(mesh, logical_to_spec(names, table)),
+    logical_tree,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
 
 
 def active_mesh():
@@ -261,8 +278,9 @@ def batch_sharding(mesh, batch: int, rules: Mapping[str, MeshAxes] | None = None
   return NamedSharding(mesh, P(axes))
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None],
-              rules: Mapping[str, MeshAxes] | None = None) -> jax.Array:
+def constrain(
+  x: jax.Array, logical_axes: Sequence[str | None], rules: Mapping[str, MeshAxes] | None = None
+) -> jax.Array:
   """Sharding hint for an activation, by ``rules`` (default: the table active while tracing); a
   no-op when no mesh is active (single device, tests)."""
   if active_mesh() is None:

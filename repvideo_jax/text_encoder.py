@@ -43,6 +43,7 @@ FEED_FORWARD = ("gated-gelu", "gated-silu", "relu")
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Hyper-parameters of the T5 encoder. Defaults are the T5 v1.1 XXL encoder CogVideoX-2B uses."""
+
   vocab_size: int = 32128
   d_model: int = 4096
   d_kv: int = 64
@@ -77,15 +78,18 @@ class T5Config:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in T5_DTYPES:
-        extra = (" (T5 v1.1 activations overflow float16; use bfloat16)"
-                 if getattr(self, name) == "float16" else "")
+        extra = (
+          " (T5 v1.1 activations overflow float16; use bfloat16)" if getattr(self, name) == "float16" else ""
+        )
         raise ValueError(f"{name} must be one of {list(T5_DTYPES)}, got {getattr(self, name)!r}{extra}")
     nb = self.relative_attention_num_buckets
     if nb < 4 or nb % 2:
       raise ValueError(f"relative_attention_num_buckets must be even and >= 4, got {nb}")
     if self.relative_attention_max_distance <= nb // 4:
-      raise ValueError(f"relative_attention_max_distance ({self.relative_attention_max_distance}) must "
-                       f"exceed num_buckets/4 = {nb // 4} (the exact-position buckets)")
+      raise ValueError(
+        f"relative_attention_max_distance ({self.relative_attention_max_distance}) must "
+        f"exceed num_buckets/4 = {nb // 4} (the exact-position buckets)"
+      )
     if self.max_length < 1:
       raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
@@ -94,8 +98,9 @@ class T5Config:
 # Relative positions (host-side NumPy: they depend only on the sequence length).
 
 
-def relative_position_buckets(query_length: int, key_length: int, num_buckets: int = 32,
-                              max_distance: int = 128) -> np.ndarray:
+def relative_position_buckets(
+  query_length: int, key_length: int, num_buckets: int = 32, max_distance: int = 128
+) -> np.ndarray:
   """Bidirectional T5 buckets (query_length, key_length) int32 of ``key_pos - query_pos``.
 
   Half the buckets are for keys after the query. Within a half, distances below num_buckets/4 get
@@ -107,8 +112,11 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
   half = num_buckets // 2
   exact = half // 2
   dist = np.abs(rel)
-  scaled = (np.log(np.maximum(dist, 1).astype(np.float32) / np.float32(exact))
-            / np.float32(math.log(max_distance / exact)) * np.float32(half - exact))
+  scaled = (
+    np.log(np.maximum(dist, 1).astype(np.float32) / np.float32(exact))
+    / np.float32(math.log(max_distance / exact))
+    * np.float32(half - exact)
+  )
   large = np.minimum(exact + scaled.astype(np.int64), half - 1)
   buckets = (rel > 0) * half + np.where(dist < exact, dist, large)
   return buckets.astype(np.int32)
@@ -118,11 +126,19 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
 # Layers.
 
 
-def _linear(cfg: T5Config, din: int, dout: int, axes: tuple, rngs: nnx.Rngs,
-            scale: float = 1.0) -> nnx.Linear:
+def _linear(
+  cfg: T5Config, din: int, dout: int, axes: tuple, rngs: nnx.Rngs, scale: float = 1.0
+) -> nnx.Linear:
   init = nnx.initializers.variance_scaling(scale, "fan_in", "normal")
-  return nnx.Linear(din, dout, use_bias=False, dtype=DTYPES[cfg.dtype],
-                    param_dtype=DTYPES[cfg.param_dtype], kernel_init=annotate(init, axes), rngs=rngs)
+  return nnx.Linear(
+    din,
+    dout,
+    use_bias=False,
+    dtype=DTYPES[cfg.dtype],
+    param_dtype=DTYPES[cfg.param_dtype],
+    kernel_init=annotate(init, axes),
+    rngs=rngs,
+  )
 
 
 class RMSNorm(nnx.Module):
@@ -141,8 +157,11 @@ class RMSNorm(nnx.Module):
     return y.astype(self.out_dtype)
 
 
-_ACTIVATIONS = {"gated-gelu": functools.partial(jax.nn.gelu, approximate=True),
-                "gated-silu": jax.nn.silu, "relu": jax.nn.relu}
+_ACTIVATIONS = {
+  "gated-gelu": functools.partial(jax.nn.gelu, approximate=True),
+  "gated-silu": jax.nn.silu,
+  "relu": jax.nn.relu,
+}
 
 
 class T5Block(nnx.Module):
@@ -169,8 +188,10 @@ class T5Block(nnx.Module):
     """x: (B, L, D); bias: (1, H, L, L) float32; mask_bias: (B, 1, 1, L) float32 or None."""
     cfg = self.cfg
     b, l, _ = x.shape
-    split = lambda t: sharding.constrain(t.reshape(b, l, cfg.num_heads, cfg.d_kv),
-                                         ("activation_batch", "activation_length", "activation_heads", None))
+    split = lambda t: sharding.constrain(
+      t.reshape(b, l, cfg.num_heads, cfg.d_kv),
+      ("activation_batch", "activation_length", "activation_heads", None),
+    )
     q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
     if mask_bias is not None:
@@ -198,11 +219,17 @@ class T5Encoder(nnx.Module):
   def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pdt = DTYPES[cfg.param_dtype]
-    self.embedding = nnx.Param(annotate(nnx.initializers.normal(1.0), (None, "embed"))(
-        rngs.params(), (cfg.vocab_size, cfg.d_model), pdt))
+    self.embedding = nnx.Param(
+      annotate(nnx.initializers.normal(1.0), (None, "embed"))(
+        rngs.params(), (cfg.vocab_size, cfg.d_model), pdt
+      )
+    )
     # Owned by layer 0 in the checkpoint, shared by all layers: (buckets, heads), tiny, replicated.
-    self.relative_attention_bias = nnx.Param(annotate(nnx.initializers.normal(1.0), (None, None))(
-        rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), pdt))
+    self.relative_attention_bias = nnx.Param(
+      annotate(nnx.initializers.normal(1.0), (None, None))(
+        rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), pdt
+      )
+    )
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)  # stacked: every block param gains a leading "layers" axis
@@ -220,19 +247,23 @@ class T5Encoder(nnx.Module):
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
       raise ValueError(f"input_ids must be integers, got {input_ids.dtype}; pass token ids, not embeddings")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-      raise ValueError(f"attention_mask shape {attention_mask.shape} must equal input_ids shape "
-                       f"{input_ids.shape}")
+      raise ValueError(
+        f"attention_mask shape {attention_mask.shape} must equal input_ids shape {input_ids.shape}"
+      )
     if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
       lo, hi = int(input_ids.min()), int(input_ids.max())
       if lo < 0 or hi >= cfg.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]; the "
-                         "tokenizer does not match this text encoder's vocabulary")
+        raise ValueError(
+          f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]; the "
+          "tokenizer does not match this text encoder's vocabulary"
+        )
 
   def position_bias(self, length: int) -> jax.Array:
     """(1, H, L, L) float32 relative position bias, computed once and added in every layer."""
     cfg = self.cfg
-    buckets = relative_position_buckets(length, length, cfg.relative_attention_num_buckets,
-                                        cfg.relative_attention_max_distance)
+    buckets = relative_position_buckets(
+      length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+    )
     table = self.relative_attention_bias[...].astype(jnp.float32)
     return jnp.take(table, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None]
 
@@ -265,8 +296,9 @@ class T5Encoder(nnx.Module):
     bias = self.position_bias(length)
     mask_bias = None
     if attention_mask is not None:  # additive key mask (B, 1, 1, L)
-      mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                            jnp.finfo(jnp.float32).min).astype(jnp.float32)
+      mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(
+        jnp.float32
+      )
     x = self.run_layers(x, bias, mask_bias)
     return self.final_norm(x)
 
@@ -284,8 +316,9 @@ merge = _FUNCTIONAL.merge  # (config, params) -> NNX module; cheap, usable insid
 init = _FUNCTIONAL.init  # (config, rng) -> fresh plain param dict
 
 
-def apply(params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-          config: T5Config) -> jax.Array:
+def apply(
+  params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None, *, config: T5Config
+) -> jax.Array:
   """Pure forward: last hidden state (B, L, d_model) in the compute dtype. jit/grad/vmap friendly."""
   return merge(config, params)(input_ids, attention_mask)
 
@@ -312,13 +345,14 @@ def load_tokenizer(path, **kwargs):
   if (path / "tokenizer").is_dir() and not (path / "spiece.model").exists():
     path = path / "tokenizer"
   if not (path / "spiece.model").exists():
-    raise FileNotFoundError(f"{path} holds no spiece.model: pass the CogVideoX tokenizer/ folder or the "
-                            "pipeline folder that contains it")
+    raise FileNotFoundError(
+      f"{path} holds no spiece.model: pass the CogVideoX tokenizer/ folder or the "
+      "pipeline folder that contains it"
+    )
   return T5Tokenizer.from_pretrained(path, **kwargs)
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 226
-             ) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 226) -> tuple[np.ndarray, np.ndarray]:
   """Prompts -> (ids, mask), both (B, max_length) int32, as the release tokenises them.
 
   ``padding="max_length"``, ``truncation=True``; the tokenizer appends EOS and pads with its pad id
@@ -334,12 +368,16 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 226
   for i, ids in enumerate(full):
     if len(ids) > max_length:
       cut = len(ids) - max_length
-      removed = tokenizer.decode(ids[max_length - 1:-1]) if cut else ""
-      warnings.warn(f"prompt {i} ({prompts[i][:60]!r}{'...' if len(prompts[i]) > 60 else ''}) has "
-                    f"{len(ids)} tokens incl. EOS, more than max_length={max_length}: {cut} tokens cut "
-                    f"from the end (removed text: {removed!r})", stacklevel=2)
-  out = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                  return_attention_mask=True)
+      removed = tokenizer.decode(ids[max_length - 1 : -1]) if cut else ""
+      warnings.warn(
+        f"prompt {i} ({prompts[i][:60]!r}{'...' if len(prompts[i]) > 60 else ''}) has "
+        f"{len(ids)} tokens incl. EOS, more than max_length={max_length}: {cut} tokens cut "
+        f"from the end (removed text: {removed!r})",
+        stacklevel=2,
+      )
+  out = tokenizer(
+    prompts, padding="max_length", max_length=max_length, truncation=True, return_attention_mask=True
+  )
   ids = np.asarray(out["input_ids"], np.int32)
   mask = np.asarray(out["attention_mask"], np.int32)
   if ids.shape != (len(prompts), max_length):
@@ -347,8 +385,14 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 226
   return ids, mask
 
 
-def encode_prompts(params: dict[str, Any], config: T5Config, tokenizer, prompts: str | Sequence[str],
-                   use_mask: bool = False, max_length: int | None = None) -> jax.Array:
+def encode_prompts(
+  params: dict[str, Any],
+  config: T5Config,
+  tokenizer,
+  prompts: str | Sequence[str],
+  use_mask: bool = False,
+  max_length: int | None = None,
+) -> jax.Array:
   """Prompts -> T5 last hidden state (B, max_length, d_model), pad positions included.
 
   As released (docs/sampling.md, 'Text conditioning') no mask is passed to T5 (pad tokens take part in

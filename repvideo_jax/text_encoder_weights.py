@@ -33,25 +33,34 @@ from repvideo_jax.weights_common import linear_kernel as _linear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointKeyError", "config_from_hf", "detect_format", "from_hf", "hf_rules", "load",
-           "save"]
+__all__ = ["CheckpointKeyError", "config_from_hf", "detect_format", "from_hf", "hf_rules", "load", "save"]
 
 EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
 DECODER_PREFIXES = ("decoder.", "lm_head.")
 
 # transformers' T5Config defaults: a config.json omits keys that equal them.
-HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
-                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                   layer_norm_epsilon=1e-6, feed_forward_proj="relu")
+HF_DEFAULTS = dict(
+  vocab_size=32128,
+  d_model=512,
+  d_kv=64,
+  d_ff=2048,
+  num_layers=6,
+  num_heads=8,
+  relative_attention_num_buckets=32,
+  relative_attention_max_distance=128,
+  layer_norm_epsilon=1e-6,
+  feed_forward_proj="relu",
+)
 
 
 def hf_rules(cfg: T5Config) -> list[Rule]:
   """The rules for every tensor of a HF T5 encoder (the embedding under either tied name)."""
   rules = [
-      Rule(EMBED_KEYS, ("embedding",)),
-      Rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-           ("relative_attention_bias",)),
-      Rule("encoder.final_layer_norm.weight", ("final_norm", "scale")),
+    Rule(EMBED_KEYS, ("embedding",)),
+    Rule(
+      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", ("relative_attention_bias",)
+    ),
+    Rule("encoder.final_layer_norm.weight", ("final_norm", "scale")),
   ]
   ffn = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
   for i in range(cfg.num_layers):
@@ -65,20 +74,28 @@ def hf_rules(cfg: T5Config) -> list[Rule]:
   return rules
 
 
-def from_hf(state: dict[str, np.ndarray], cfg: T5Config, *, ignore_decoder: bool = False
-            ) -> dict[str, Any]:
+def from_hf(state: dict[str, np.ndarray], cfg: T5Config, *, ignore_decoder: bool = False) -> dict[str, Any]:
   """HF T5 state dict (``T5EncoderModel``, or a full T5 with ``ignore_decoder=True``) -> our params.
 
   Tensors are converted one at a time into preallocated stacked arrays of ``cfg.param_dtype``, so
   peak memory is the output plus one tensor (the source may be a lazily paged memory map).
   """
   return common.convert(
-      state, hf_rules(cfg), abstract_params(cfg), dtype=DTYPES[cfg.param_dtype], what="T5",
-      config_note=f"num_layers={cfg.num_layers}, feed_forward_proj={cfg.feed_forward_proj!r}",
-      ignore=DECODER_PREFIXES if ignore_decoder else (),
-      hints=[(DECODER_PREFIXES, "The unexpected keys include a T5 decoder: pass ignore_decoder=True to "
-                                "use only the encoder.")],
-      advice="Check that the config matches the checkpoint (layers, feed-forward type).")
+    state,
+    hf_rules(cfg),
+    abstract_params(cfg),
+    dtype=DTYPES[cfg.param_dtype],
+    what="T5",
+    config_note=f"num_layers={cfg.num_layers}, feed_forward_proj={cfg.feed_forward_proj!r}",
+    ignore=DECODER_PREFIXES if ignore_decoder else (),
+    hints=[
+      (
+        DECODER_PREFIXES,
+        "The unexpected keys include a T5 decoder: pass ignore_decoder=True to use only the encoder.",
+      )
+    ],
+    advice="Check that the config matches the checkpoint (layers, feed-forward type).",
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,8 +112,9 @@ def config_from_hf(cfg_json: dict[str, Any], **overrides) -> T5Config:
     raise ValueError("this config describes a T5 decoder (is_decoder=true); an encoder is needed")
   fields = {k: cfg_json.get(k, v) for k, v in HF_DEFAULTS.items()}
   if fields["feed_forward_proj"] not in FEED_FORWARD:
-    raise ValueError(f"unsupported T5 feed_forward_proj={fields['feed_forward_proj']!r}; supported: "
-                     f"{FEED_FORWARD}")
+    raise ValueError(
+      f"unsupported T5 feed_forward_proj={fields['feed_forward_proj']!r}; supported: {FEED_FORWARD}"
+    )
   fields["layer_norm_epsilon"] = float(fields["layer_norm_epsilon"])
   fields.update(overrides)
   return T5Config(**fields)
@@ -107,12 +125,16 @@ def config_from_hf(cfg_json: dict[str, Any], **overrides) -> T5Config:
 
 
 COMPONENT = common.Component(
-    name="text_encoder", label="T5 text encoder", config_cls=T5Config, abstract=abstract_params,
-    markers=(("config.json", "hf"),),
-    expected="config.json + safetensors (a HF text_encoder/ folder, possibly sharded with an index), "
-             "a pipeline folder with text_encoder/, or a converted folder (metadata.json + params/)",
-    file_error="pass the folder holding config.json and the safetensors (a HF text_encoder/ folder), or "
-               "a folder converted by repvideo_jax")
+  name="text_encoder",
+  label="T5 text encoder",
+  config_cls=T5Config,
+  abstract=abstract_params,
+  markers=(("config.json", "hf"),),
+  expected="config.json + safetensors (a HF text_encoder/ folder, possibly sharded with an index), "
+  "a pipeline folder with text_encoder/, or a converted folder (metadata.json + params/)",
+  file_error="pass the folder holding config.json and the safetensors (a HF text_encoder/ folder), or "
+  "a folder converted by repvideo_jax",
+)
 
 
 def detect_format(path: str | pathlib.Path) -> str:
@@ -120,14 +142,21 @@ def detect_format(path: str | pathlib.Path) -> str:
   return common.detect_format(path, COMPONENT)
 
 
-def save(path: str | pathlib.Path, config: T5Config, params: dict[str, Any], *,
-         source: str | None = None, overwrite: bool = False) -> None:
+def save(
+  path: str | pathlib.Path,
+  config: T5Config,
+  params: dict[str, Any],
+  *,
+  source: str | None = None,
+  overwrite: bool = False,
+) -> None:
   """Writes our converted format: orbax params plus ``metadata.json`` with the config and source."""
   common.save_converted(path, COMPONENT, config, params, source=source, overwrite=overwrite)
 
 
-def load(path: str | pathlib.Path, config: T5Config | None = None, *, verify: bool = True,
-         **config_overrides) -> tuple[T5Config, dict[str, Any]]:
+def load(
+  path: str | pathlib.Path, config: T5Config | None = None, *, verify: bool = True, **config_overrides
+) -> tuple[T5Config, dict[str, Any]]:
   """Loads T5 encoder weights from a HF folder or our converted folder. Returns (config, params).
 
   ``config`` defaults to the one in ``config.json`` (HF) or stored with the weights (ours);
@@ -141,6 +170,10 @@ def load(path: str | pathlib.Path, config: T5Config | None = None, *, verify: bo
   state = checkpoint_io.read_safetensors_folder(folder)
   decoder = sorted(k for k in state if k.startswith(DECODER_PREFIXES))
   if decoder:
-    log.info("%s: ignoring %d T5 decoder tensors (%s ...); only the encoder is used", folder,
-             len(decoder), decoder[0])
+    log.info(
+      "%s: ignoring %d T5 decoder tensors (%s ...); only the encoder is used",
+      folder,
+      len(decoder),
+      decoder[0],
+    )
   return cfg, from_hf(state, cfg, ignore_decoder=True)

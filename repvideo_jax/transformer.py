@@ -38,6 +38,7 @@ from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Hyper-parameters of the denoiser. Defaults are the released RepVideo-2B model."""
+
   num_layers: int = 30
   num_heads: int = 30
   head_dim: int = 64
@@ -105,11 +106,13 @@ def check_positional_table(cfg: TransformerConfig, frames: int, height: int, wid
   (``sample_frames x sample_height x sample_width``); rotary positions have no table. The one
   definition of that limit: the model's input check and the pipeline's settings check both call it."""
   if cfg.positional_embedding == "sincos" and (
-      frames > cfg.sample_frames or height > cfg.sample_height or width > cfg.sample_width):
+    frames > cfg.sample_frames or height > cfg.sample_height or width > cfg.sample_width
+  ):
     raise ValueError(
-        f"latents {frames}x{height}x{width} (frames x height x width) exceed the positional table "
-        f"{cfg.sample_frames}x{cfg.sample_height}x{cfg.sample_width}; use at most that many latent "
-        "frames and pixels, or raise sample_frames/sample_height/sample_width in the config")
+      f"latents {frames}x{height}x{width} (frames x height x width) exceed the positional table "
+      f"{cfg.sample_frames}x{cfg.sample_height}x{cfg.sample_width}; use at most that many latent "
+      "frames and pixels, or raise sample_frames/sample_height/sample_width in the config"
+    )
 
 
 def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -127,12 +130,17 @@ def sincos_3d(config: TransformerConfig, frames: int, height: int, width: int) -
   pos_y = np.arange(height, dtype=np.float32) / s
   pos_x = np.arange(width, dtype=np.float32) / s
   yy, xx = np.meshgrid(pos_y, pos_x, indexing="ij")  # (height, width), width fastest
-  spatial = np.concatenate([_sincos_1d(3 * dim // 8, xx.reshape(-1)),
-                            _sincos_1d(3 * dim // 8, yy.reshape(-1))], axis=1)
+  spatial = np.concatenate(
+    [_sincos_1d(3 * dim // 8, xx.reshape(-1)), _sincos_1d(3 * dim // 8, yy.reshape(-1))], axis=1
+  )
   temporal = _sincos_1d(dim // 4, pos_t)
-  table = np.concatenate([np.repeat(temporal[:, None], height * width, axis=1),
-                          np.broadcast_to(spatial[None], (frames, height * width, 3 * dim // 4))],
-                         axis=-1)
+  table = np.concatenate(
+    [
+      np.repeat(temporal[:, None], height * width, axis=1),
+      np.broadcast_to(spatial[None], (frames, height * width, 3 * dim // 4)),
+    ],
+    axis=-1,
+  )
   return table.reshape(frames * height * width, dim).astype(np.float32)
 
 
@@ -149,8 +157,9 @@ def _crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int):
 def rope_3d(config: TransformerConfig, frames: int, height: int, width: int):
   """Rotary (cos, sin), each (frames*height*width, head_dim), as the CogVideoX-5B pipeline builds them."""
   p = config.patch_size
-  (top, left), (bottom, right) = _crop_region(height, width, config.sample_height // p,
-                                              config.sample_width // p)
+  (top, left), (bottom, right) = _crop_region(
+    height, width, config.sample_height // p, config.sample_width // p
+  )
   f32 = np.float32
   grid_y = np.linspace(top, bottom * (height - 1) / height, height).astype(f32)
   grid_x = np.linspace(left, right * (width - 1) / width, width).astype(f32)
@@ -158,7 +167,7 @@ def rope_3d(config: TransformerConfig, frames: int, height: int, width: int):
   dim_t, dim_s = config.head_dim // 4, config.head_dim // 8 * 3
 
   def one_axis(dim, pos):
-    freqs = (f32(1.0) / (f32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim))))
+    freqs = f32(1.0) / (f32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
     angles = np.outer(pos, freqs).astype(f32)
     return np.repeat(np.cos(angles), 2, axis=1), np.repeat(np.sin(angles), 2, axis=1)
 
@@ -167,10 +176,14 @@ def rope_3d(config: TransformerConfig, frames: int, height: int, width: int):
 
   def combine(idx):
     t, y, x = (a[idx] for a in parts)
-    return np.concatenate([np.broadcast_to(t[:, None, None], shape + t.shape[-1:]),
-                           np.broadcast_to(y[None, :, None], shape + y.shape[-1:]),
-                           np.broadcast_to(x[None, None, :], shape + x.shape[-1:])], -1).reshape(
-                               frames * height * width, config.head_dim)
+    return np.concatenate(
+      [
+        np.broadcast_to(t[:, None, None], shape + t.shape[-1:]),
+        np.broadcast_to(y[None, :, None], shape + y.shape[-1:]),
+        np.broadcast_to(x[None, None, :], shape + x.shape[-1:]),
+      ],
+      -1,
+    ).reshape(frames * height * width, config.head_dim)
 
   return combine(0), combine(1)
 
@@ -195,29 +208,45 @@ def timestep_features(timesteps: jax.Array, dim: int) -> jax.Array:
 # Layers.
 
 
-def _linear(cfg: TransformerConfig, din: int, dout: int, axes: tuple, rngs: nnx.Rngs,
-            zero: bool = False) -> nnx.Linear:
+def _linear(
+  cfg: TransformerConfig, din: int, dout: int, axes: tuple, rngs: nnx.Rngs, zero: bool = False
+) -> nnx.Linear:
   init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-  return nnx.Linear(din, dout, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-                    kernel_init=annotate(init, axes),
-                    bias_init=annotate(nnx.initializers.zeros_init(), (axes[1],)),
-                    rngs=rngs)
+  return nnx.Linear(
+    din,
+    dout,
+    dtype=DTYPES[cfg.dtype],
+    param_dtype=DTYPES[cfg.param_dtype],
+    kernel_init=annotate(init, axes),
+    bias_init=annotate(nnx.initializers.zeros_init(), (axes[1],)),
+    rngs=rngs,
+  )
 
 
 def _layer_norm(cfg: TransformerConfig, dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
   # Statistics in float32 with the two-pass variance, like torch.
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=DTYPES[cfg.param_dtype],
-                       use_fast_variance=False,
-                       scale_init=annotate(nnx.initializers.ones_init(), ("norm",)),
-                       bias_init=annotate(nnx.initializers.zeros_init(), ("norm",)),
-                       rngs=rngs)
+  return nnx.LayerNorm(
+    dim,
+    epsilon=eps,
+    dtype=jnp.float32,
+    param_dtype=DTYPES[cfg.param_dtype],
+    use_fast_variance=False,
+    scale_init=annotate(nnx.initializers.ones_init(), ("norm",)),
+    bias_init=annotate(nnx.initializers.zeros_init(), ("norm",)),
+    rngs=rngs,
+  )
 
 
 def _per_token(text_val: jax.Array, video_val: jax.Array, text_len: int, seq_len: int) -> jax.Array:
   """Broadcasts per-sample (B, D) text/video values over the [text | video] token axis -> (B, S, D)."""
   b, d = text_val.shape
-  return jnp.concatenate([jnp.broadcast_to(text_val[:, None], (b, text_len, d)),
-                          jnp.broadcast_to(video_val[:, None], (b, seq_len - text_len, d))], axis=1)
+  return jnp.concatenate(
+    [
+      jnp.broadcast_to(text_val[:, None], (b, text_len, d)),
+      jnp.broadcast_to(video_val[:, None], (b, seq_len - text_len, d)),
+    ],
+    axis=1,
+  )
 
 
 class Block(nnx.Module):
@@ -296,6 +325,7 @@ class FeatureCache:
                                                 # otherwise h is appended to the cache
   so a reset layer is the last reader of the old window and the first member of the new one.
   """
+
   total: jax.Array  # (B, S, D) float32 sum of the cached block outputs
   count: jax.Array  # () float32 number of cached block outputs
 
@@ -315,8 +345,7 @@ class FeatureCache:
 
   def push(self, out: jax.Array, reset: jax.Array) -> FeatureCache:
     out32 = out.astype(jnp.float32)
-    return FeatureCache(jnp.where(reset, out32, self.total + out32),
-                        jnp.where(reset, 1.0, self.count + 1.0))
+    return FeatureCache(jnp.where(reset, out32, self.total + out32), jnp.where(reset, 1.0, self.count + 1.0))
 
 
 @struct.dataclass
@@ -336,6 +365,7 @@ class NoCache:
 
 class LayerView(NamedTuple):
   """What ``RepVideoTransformer.intermediates`` shows a capture function in each layer."""
+
   block: Block  # the layer (call ``block.attention_inputs(inputs, temb, text_len, rope)`` for q, k)
   inputs: jax.Array  # (B, S, D) the block's input: ``FeatureCache.mix`` of the cache and ``previous``
   outputs: jax.Array  # (B, S, D) the block's output
@@ -354,9 +384,11 @@ class RepVideoTransformer(nnx.Module):
     self.cfg = cfg
     pdt = DTYPES[cfg.param_dtype]
     # Patch embedding: a stride-p conv, stored as an HWIO kernel (p, p, C_in, D).
-    self.patch_kernel = nnx.Param(annotate(nnx.initializers.xavier_uniform(
-        in_axis=(0, 1, 2), out_axis=3), ("patch", "patch", None, "embed"))(
-            rngs.params(), (p, p, cfg.in_channels, d), pdt))
+    self.patch_kernel = nnx.Param(
+      annotate(
+        nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3), ("patch", "patch", None, "embed")
+      )(rngs.params(), (p, p, cfg.in_channels, d), pdt)
+    )
     self.patch_bias = nnx.Param(jnp.zeros((d,), pdt), logical_axes=("embed",))
     self.text_proj = _linear(cfg, cfg.text_embed_dim, d, ("text_embed", "embed"), rngs)
     self.time_linear_1 = _linear(cfg, d, cfg.time_embed_dim, (None, "time_embed"), rngs)
@@ -372,11 +404,13 @@ class RepVideoTransformer(nnx.Module):
       self.gates = nnx.Param(jnp.full((cfg.num_layers,), cfg.gate_init, pdt), logical_axes=("layers",))
     self.norm_final = _layer_norm(cfg, d, cfg.norm_eps, rngs)
     self.norm_out = _layer_norm(cfg, d, cfg.out_norm_eps, rngs)
-    self.norm_out_mod = _linear(cfg, cfg.time_embed_dim, 2 * d, (None, "modulation"), rngs,
-                                zero=cfg.zero_init_modulation)  # (shift, scale)
+    self.norm_out_mod = _linear(
+      cfg, cfg.time_embed_dim, 2 * d, (None, "modulation"), rngs, zero=cfg.zero_init_modulation
+    )  # (shift, scale)
     # Output features ordered (py, px, c) so unpatchify is a plain channels-last reshape.
-    self.proj_out = _linear(cfg, d, p * p * cfg.out_channels, ("embed", None), rngs,
-                            zero=cfg.zero_init_modulation)
+    self.proj_out = _linear(
+      cfg, d, p * p * cfg.out_channels, ("embed", None), rngs, zero=cfg.zero_init_modulation
+    )
 
   # -- input checks ----------------------------------------------------------------------------
 
@@ -384,23 +418,31 @@ class RepVideoTransformer(nnx.Module):
     """Raises ValueError with the problem and the fix for inputs this model cannot take."""
     cfg = self.cfg
     if latents.ndim != 5:
-      raise ValueError(f"latents must be (batch, frames, height, width, channels) channels-last, "
-                       f"got shape {latents.shape}")
+      raise ValueError(
+        f"latents must be (batch, frames, height, width, channels) channels-last, got shape {latents.shape}"
+      )
     b, t, h, w, c = latents.shape
     if c != cfg.in_channels:
-      raise ValueError(f"latents have {c} channels, the model takes {cfg.in_channels} (channels-last "
-                       f"layout (B, T, H, W, C); transpose PyTorch (B, T, C, H, W) latents first)")
+      raise ValueError(
+        f"latents have {c} channels, the model takes {cfg.in_channels} (channels-last "
+        f"layout (B, T, H, W, C); transpose PyTorch (B, T, C, H, W) latents first)"
+      )
     p = cfg.patch_size
     if h % p or w % p:
-      raise ValueError(f"latent height/width {h}x{w} must be divisible by the patch size {p} "
-                       f"(video height/width divisible by {8 * p})")
+      raise ValueError(
+        f"latent height/width {h}x{w} must be divisible by the patch size {p} "
+        f"(video height/width divisible by {8 * p})"
+      )
     check_positional_table(cfg, t, h, w)
     if text.ndim != 3 or text.shape[-1] != cfg.text_embed_dim:
-      raise ValueError(f"text embeddings must be (batch, {cfg.text_length}, {cfg.text_embed_dim}), "
-                       f"got {text.shape}")
+      raise ValueError(
+        f"text embeddings must be (batch, {cfg.text_length}, {cfg.text_embed_dim}), got {text.shape}"
+      )
     if text.shape[1] != cfg.text_length:
-      raise ValueError(f"text embeddings have {text.shape[1]} tokens, the model takes exactly "
-                       f"{cfg.text_length}: pad or truncate the prompt tokens to {cfg.text_length}")
+      raise ValueError(
+        f"text embeddings have {text.shape[1]} tokens, the model takes exactly "
+        f"{cfg.text_length}: pad or truncate the prompt tokens to {cfg.text_length}"
+      )
     if text.shape[0] != b:
       raise ValueError(f"batch mismatch: {b} latents but {text.shape[0]} text embeddings")
     if timesteps.ndim != 1 or timesteps.shape[0] != b:
@@ -435,8 +477,14 @@ class RepVideoTransformer(nnx.Module):
       return FeatureCache.start(e), self.gates[...].astype(jnp.float32), resets
     return NoCache(), jnp.zeros((cfg.num_layers,), jnp.float32), resets
 
-  def run_layers(self, x: jax.Array, temb_act: jax.Array, text_len: int, rope: Any,
-                 capture: Callable[[LayerView], Any] | None = None) -> tuple[jax.Array, Any]:
+  def run_layers(
+    self,
+    x: jax.Array,
+    temb_act: jax.Array,
+    text_len: int,
+    rope: Any,
+    capture: Callable[[LayerView], Any] | None = None,
+  ) -> tuple[jax.Array, Any]:
     """The layer stack: a scan over the stacked layer params (or a Python loop), with the feature
     cache in the carry. Returns ``(h, captured)``: the last block's output and, when
     ``capture(LayerView) -> pytree`` is given, its per-layer results stacked over layers (else None).
@@ -472,15 +520,25 @@ class RepVideoTransformer(nnx.Module):
   def __call__(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array) -> jax.Array:
     return self._forward(latents, timesteps, text_embeddings, None)[0]
 
-  def intermediates(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array,
-                    capture: Callable[[LayerView], Any]):
+  def intermediates(
+    self,
+    latents: jax.Array,
+    timesteps: jax.Array,
+    text_embeddings: jax.Array,
+    capture: Callable[[LayerView], Any],
+  ):
     """The forward pass, also returning ``capture(view)`` of every layer stacked on a leading
     layer axis: ``(v_prediction, captured)``. ``view`` is a ``LayerView`` (the block, its mixed
     input, its output, its cache gate, ...); keep what ``capture`` returns small (reduce inside it)."""
     return self._forward(latents, timesteps, text_embeddings, capture)
 
-  def _forward(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array,
-               capture: Callable[[LayerView], Any] | None) -> tuple[jax.Array, Any]:
+  def _forward(
+    self,
+    latents: jax.Array,
+    timesteps: jax.Array,
+    text_embeddings: jax.Array,
+    capture: Callable[[LayerView], Any] | None,
+  ) -> tuple[jax.Array, Any]:
     """Embeddings, layers and output head -> ``(v_prediction, captured or None)``."""
     cfg = self.cfg
     latents, timesteps = jnp.asarray(latents), jnp.asarray(timesteps)
@@ -520,8 +578,14 @@ merge = _FUNCTIONAL.merge  # (config, params) -> NNX module; cheap, usable insid
 init = _FUNCTIONAL.init  # (config, rng) -> fresh plain param dict
 
 
-def apply(params: dict[str, Any], latents: jax.Array, timesteps: jax.Array,
-          text_embeddings: jax.Array, *, config: TransformerConfig) -> jax.Array:
+def apply(
+  params: dict[str, Any],
+  latents: jax.Array,
+  timesteps: jax.Array,
+  text_embeddings: jax.Array,
+  *,
+  config: TransformerConfig,
+) -> jax.Array:
   """Pure forward: v-prediction (B, T, H, W, C) for channels-last latents. jit/grad/vmap friendly."""
   return merge(config, params)(latents, timesteps, text_embeddings)
 
@@ -531,8 +595,14 @@ def make_apply(config: TransformerConfig):
   return functools.partial(apply, config=config)
 
 
-def apply_with_intermediates(params: dict[str, Any], latents: jax.Array, timesteps: jax.Array,
-                             text_embeddings: jax.Array, *, config: TransformerConfig,
-                             capture: Callable[[LayerView], Any]):
+def apply_with_intermediates(
+  params: dict[str, Any],
+  latents: jax.Array,
+  timesteps: jax.Array,
+  text_embeddings: jax.Array,
+  *,
+  config: TransformerConfig,
+  capture: Callable[[LayerView], Any],
+):
   """``apply`` that also returns ``capture(view)`` of every layer, stacked over layers (analysis)."""
   return merge(config, params).intermediates(latents, timesteps, text_embeddings, capture)

@@ -57,6 +57,7 @@ CHUNKINGS = ("released", "framewise", "whole")
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """Hyper-parameters of the VAE. Defaults are the released CogVideoX (2B) VAE, ``3d-vae.pt``."""
+
   in_channels: int = 3
   out_channels: int = 3
   block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
@@ -91,13 +92,16 @@ class VAEConfig:
     if self.conv3d not in ("auto", "native", "taps"):
       raise ValueError(f"conv3d must be 'auto', 'native' or 'taps', got {self.conv3d!r}")
     tcr = self.temporal_compression_ratio
-    if tcr < 1 or 2 ** self.time_levels != tcr or self.time_levels > len(self.block_out_channels) - 1:
-      raise ValueError(f"temporal_compression_ratio must be a power of 2 up to "
-                       f"{self.spatial_compression}, got {tcr}")
+    if tcr < 1 or 2**self.time_levels != tcr or self.time_levels > len(self.block_out_channels) - 1:
+      raise ValueError(
+        f"temporal_compression_ratio must be a power of 2 up to {self.spatial_compression}, got {tcr}"
+      )
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"block_out_channels {self.block_out_channels} must all be divisible by "
-                         f"norm_num_groups={self.norm_num_groups}")
+        raise ValueError(
+          f"block_out_channels {self.block_out_channels} must all be divisible by "
+          f"norm_num_groups={self.norm_num_groups}"
+        )
 
   def latent_frames(self, frames: int) -> int:
     """Latent frames for ``frames`` video frames (1 + 4k -> 1 + k)."""
@@ -183,9 +187,11 @@ class CausalConv3d(nnx.Module):
     self.k = k
     self.dtype = DTYPES[cfg.dtype]
     self.impl = cfg.conv3d_impl()
-    self.kernel = nnx.Param(annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4),
-                                      (None, None, None, "conv_in", "conv_out"))(
-                                          rngs.params(), (k, k, k, cin, cout), pdt))
+    self.kernel = nnx.Param(
+      annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, "conv_in", "conv_out"))(
+        rngs.params(), (k, k, k, cin, cout), pdt
+      )
+    )
     self.bias = nnx.Param(jnp.zeros((cout,), pdt), logical_axes=("conv_out",))
 
   def __call__(self, x: jax.Array, cache: jax.Array | None = None):
@@ -194,22 +200,30 @@ class CausalConv3d(nnx.Module):
     new_cache = None
     if k > 1:
       x = _causal_pad(x, k, cache)
-      new_cache = x[:, -(k - 1):]
+      new_cache = x[:, -(k - 1) :]
     p = (k - 1) // 2
     kernel = self.kernel[...].astype(self.dtype)
     if self.impl == "native":
-      y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1, 1),
-                                       padding=((0, 0), (p, p), (p, p)),
-                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+      y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1, 1),
+        padding=((0, 0), (p, p), (p, p)),
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+      )
     else:  # 'taps': output frame t = sum over taps i of conv2d(input frame t + i, kernel[i])
       b, t_in, h, w, c = x.shape
       t_out = t_in - (k - 1)
       y = 0
       for i in range(k):
-        frames = x[:, i:i + t_out].reshape(b * t_out, h, w, c)
-        y = y + jax.lax.conv_general_dilated(frames, kernel[i], window_strides=(1, 1),
-                                             padding=((p, p), (p, p)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        frames = x[:, i : i + t_out].reshape(b * t_out, h, w, c)
+        y = y + jax.lax.conv_general_dilated(
+          frames,
+          kernel[i],
+          window_strides=(1, 1),
+          padding=((p, p), (p, p)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
       y = y.reshape(b, t_out, h, w, -1)
     return y + self.bias[...].astype(self.dtype), new_cache
 
@@ -220,9 +234,11 @@ class PointConv(nnx.Module):
   def __init__(self, cfg: VAEConfig, cin: int, cout: int, *, rngs: nnx.Rngs):
     pdt = DTYPES[cfg.param_dtype]
     self.dtype = DTYPES[cfg.dtype]
-    self.kernel = nnx.Param(annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4),
-                                      (None, None, None, "conv_in", "conv_out"))(
-                                          rngs.params(), (1, 1, 1, cin, cout), pdt))
+    self.kernel = nnx.Param(
+      annotate(_lecun(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, "conv_in", "conv_out"))(
+        rngs.params(), (1, 1, 1, cin, cout), pdt
+      )
+    )
     self.bias = nnx.Param(jnp.zeros((cout,), pdt), logical_axes=("conv_out",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -238,17 +254,22 @@ class Conv2d(nnx.Module):
     self.dtype = DTYPES[cfg.dtype]
     self.stride = stride
     self.padding = padding
-    self.kernel = nnx.Param(annotate(_lecun(in_axis=(0, 1, 2), out_axis=3),
-                                      (None, None, "conv_in", "conv_out"))(
-                                          rngs.params(), (3, 3, cin, cout), pdt))
+    self.kernel = nnx.Param(
+      annotate(_lecun(in_axis=(0, 1, 2), out_axis=3), (None, None, "conv_in", "conv_out"))(
+        rngs.params(), (3, 3, cin, cout), pdt
+      )
+    )
     self.bias = nnx.Param(jnp.zeros((cout,), pdt), logical_axes=("conv_out",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, h, w, c = x.shape
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype).reshape(b * t, h, w, c), self.kernel[...].astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x.astype(self.dtype).reshape(b * t, h, w, c),
+      self.kernel[...].astype(self.dtype),
+      window_strides=(self.stride, self.stride),
+      padding=self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     y = y + self.bias[...].astype(self.dtype)
     return y.reshape(b, t, *y.shape[1:])
 
@@ -280,8 +301,9 @@ class SpatialNorm3D(nnx.Module):
   def __call__(self, f: jax.Array, zq: jax.Array) -> jax.Array:
     t, h, w = f.shape[1:4]
     if t > 1 and t % 2 == 1:
-      zq = jnp.concatenate([nearest_resize(zq[:, :1], (1, h, w)),
-                            nearest_resize(zq[:, 1:], (t - 1, h, w))], axis=1)
+      zq = jnp.concatenate(
+        [nearest_resize(zq[:, :1], (1, h, w)), nearest_resize(zq[:, 1:], (t - 1, h, w))], axis=1
+      )
     else:
       zq = nearest_resize(zq, (t, h, w))
     return self.norm(f) * self.conv_y(zq) + self.conv_b(zq)
@@ -293,8 +315,7 @@ class ResnetBlock3D(nnx.Module):
   Norms are GroupNorm (encoder) or SpatialNorm3D (decoder, when ``zq_channels`` is given).
   """
 
-  def __init__(self, cfg: VAEConfig, cin: int, cout: int, *, zq_channels: int | None = None,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: VAEConfig, cin: int, cout: int, *, zq_channels: int | None = None, rngs: nnx.Rngs):
     if zq_channels is None:
       self.norm1 = GroupNorm(cfg, cin, cfg.norm_eps, rngs=rngs)
       self.norm2 = GroupNorm(cfg, cout, cfg.norm_eps, rngs=rngs)
@@ -359,8 +380,12 @@ class Upsample3D(nnx.Module):
 
 
 def _resnets(cfg, cin, cout, n, zq_channels, rngs):
-  return nnx.Dict({str(i): ResnetBlock3D(cfg, cin if i == 0 else cout, cout, zq_channels=zq_channels,
-                                         rngs=rngs) for i in range(n)})
+  return nnx.Dict(
+    {
+      str(i): ResnetBlock3D(cfg, cin if i == 0 else cout, cout, zq_channels=zq_channels, rngs=rngs)
+      for i in range(n)
+    }
+  )
 
 
 def _run_resnets(resnets, x, zq, cache):
@@ -371,8 +396,9 @@ def _run_resnets(resnets, x, zq, cache):
 
 
 class DownBlock(nnx.Module):
-  def __init__(self, cfg: VAEConfig, cin: int, cout: int, add_downsample: bool, compress_time: bool,
-               *, rngs: nnx.Rngs):
+  def __init__(
+    self, cfg: VAEConfig, cin: int, cout: int, add_downsample: bool, compress_time: bool, *, rngs: nnx.Rngs
+  ):
     self.resnets = _resnets(cfg, cin, cout, cfg.layers_per_block, None, rngs)
     self.downsample = Downsample3D(cfg, cout, compress_time, rngs=rngs) if add_downsample else None
 
@@ -384,8 +410,9 @@ class DownBlock(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-  def __init__(self, cfg: VAEConfig, cin: int, cout: int, add_upsample: bool, compress_time: bool,
-               *, rngs: nnx.Rngs):
+  def __init__(
+    self, cfg: VAEConfig, cin: int, cout: int, add_upsample: bool, compress_time: bool, *, rngs: nnx.Rngs
+  ):
     self.resnets = _resnets(cfg, cin, cout, cfg.layers_per_block + 1, cfg.latent_channels, rngs)
     self.upsample = Upsample3D(cfg, cout, compress_time, rngs=rngs) if add_upsample else None
 
@@ -410,9 +437,19 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     boc = cfg.block_out_channels
     self.conv_in = CausalConv3d(cfg, cfg.in_channels, boc[0], 3, rngs=rngs)
-    self.down_blocks = nnx.Dict({
-        str(i): DownBlock(cfg, boc[max(i - 1, 0)], boc[i], add_downsample=i < len(boc) - 1,
-                          compress_time=i < cfg.time_levels, rngs=rngs) for i in range(len(boc))})
+    self.down_blocks = nnx.Dict(
+      {
+        str(i): DownBlock(
+          cfg,
+          boc[max(i - 1, 0)],
+          boc[i],
+          add_downsample=i < len(boc) - 1,
+          compress_time=i < cfg.time_levels,
+          rngs=rngs,
+        )
+        for i in range(len(boc))
+      }
+    )
     self.mid_block = MidBlock(cfg, boc[-1], None, rngs=rngs)
     self.norm_out = GroupNorm(cfg, boc[-1], 1e-6, rngs=rngs)
     self.conv_out = CausalConv3d(cfg, boc[-1], 2 * cfg.latent_channels, 3, rngs=rngs)
@@ -438,9 +475,19 @@ class Decoder(nnx.Module):
     z = cfg.latent_channels
     self.conv_in = CausalConv3d(cfg, z, rev[0], 3, rngs=rngs)
     self.mid_block = MidBlock(cfg, rev[0], z, rngs=rngs)
-    self.up_blocks = nnx.Dict({
-        str(i): UpBlock(cfg, rev[max(i - 1, 0)], rev[i], add_upsample=i < len(rev) - 1,
-                        compress_time=i < cfg.time_levels, rngs=rngs) for i in range(len(rev))})
+    self.up_blocks = nnx.Dict(
+      {
+        str(i): UpBlock(
+          cfg,
+          rev[max(i - 1, 0)],
+          rev[i],
+          add_upsample=i < len(rev) - 1,
+          compress_time=i < cfg.time_levels,
+          rngs=rngs,
+        )
+        for i in range(len(rev))
+      }
+    )
     self.norm_out = SpatialNorm3D(cfg, rev[-1], z, rngs=rngs)
     self.conv_out = CausalConv3d(cfg, rev[-1], cfg.out_channels, 3, rngs=rngs)
 
@@ -486,7 +533,7 @@ def _init(key: jax.Array, config: VAEConfig) -> dict[str, Any]:
     name = path[-1].key
     if name == "kernel":  # lecun normal: N(0, 1 / fan_in), fan_in = all axes but the output one
       n = int(np.prod(leaf.shape))
-      w = noise[offset:offset + n].reshape(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+      w = noise[offset : offset + n].reshape(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
       out.append(w.astype(leaf.dtype))
       offset += n
     else:  # norm scale 1, biases 0
@@ -518,14 +565,17 @@ def chunk_bounds(num_frames: int, chunking: str, frame_batch: int) -> list[tuple
     return [(0, num_frames)]
   if chunking == "released":
     if num_frames % 2 == 0:
-      raise ValueError(f"'released' chunking ([0:3], [3:5], ...) needs an odd number of latent frames "
-                       f"(1 + 4k video frames), got {num_frames}; use chunking='framewise' or 'whole'")
+      raise ValueError(
+        f"'released' chunking ([0:3], [3:5], ...) needs an odd number of latent frames "
+        f"(1 + 4k video frames), got {num_frames}; use chunking='framewise' or 'whole'"
+      )
     frame_batch = 2
   if frame_batch < 1:
     raise ValueError(f"frame_batch must be >= 1, got {frame_batch}")
   n, rem = max(num_frames // frame_batch, 1), num_frames % frame_batch
-  return [(0 if i == 0 else frame_batch * i + rem, min(frame_batch * (i + 1) + rem, num_frames))
-          for i in range(n)]
+  return [
+    (0 if i == 0 else frame_batch * i + rem, min(frame_batch * (i + 1) + rem, num_frames)) for i in range(n)
+  ]
 
 
 def run_chunked(fn, x: jax.Array, bounds: list[tuple[int, int]], *, scan: bool = True) -> jax.Array:
@@ -565,8 +615,10 @@ def run_chunked(fn, x: jax.Array, bounds: list[tuple[int, int]], *, scan: bool =
 
 def _check_video(video, config: VAEConfig):
   if video.ndim != 5 or video.shape[-1] != config.in_channels:
-    raise ValueError(f"video must be (batch, frames, height, width, {config.in_channels}) channels-last, "
-                     f"got shape {video.shape}")
+    raise ValueError(
+      f"video must be (batch, frames, height, width, {config.in_channels}) channels-last, "
+      f"got shape {video.shape}"
+    )
   s = config.spatial_compression
   if video.shape[2] % s or video.shape[3] % s:
     raise ValueError(f"video height/width {video.shape[2]}x{video.shape[3]} must be divisible by {s}")
@@ -574,9 +626,11 @@ def _check_video(video, config: VAEConfig):
 
 def _check_latents(latents, config: VAEConfig):
   if latents.ndim != 5 or latents.shape[-1] != config.latent_channels:
-    raise ValueError(f"latents must be (batch, frames, height, width, {config.latent_channels}) "
-                     f"channels-last, got shape {latents.shape} (transpose PyTorch (B, C, T, H, W) "
-                     f"latents with .permute(0, 2, 3, 4, 1))")
+    raise ValueError(
+      f"latents must be (batch, frames, height, width, {config.latent_channels}) "
+      f"channels-last, got shape {latents.shape} (transpose PyTorch (B, C, T, H, W) "
+      f"latents with .permute(0, 2, 3, 4, 1))"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunking", "frame_batch"))
@@ -607,6 +661,7 @@ def _decode_chunk(params, z, cache, *, config: VAEConfig):
 class TilingConfig:
   """Tile size in *pixels* and overlap factors; None = diffusers defaults (half the sample size,
   overlap 1/6 of the height and 1/5 of the width)."""
+
   tile_sample_height: int | None = None
   tile_sample_width: int | None = None
   overlap_factor_height: float = 1 / 6
@@ -635,23 +690,31 @@ def _blend(prev: jax.Array, cur: jax.Array, extent: int, axis: int) -> jax.Array
   return jnp.concatenate([mixed, jax.lax.slice_in_dim(cur, extent, cur.shape[axis], axis=axis)], axis=axis)
 
 
-def _tiled(run, x, *, tile_in: tuple[int, int], stride: tuple[int, int], extent: tuple[int, int],
-           limit: tuple[int, int]) -> jax.Array:
+def _tiled(
+  run,
+  x,
+  *,
+  tile_in: tuple[int, int],
+  stride: tuple[int, int],
+  extent: tuple[int, int],
+  limit: tuple[int, int],
+) -> jax.Array:
   """Runs ``run`` on overlapping (tile_in) tiles at ``stride``, blends and crops to ``limit``."""
   h, w = x.shape[2], x.shape[3]
   rows = []
   for i in range(0, h, stride[0]):
     row = []
     for j in range(0, w, stride[1]):
-      tile = run(x[:, :, i:i + tile_in[0], j:j + tile_in[1]])
+      tile = run(x[:, :, i : i + tile_in[0], j : j + tile_in[1]])
       if rows:
         tile = _blend(rows[-1][len(row)], tile, extent[0], axis=2)
       if row:
         tile = _blend(row[-1], tile, extent[1], axis=3)
       row.append(tile)
     rows.append(row)
-  return jnp.concatenate([jnp.concatenate([t[:, :, :limit[0], :limit[1]] for t in row], axis=3)
-                          for row in rows], axis=2)
+  return jnp.concatenate(
+    [jnp.concatenate([t[:, :, : limit[0], : limit[1]] for t in row], axis=3) for row in rows], axis=2
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,6 +723,7 @@ def _tiled(run, x, *, tile_in: tuple[int, int], stride: tuple[int, int], extent:
 
 class Posterior(NamedTuple):
   """Diagonal Gaussian posterior of the *unscaled* latents, (B, t, h, w, latent) each."""
+
   mean: jax.Array
   logvar: jax.Array  # clamped to [-30, 20]
 
@@ -675,9 +739,15 @@ def _default_batch(frame_batch, default):
   return default if frame_batch is None else int(frame_batch)
 
 
-def encode_posterior(params: dict[str, Any], video: jax.Array, *, config: VAEConfig,
-                     chunking: Literal["whole", "framewise"] = "whole", frame_batch: int | None = None,
-                     tiling: TilingConfig | None = None) -> Posterior:
+def encode_posterior(
+  params: dict[str, Any],
+  video: jax.Array,
+  *,
+  config: VAEConfig,
+  chunking: Literal["whole", "framewise"] = "whole",
+  frame_batch: int | None = None,
+  tiling: TilingConfig | None = None,
+) -> Posterior:
   """video (B, T, H, W, 3) in [-1, 1] -> unscaled posterior (mean, logvar).
 
   ``chunking``: 'whole' (default; the SAT engine) or 'framewise' (diffusers, ``frame_batch`` pixel
@@ -694,24 +764,39 @@ def encode_posterior(params: dict[str, Any], video: jax.Array, *, config: VAECon
     sh, sw, lh, lw, fh, fw = tiling.resolve(config)
   if tiling is not None and (w > sw or h > sh):
     ext = (int(lh * fh), int(lw * fw))
-    moments = _tiled(run, video, tile_in=(sh, sw), stride=(int(sh * (1 - fh)), int(sw * (1 - fw))),
-                     extent=ext, limit=(lh - ext[0], lw - ext[1]))
+    moments = _tiled(
+      run,
+      video,
+      tile_in=(sh, sw),
+      stride=(int(sh * (1 - fh)), int(sw * (1 - fw))),
+      extent=ext,
+      limit=(lh - ext[0], lw - ext[1]),
+    )
   else:
     moments = run(video)
   mean, logvar = jnp.split(moments, 2, axis=-1)
   return Posterior(mean, jnp.clip(logvar, -30.0, 20.0))
 
 
-def encode(params: dict[str, Any], video: jax.Array, *, config: VAEConfig, key: jax.Array | None = None,
-           sample: bool = False, chunking: Literal["whole", "framewise"] = "whole",
-           frame_batch: int | None = None, tiling: TilingConfig | None = None) -> jax.Array:
+def encode(
+  params: dict[str, Any],
+  video: jax.Array,
+  *,
+  config: VAEConfig,
+  key: jax.Array | None = None,
+  sample: bool = False,
+  chunking: Literal["whole", "framewise"] = "whole",
+  frame_batch: int | None = None,
+  tiling: TilingConfig | None = None,
+) -> jax.Array:
   """video (B, T, H, W, 3) in [-1, 1] -> scaled latents z * scaling_factor, (B, t, h, w, latent).
 
   ``sample=False`` uses the posterior mean; ``sample=True`` draws mean + std * N(0, 1) with ``key``
   (what the SAT training engine does).
   """
-  post = encode_posterior(params, video, config=config, chunking=chunking, frame_batch=frame_batch,
-                          tiling=tiling)
+  post = encode_posterior(
+    params, video, config=config, chunking=chunking, frame_batch=frame_batch, tiling=tiling
+  )
   if sample:
     if key is None:
       raise ValueError("encode(sample=True) needs a JAX PRNG key: key=jax.random.key(seed)")
@@ -721,10 +806,16 @@ def encode(params: dict[str, Any], video: jax.Array, *, config: VAEConfig, key: 
   return z * config.scaling_factor
 
 
-def decode(params: dict[str, Any], latents_scaled: jax.Array, *, config: VAEConfig,
-           chunking: Literal["released", "framewise", "whole"] = "released",
-           frame_batch: int | None = None, tiling: TilingConfig | None = None,
-           scan_chunks: bool = True) -> jax.Array:
+def decode(
+  params: dict[str, Any],
+  latents_scaled: jax.Array,
+  *,
+  config: VAEConfig,
+  chunking: Literal["released", "framewise", "whole"] = "released",
+  frame_batch: int | None = None,
+  tiling: TilingConfig | None = None,
+  scan_chunks: bool = True,
+) -> jax.Array:
   """Scaled latents (B, t, h, w, latent) -> video (B, T, H, W, 3), float32, roughly in [-1, 1].
 
   ``chunking``: 'released' (default; SAT sample_video.py: [0:3], [3:5], ...), 'framewise'
@@ -766,8 +857,9 @@ def _tile_plan(tiling: TilingConfig | None, config: VAEConfig, h: int, w: int) -
   return dict(tile_in=(lh, lw), stride=stride, extent=ext, limit=limit)
 
 
-def decode_streamed(params: dict[str, Any], latents_scaled: jax.Array, *, config: VAEConfig,
-                    tiling: TilingConfig | None = None) -> jax.Array:
+def decode_streamed(
+  params: dict[str, Any], latents_scaled: jax.Array, *, config: VAEConfig, tiling: TilingConfig | None = None
+) -> jax.Array:
   """``decode(..., chunking='released', tiling=tiling)`` computed one video, one tile and one
   temporal chunk at a time, each a separate compiled call of ``decode_chunk`` with the conv cache
   carried between chunks: device memory is bounded by the largest tile-chunk step, not the video
@@ -786,7 +878,7 @@ def decode_streamed(params: dict[str, Any], latents_scaled: jax.Array, *, config
     return jnp.concatenate(ys, axis=1)
 
   plan = _tile_plan(tiling, config, z.shape[2], z.shape[3])
-  videos = [_tiled(run, z[i:i + 1], **plan) if plan else run(z[i:i + 1]) for i in range(z.shape[0])]
+  videos = [_tiled(run, z[i : i + 1], **plan) if plan else run(z[i : i + 1]) for i in range(z.shape[0])]
   return jnp.concatenate(videos, axis=0)
 
 
@@ -801,8 +893,9 @@ def streamed_steps(config: VAEConfig, latent_shape: tuple[int, ...], tiling: Til
   return [((1, bounds[0][1] - bounds[0][0], th, tw, c), False)] + [((1, n, th, tw, c), True) for n in sizes]
 
 
-def decode_chunk(params: dict[str, Any], latents_scaled: jax.Array, cache: Cache | None = None, *,
-                 config: VAEConfig) -> tuple[jax.Array, Cache]:
+def decode_chunk(
+  params: dict[str, Any], latents_scaled: jax.Array, cache: Cache | None = None, *, config: VAEConfig
+) -> tuple[jax.Array, Cache]:
   """One temporal chunk through the decoder, for streaming: returns (video chunk, new cache).
 
   Pass ``cache=None`` for the first chunk (replicated first frames) and the returned cache (a pytree
@@ -811,8 +904,9 @@ def decode_chunk(params: dict[str, Any], latents_scaled: jax.Array, cache: Cache
   """
   latents_scaled = jnp.asarray(latents_scaled)
   _check_latents(latents_scaled, config)
-  return _decode_chunk(params, latents_scaled.astype(jnp.float32) / config.scaling_factor, cache,
-                       config=config)
+  return _decode_chunk(
+    params, latents_scaled.astype(jnp.float32) / config.scaling_factor, cache, config=config
+  )
 
 
 def postprocess(video: jax.Array) -> jax.Array:

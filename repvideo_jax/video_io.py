@@ -65,6 +65,7 @@ class VideoInfo:
   duration: seconds (stream duration if known, else container duration, else frames / fps)
   codec:    FFmpeg decoder name, e.g. "h264"
   """
+
   frames: int
   fps: float
   width: int
@@ -98,8 +99,7 @@ def _open(path) -> tuple[str, av.container.InputContainer, av.video.stream.Video
   if not container.streams.video:
     kinds = sorted({s.type for s in container.streams}) or ["none"]
     container.close()
-    raise VideoError(
-      f"no video stream in {path!r} (not a video file? streams found: {', '.join(kinds)})")
+    raise VideoError(f"no video stream in {path!r} (not a video file? streams found: {', '.join(kinds)})")
   return path, container, container.streams.video[0]
 
 
@@ -110,8 +110,9 @@ def _stream_fps(path: str, stream) -> float:
   raise VideoError(f"cannot determine the frame rate of {path!r}")
 
 
-def _decode(path: str, container, stream, start: int = 0, fps: float | None = None
-            ) -> Iterator[tuple[int, av.VideoFrame]]:
+def _decode(
+  path: str, container, stream, start: int = 0, fps: float | None = None
+) -> Iterator[tuple[int, av.VideoFrame]]:
   """Yields (frame index, frame) for frames with index >= ``start``, decoding lazily.
 
   Indices count decoded frames from the start of the stream. When ``start`` is far enough in, seeks
@@ -154,8 +155,7 @@ def _wrap_decode(path: str, container, stream) -> Iterator[av.VideoFrame]:
       count += 1
       yield frame
   except av.FFmpegError as e:
-    raise VideoError(
-      f"corrupt video data in {path!r} after {count} decoded frame(s): {e}") from e
+    raise VideoError(f"corrupt video data in {path!r} after {count} decoded frame(s): {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,10 +185,10 @@ def probe(path) -> VideoInfo:
       duration = frames / fps
     width, height = stream.codec_context.width, stream.codec_context.height
     if frames <= 0 or width <= 0 or height <= 0:
-      raise VideoError(
-        f"{path!r} holds no usable video (frames={frames}, size={width}x{height}); corrupt?")
-    return VideoInfo(frames=frames, fps=fps, width=width, height=height, duration=duration,
-                     codec=stream.codec_context.name)
+      raise VideoError(f"{path!r} holds no usable video (frames={frames}, size={width}x{height}); corrupt?")
+    return VideoInfo(
+      frames=frames, fps=fps, width=width, height=height, duration=duration, codec=stream.codec_context.name
+    )
 
 
 def read_video(path, *, max_frames: int | None = None) -> tuple[np.ndarray, float]:
@@ -216,8 +216,9 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[np.ndarray, floa
 # Clip selection and resizing
 
 
-def sample_frame_indices(num_frames: int, src_fps: float, target_fps: float, count: int,
-                         start: int = 0) -> np.ndarray:
+def sample_frame_indices(
+  num_frames: int, src_fps: float, target_fps: float, count: int, start: int = 0
+) -> np.ndarray:
   """Indices of ``count`` frames taken at ``target_fps`` from ``num_frames`` frames at ``src_fps``.
 
   Frame ``k`` of the result is source frame ``start + round(k * src_fps / target_fps)`` (the source
@@ -227,8 +228,7 @@ def sample_frame_indices(num_frames: int, src_fps: float, target_fps: float, cou
   if count < 1:
     raise ValueError(f"count must be >= 1, got {count}")
   if not (src_fps > 0 and target_fps > 0):
-    raise ValueError(
-      f"frame rates must be positive, got src_fps={src_fps}, target_fps={target_fps}")
+    raise ValueError(f"frame rates must be positive, got src_fps={src_fps}, target_fps={target_fps}")
   if start < 0:
     raise ValueError(f"start must be >= 0, got {start}")
   stride = src_fps / target_fps
@@ -239,7 +239,8 @@ def sample_frame_indices(num_frames: int, src_fps: float, target_fps: float, cou
     raise VideoError(
       f"clip too short: {count} frames at {target_fps:g} fps (starting at frame {start}, "
       f"{start / src_fps:.2f} s) need {needed} source frames ({needed / src_fps:.2f} s at "
-      f"{src_fps:.4g} fps), but it has only {num_frames} frames ({num_frames / src_fps:.2f} s)")
+      f"{src_fps:.4g} fps), but it has only {num_frames} frames ({num_frames / src_fps:.2f} s)"
+    )
   return indices
 
 
@@ -290,8 +291,9 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
   return out.astype(frames.dtype, copy=False)
 
 
-def load_clip(path, *, num_frames: int = 49, height: int = 480, width: int = 720, fps: float = 8,
-              start_sec: float = 0.0) -> np.ndarray:
+def load_clip(
+  path, *, num_frames: int = 49, height: int = 480, width: int = 720, fps: float = 8, start_sec: float = 0.0
+) -> np.ndarray:
   """Loads a model-ready clip: float32 (num_frames, height, width, 3) in [-1, 1].
 
   Frames are taken at ``fps`` starting at ``start_sec`` (see ``sample_frame_indices``), resized to
@@ -305,12 +307,13 @@ def load_clip(path, *, num_frames: int = 49, height: int = 480, width: int = 720
   if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % 4:
     raise ValueError(
       f"num_frames must be of the form 4k+1 (1, 5, 9, ..., 49), got {num_frames}: the VAE "
-      f"compresses time 4x keeping frame 0 separate")
+      f"compresses time 4x keeping frame 0 separate"
+    )
   for name, value in (("height", height), ("width", width)):
     if not isinstance(value, (int, np.integer)) or value < 16 or value % 16:
       raise ValueError(
-        f"{name} must be a positive multiple of 16 (VAE 8x downsampling x patch size 2), "
-        f"got {value}")
+        f"{name} must be a positive multiple of 16 (VAE 8x downsampling x patch size 2), got {value}"
+      )
   if not fps > 0:
     raise ValueError(f"fps must be positive, got {fps}")
   if not start_sec >= 0:
@@ -323,8 +326,7 @@ def load_clip(path, *, num_frames: int = 49, height: int = 480, width: int = 720
     # The header count may be missing (0); then sample as if unbounded and find out while decoding.
     total = int(stream.frames or 0)
     try:
-      indices = sample_frame_indices(total or np.iinfo(np.int64).max, src_fps, fps, num_frames,
-                                     start)
+      indices = sample_frame_indices(total or np.iinfo(np.int64).max, src_fps, fps, num_frames, start)
     except VideoError as e:
       raise VideoError(f"{path!r}: {e}") from None
     wanted = {}  # source index -> positions in the clip (repeats when fps > src_fps)
@@ -345,8 +347,10 @@ def load_clip(path, *, num_frames: int = 49, height: int = 480, width: int = 720
     if decoded == 0 and start == 0:
       raise VideoError(f"{path!r} contains no decodable video frames (truncated or corrupt?)")
     if decoded == 0:
-      raise VideoError(f"{path!r}: no decodable video frame at or after frame {start} "
-                       f"({start_sec:g} s); clip too short, truncated or corrupt?")
+      raise VideoError(
+        f"{path!r}: no decodable video frame at or after frame {start} "
+        f"({start_sec:g} s); clip too short, truncated or corrupt?"
+      )
     # Only reachable if the header frame count was missing or wrong.
     try:
       sample_frame_indices(decoded, src_fps, fps, num_frames, start)
@@ -432,5 +436,4 @@ def write_gif(path, frames: np.ndarray, fps: float = 8, *, loop: int = 0) -> Non
   images = [Image.fromarray(np.ascontiguousarray(f)).quantize(256) for f in frames]
 
   with atomic_path(path, suffix=".gif") as tmp:
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations,
-                   loop=loop)
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=loop)

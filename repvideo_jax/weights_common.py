@@ -68,13 +68,16 @@ def check_param_shapes(params: dict, abstract: dict, what: str) -> None:
   want, have = dict(flatten(abstract)), dict(flatten(params))
   if set(want) != set(have):
     raise CheckpointKeyError(
-        f"converted {what} params do not match the config: missing "
-        f"{sorted(map(_dotted, set(want) - set(have)))[:20]}, unexpected "
-        f"{sorted(map(_dotted, set(have) - set(want)))[:20]}")
+      f"converted {what} params do not match the config: missing "
+      f"{sorted(map(_dotted, set(want) - set(have)))[:20]}, unexpected "
+      f"{sorted(map(_dotted, set(have) - set(want)))[:20]}"
+    )
   for path, leaf in want.items():
     if tuple(have[path].shape) != tuple(leaf.shape):
-      raise CheckpointKeyError(f"shape mismatch for {_dotted(path)}: checkpoint gives "
-                               f"{tuple(have[path].shape)}, config expects {tuple(leaf.shape)}")
+      raise CheckpointKeyError(
+        f"shape mismatch for {_dotted(path)}: checkpoint gives "
+        f"{tuple(have[path].shape)}, config expects {tuple(leaf.shape)}"
+      )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +103,7 @@ class Rule(NamedTuple):
   ``transform`` changes the layout (PyTorch -> channels last). ``fallback`` makes the tensor
   optional: when it is the only kind of key missing, ``fallback()`` gives the value (or raises).
   """
+
   source: str | tuple[str, ...]
   target: tuple
   transform: Callable[[np.ndarray], np.ndarray] = same
@@ -119,11 +123,19 @@ def _listing(keys: Sequence[str], limit: int = 20) -> str:
   return f"({len(keys)}): {list(keys[:limit])}{' ...' if len(keys) > limit else ''}"
 
 
-def convert(state: Mapping[str, Any], rules: Sequence[Rule], abstract: dict, *, dtype: Any,
-            what: str, config_note: str = "", ignore: Iterable[str] = (),
-            hints: Sequence[tuple[str | tuple[str, ...], str]] = (),
-            advice: str = "Check the checkpoint format and that the config matches the checkpoint.",
-            progress: bool = False) -> dict[str, Any]:
+def convert(
+  state: Mapping[str, Any],
+  rules: Sequence[Rule],
+  abstract: dict,
+  *,
+  dtype: Any,
+  what: str,
+  config_note: str = "",
+  ignore: Iterable[str] = (),
+  hints: Sequence[tuple[str | tuple[str, ...], str]] = (),
+  advice: str = "Check the checkpoint format and that the config matches the checkpoint.",
+  progress: bool = False,
+) -> dict[str, Any]:
   """Builds our nested params (of ``dtype``, shaped like ``abstract``) from a flat ``state`` dict.
 
   Keys are accounted for before any tensor is read: a rule's key absent from ``state`` (and with
@@ -151,8 +163,10 @@ def convert(state: Mapping[str, Any], rules: Sequence[Rule], abstract: dict, *, 
     for other in present[1:]:
       a, b = state[present[0]], state[other]
       if not (tuple(a.shape) == tuple(b.shape) and np.array_equal(a, b)):
-        problems.append(f"{present[0]} and {other} are both present but differ (they name one tied "
-                        "tensor; this checkpoint is inconsistent)")
+        problems.append(
+          f"{present[0]} and {other} are both present but differ (they name one tied "
+          "tensor; this checkpoint is inconsistent)"
+        )
   if set(missing) == {" or ".join(_names(r)) for r in optional}:
     missing = []  # only optional tensors are absent (if any): their fallbacks fill them in
   else:
@@ -160,13 +174,14 @@ def convert(state: Mapping[str, Any], rules: Sequence[Rule], abstract: dict, *, 
   fallbacks = {id(r): np.asarray(r.fallback()) for r in optional}  # (may raise, or warn)
   unknown = sorted(set(state) - used)
   if missing or unknown or problems:
-    notes = [text for prefixes, text in hints
-             if any(k.startswith(prefixes) for k in unknown)]
+    notes = [text for prefixes, text in hints if any(k.startswith(prefixes) for k in unknown)]
     raise CheckpointKeyError(
-        f"{what} checkpoint keys do not match the config{f' ({config_note})' if config_note else ''}:\n"
-        f"  missing from checkpoint {_listing(missing)}\n"
-        f"  unexpected in checkpoint {_listing(unknown)}"
-        + "".join(f"\n  {line}" for line in problems + notes) + f"\n{advice}")
+      f"{what} checkpoint keys do not match the config{f' ({config_note})' if config_note else ''}:\n"
+      f"  missing from checkpoint {_listing(missing)}\n"
+      f"  unexpected in checkpoint {_listing(unknown)}"
+      + "".join(f"\n  {line}" for line in problems + notes)
+      + f"\n{advice}"
+    )
 
   target = dict(flatten(abstract))
   dtype = np.dtype(dtype)
@@ -177,8 +192,10 @@ def convert(state: Mapping[str, Any], rules: Sequence[Rule], abstract: dict, *, 
     items = tqdm(rules, desc=f"converting {what}", unit="tensor")
   for rule in items:
     if rule.target not in target:
-      raise CheckpointKeyError(f"internal {what} name map error: {rule.source} maps to "
-                               f"{_dotted(rule.target)}, which the model does not have")
+      raise CheckpointKeyError(
+        f"internal {what} name map error: {rule.source} maps to "
+        f"{_dotted(rule.target)}, which the model does not have"
+      )
     if id(rule) in fallbacks:
       name, arr = " or ".join(_names(rule)), fallbacks[id(rule)]
     else:
@@ -188,18 +205,22 @@ def convert(state: Mapping[str, Any], rules: Sequence[Rule], abstract: dict, *, 
     want = tuple(leaf.shape) if rule.layer is None else tuple(leaf.shape[1:])
     where = _dotted(rule.target) + ("" if rule.layer is None else f"[{rule.layer}]")
     if tuple(arr.shape) != want:
-      raise CheckpointKeyError(f"shape mismatch for {name} -> {where}: checkpoint gives "
-                               f"{tuple(arr.shape)}, config expects {want}")
+      raise CheckpointKeyError(
+        f"shape mismatch for {name} -> {where}: checkpoint gives {tuple(arr.shape)}, config expects {want}"
+      )
     if rule.layer is None:
       out[rule.target][...] = arr
     else:
       out[rule.target][rule.layer] = arr
     filled.add((rule.target, rule.layer))
   layered = {path for path, layer in filled if layer is not None}
-  unmapped = [_dotted(path) for path in target
-              if path not in layered and (path, None) not in filled]
-  unmapped += [f"{_dotted(path)}[{i}]" for path in layered for i in range(target[path].shape[0])
-               if (path, i) not in filled]
+  unmapped = [_dotted(path) for path in target if path not in layered and (path, None) not in filled]
+  unmapped += [
+    f"{_dotted(path)}[{i}]"
+    for path in layered
+    for i in range(target[path].shape[0])
+    if (path, i) not in filled
+  ]
   if unmapped:  # the rules and the module tree must agree (a bug if not)
     raise CheckpointKeyError(f"internal {what} name map error: no rule fills {sorted(unmapped)[:10]}")
   params: dict[str, Any] = {}
@@ -221,6 +242,7 @@ class Component:
   pipeline folder) is looked into. A single file is format ``file_format`` when its suffix is in
   ``file_suffixes``; other files get ``file_error``. ``expected`` says what a folder should hold.
   """
+
   name: str  # metadata.json's "component", and the sub-folder of a pipeline folder
   label: str  # how messages call it
   config_cls: type
@@ -250,8 +272,9 @@ def locate(path: str | pathlib.Path, component: Component) -> tuple[str, pathlib
   if (path / component.name).is_dir():
     return locate(path / component.name, component)
   raise FileNotFoundError(
-      f"{path} is not a {component.label} checkpoint: expected {component.expected}; found "
-      f"{sorted(p.name for p in path.iterdir())[:20]}")
+    f"{path} is not a {component.label} checkpoint: expected {component.expected}; found "
+    f"{sorted(p.name for p in path.iterdir())[:20]}"
+  )
 
 
 def detect_format(path: str | pathlib.Path, component: Component) -> str:
@@ -259,12 +282,23 @@ def detect_format(path: str | pathlib.Path, component: Component) -> str:
   return locate(path, component)[0]
 
 
-def save_converted(path: str | pathlib.Path, component: Component, config: Any, params: dict[str, Any],
-                   *, source: str | None = None, overwrite: bool = False) -> None:
+def save_converted(
+  path: str | pathlib.Path,
+  component: Component,
+  config: Any,
+  params: dict[str, Any],
+  *,
+  source: str | None = None,
+  overwrite: bool = False,
+) -> None:
   """Writes our converted format: orbax params plus ``metadata.json`` with the component's name,
   its config and where the weights came from (plus the checksums ``save_params`` adds)."""
-  checkpoint_io.save_params(path, params, overwrite=overwrite, metadata={
-      "component": component.name, "config": to_dict(config), "source": source})
+  checkpoint_io.save_params(
+    path,
+    params,
+    overwrite=overwrite,
+    metadata={"component": component.name, "config": to_dict(config), "source": source},
+  )
 
 
 def read_converted_config(path: str | pathlib.Path, component: Component) -> Any:
@@ -273,10 +307,16 @@ def read_converted_config(path: str | pathlib.Path, component: Component) -> Any
   return from_dict(component.config_cls, meta["config"], where=f"{path}/metadata.json")
 
 
-def load_converted(path: str | pathlib.Path, component: Component, config: Any = None, *,
-                   overrides: Mapping[str, Any] | None = None, verify: bool = True,
-                   untagged_ok: bool = False,
-                   adjust: Callable[[Any, dict], dict] | None = None) -> tuple[Any, dict[str, Any]]:
+def load_converted(
+  path: str | pathlib.Path,
+  component: Component,
+  config: Any = None,
+  *,
+  overrides: Mapping[str, Any] | None = None,
+  verify: bool = True,
+  untagged_ok: bool = False,
+  adjust: Callable[[Any, dict], dict] | None = None,
+) -> tuple[Any, dict[str, Any]]:
   """Reads a converted folder of ``component``. Returns (config, params).
 
   The config is ``config`` if given, else the stored one with ``overrides`` applied. ``adjust``

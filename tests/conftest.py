@@ -5,8 +5,9 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile the same small programs many times (and in subprocesses, which inherit this):
 # a persistent compilation cache makes the repeats cheap. Keyed by jax version and program.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache",
-                                                                "repvideo-jax-tests-xla"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "repvideo-jax-tests-xla")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
@@ -49,4 +50,5 @@ def tpu_devices():
   """``tpu_devices('v5p:2x2x2')``: abstract devices of a TPU topology from libtpu (no TPU needed).
   libtpu is a test requirement (requirements-tpu.txt): without it these tests fail, not skip."""
   from repvideo_jax import aot
+
   return aot.topology_devices

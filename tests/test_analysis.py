@@ -28,8 +28,7 @@ class RecordingProcessor:
   def __init__(self):
     self.probs = []
 
-  def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
-               image_rotary_emb=None):
+  def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
     assert attention_mask is None and image_rotary_emb is None
     text_len = encoder_hidden_states.shape[1]
     x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
@@ -73,25 +72,60 @@ def reference(model, inputs, gates, frames, text_len):
   text = torch.from_numpy(inputs["text_embeddings"])
   repvideo_reference_forward(model, xt, t, text, torch.from_numpy(gates), window=WINDOW, record=outputs)
   n = (proc.probs[0].shape[-1] - text_len) // frames
-  attention = np.stack([[p[0, :, text_len + f * n:text_len + (f + 1) * n].mean(axis=(0, 1))
-                         for f in range(frames)] for p in proc.probs])
+  attention = np.stack(
+    [
+      [p[0, :, text_len + f * n : text_len + (f + 1) * n].mean(axis=(0, 1)) for f in range(frames)]
+      for p in proc.probs
+    ]
+  )
   sims = []
   for h in outputs:
     feats = h[0, text_len:].numpy().astype(np.float64).reshape(frames, -1)
-    sims.append([feats[f] @ feats[f + 1] / np.linalg.norm(feats[f]) / np.linalg.norm(feats[f + 1])
-                 for f in range(frames - 1)])
+    sims.append(
+      [
+        feats[f] @ feats[f + 1] / np.linalg.norm(feats[f]) / np.linalg.norm(feats[f + 1])
+        for f in range(frames - 1)
+      ]
+    )
   return attention, np.asarray(sims)
 
 
 def test_analysis_json_matches_an_independent_recomputation(tiny_model, tmp_path):
   model_dir, torch_model = tiny_model
   out = tmp_path / "out"
-  assert analysis.main(["--model", str(model_dir), "--prompt", "a red circle moving left", "--out", str(out),
-                        "--frame", "2", "--timestep", "321", "--seed", "4",
-                        "--compare", "cache-off=off"]) == 0
-  for name in ("analysis.json", "analysis.npz", "inputs.npz", "video.mp4", "attention_mass.png",
-               "frame_similarity.png", "attention_maps_model.png", "token_attention_model.png",
-               "attention_maps_cache-off.png", "token_attention_cache-off.png"):
+  assert (
+    analysis.main(
+      [
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "a red circle moving left",
+        "--out",
+        str(out),
+        "--frame",
+        "2",
+        "--timestep",
+        "321",
+        "--seed",
+        "4",
+        "--compare",
+        "cache-off=off",
+      ]
+    )
+    == 0
+  )
+  for name in (
+    "analysis.json",
+    "analysis.npz",
+    "inputs.npz",
+    "video.mp4",
+    "attention_mass.png",
+    "frame_similarity.png",
+    "attention_maps_model.png",
+    "token_attention_model.png",
+    "attention_maps_cache-off.png",
+    "token_attention_cache-off.png",
+  ):
     assert (out / name).is_file() and (out / name).stat().st_size > 0, name
   result = json.loads((out / "analysis.json").read_text())
   inputs = dict(np.load(out / "inputs.npz"))
@@ -108,14 +142,17 @@ def test_analysis_json_matches_an_independent_recomputation(tiny_model, tmp_path
     assert len(layers) == LAYERS
     for i, row in enumerate(layers):
       a = attention[i]
-      same = np.array([a[f, text_len + f * n:text_len + (f + 1) * n].sum() for f in range(frames)])
+      same = np.array([a[f, text_len + f * n : text_len + (f + 1) * n].sum() for f in range(frames)])
       video = a[:, text_len:].sum(-1)
-      expect = {"text": a[:, :text_len].sum(-1).mean(), "same_frame": same.mean(),
-                "other_frames": (video - same).mean()}
+      expect = {
+        "text": a[:, :text_len].sum(-1).mean(),
+        "same_frame": same.mean(),
+        "other_frames": (video - same).mean(),
+      }
       for key, value in expect.items():
         assert row["attention_mass"][key] == pytest.approx(value, abs=ATOL), (label, i, key)
       assert sum(row["attention_mass"].values()) == pytest.approx(1.0, abs=1e-5)
-      own = a[2, text_len + 2 * n:text_len + 3 * n].reshape(gh, gw)
+      own = a[2, text_len + 2 * n : text_len + 3 * n].reshape(gh, gw)
       np.testing.assert_allclose(row["attention_map"], own, atol=ATOL, rtol=0)
       np.testing.assert_allclose(row["adjacent_frame_similarity"], sims[i], atol=ATOL, rtol=0)
   # The gates: reported as stored; with window 2 the cache holds one element before layers 0, 1, 3.
@@ -127,6 +164,7 @@ def test_analysis_json_matches_an_independent_recomputation(tiny_model, tmp_path
 
 def test_identity_layers_of_the_released_model():
   from repvideo_jax.transformer import TransformerConfig
+
   assert analysis.identity_layers(TransformerConfig()) == [0, 1, 7, 13, 19, 25]  # docs/model.md
   assert analysis.identity_layers(TransformerConfig(feature_cache=False)) == []
 

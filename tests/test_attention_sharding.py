@@ -65,8 +65,11 @@ def test_sharded_attention_matches_numpy_reference_in_every_layout():
 
 
 def test_head_split_error_names_the_valid_degrees():
-  with pytest.raises(ValueError, match=r"30 attention heads .* tensor=4 x context=1 .* "
-                                       r"\[1, 2, 3, 5, 6, 10, 15, 30\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"30 attention heads .* tensor=4 x context=1 .* "
+    r"\[1, 2, 3, 5, 6, 10, 15, 30\]",
+  ):
     A.check_head_split(30, 4, 1)
   A.check_head_split(30, 3, 2)  # 6 divides 30
 
@@ -75,6 +78,7 @@ def test_padded_keys_are_masked_in_the_xla_kernel():
   """kv_len masks trailing keys exactly: equal to attention over the unpadded keys, grads included."""
   import jax.numpy as jnp
   import numpy as np
+
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 1, 12, 8)) for i in range(3))  # (B, H, S, D)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 5), (0, 0)))
   full = A._attention_hm(q, k, v, None)
@@ -90,6 +94,7 @@ def test_backend_follows_the_mesh_devices_not_the_host(tpu_devices):
   """On this CPU host, with a TPU topology's mesh set, 'auto' is splash and splash is allowed; the
   VAE's 'auto' conv form is the accelerator one. Without the mesh the host's CPU decides."""
   from repvideo_jax.vae import VAEConfig
+
   assert A.resolve_backend("auto") == "xla"
   with pytest.raises(ValueError, match="needs a TPU"):
     A.resolve_backend("splash")

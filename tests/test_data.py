@@ -25,18 +25,31 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 FRAMES, SIZE = 9, 64  # the tiny VAE: 9 frames at 64x64 -> latents (3, 8, 8, 4)
 LATENT_SHAPE, TEXT_SHAPE = (3, 8, 8, 4), (8, 32)
 # (path, caption); captions stay under the tiny model's 8 tokens. Three entries are bad.
-ENTRIES = [("carphone_pristine.mp4", "a red car"),
-           ("corrupt.mp4", "fire"),
-           ("bikes.mp4", "city street"),
-           ("missing.mp4", "blue sky"),
-           ("short.mp4", "green river"),
-           ("noise.mp4", "snow night"),
-           ("carphone_distorted.mp4", "a car rain"),
-           ("sub/bikes again.mp4", "the city")]
+ENTRIES = [
+  ("carphone_pristine.mp4", "a red car"),
+  ("corrupt.mp4", "fire"),
+  ("bikes.mp4", "city street"),
+  ("missing.mp4", "blue sky"),
+  ("short.mp4", "green river"),
+  ("noise.mp4", "snow night"),
+  ("carphone_distorted.mp4", "a car rain"),
+  ("sub/bikes again.mp4", "the city"),
+]
 GOOD = [0, 2, 5, 6, 7]
 BAD = {"corrupt.mp4": "unreadable", "missing.mp4": "missing", "short.mp4": "too_short"}
-PREPARE_ARGS = ["--frames", FRAMES, "--height", SIZE, "--width", SIZE, "--batch-size", 2,
-                "--shard-size", 3, "--no-progress"]
+PREPARE_ARGS = [
+  "--frames",
+  FRAMES,
+  "--height",
+  SIZE,
+  "--width",
+  SIZE,
+  "--batch-size",
+  2,
+  "--shard-size",
+  3,
+  "--no-progress",
+]
 
 
 def _data_dir() -> str | None:
@@ -86,8 +99,21 @@ def inputs(tmp_path_factory):
 
 def _prepare_argv(inputs, model_dir, out, *extra):
   videos, captions = inputs
-  return [str(a) for a in ["--videos", videos, "--captions", captions, "--model", model_dir,
-                           "--out", out, *PREPARE_ARGS, *extra]]
+  return [
+    str(a)
+    for a in [
+      "--videos",
+      videos,
+      "--captions",
+      captions,
+      "--model",
+      model_dir,
+      "--out",
+      out,
+      *PREPARE_ARGS,
+      *extra,
+    ]
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +134,14 @@ def _all_records(data_dir) -> list[bytes]:
 
 def test_example_roundtrip_dtypes_and_overflow():
   rng = np.random.default_rng(0)
-  ex = {"latents": rng.normal(size=LATENT_SHAPE).astype(np.float32),
-        "text_emb": rng.normal(size=TEXT_SHAPE).astype(np.float32) * 3, "caption": "ünïcode, \"q\"",
-        "source": "a/b.mp4", "index": 7, "fps": 8.0}
+  ex = {
+    "latents": rng.normal(size=LATENT_SHAPE).astype(np.float32),
+    "text_emb": rng.normal(size=TEXT_SHAPE).astype(np.float32) * 3,
+    "caption": 'ünïcode, "q"',
+    "source": "a/b.mp4",
+    "index": 7,
+    "fps": 8.0,
+  }
   for lat_dtype, txt_dtype in (("float32", "float16"), ("bfloat16", "bfloat16"), ("float16", "float32")):
     back = R.read_example(R.encode_example(ex, latent_dtype=lat_dtype, text_dtype=txt_dtype))
     assert str(back["latents"].dtype) == lat_dtype and str(back["text_emb"].dtype) == txt_dtype
@@ -118,7 +149,8 @@ def test_example_roundtrip_dtypes_and_overflow():
       want = ex[name].astype(back[name].dtype).astype(np.float32)
       np.testing.assert_array_equal(back[name].astype(np.float32), want)
     assert {k: back[k] for k in ("caption", "source", "index", "fps")} == {
-        k: ex[k] for k in ("caption", "source", "index", "fps")}
+      k: ex[k] for k in ("caption", "source", "index", "fps")
+    }
   with pytest.raises(ValueError, match="overflows float16"):
     R.encode_example({**ex, "text_emb": np.full(TEXT_SHAPE, 1e6, np.float32)})
   with pytest.raises(ValueError, match="non-finite"):
@@ -131,9 +163,16 @@ def test_records_are_decoded_one_at_a_time(monkeypatch):
   import ast
   import threading
   import time
-  data = R.encode_example({"latents": np.zeros(LATENT_SHAPE, np.float32),
-                           "text_emb": np.zeros(TEXT_SHAPE, np.float32), "caption": "c", "source": "v.mp4",
-                           "index": 0})
+
+  data = R.encode_example(
+    {
+      "latents": np.zeros(LATENT_SHAPE, np.float32),
+      "text_emb": np.zeros(TEXT_SHAPE, np.float32),
+      "caption": "c",
+      "source": "v.mp4",
+      "index": 0,
+    }
+  )
   inside, most, guard = [0], [0], threading.Lock()
   real = ast.literal_eval
 
@@ -161,7 +200,9 @@ def test_read_captions_csv_and_jsonl(tmp_path):
   jl = tmp_path / "c.jsonl"
   jl.write_text('{"path": "a.mp4", "caption": "one"}\n\n{"path": "b/c.mp4", "caption": "two, three"}\n')
   assert [(e.index, e.path, e.caption) for e in PR.read_captions(jl)] == [
-      (0, "a.mp4", "one"), (1, "b/c.mp4", "two, three")]
+    (0, "a.mp4", "one"),
+    (1, "b/c.mp4", "two, three"),
+  ]
   cs = tmp_path / "c.csv"
   cs.write_text('caption,path,extra\n"two, three",b/c.mp4,x\n')
   assert [(e.path, e.caption) for e in PR.read_captions(cs)] == [("b/c.mp4", "two, three")]
@@ -204,9 +245,16 @@ def test_prepared_examples_equal_the_encoders(prepared, inputs, pipe):
   assert len(source) == len(GOOD)
   examples = [source[i] for i in range(len(source))]
   assert [e["index"] for e in examples] == GOOD
-  want_latents = [np.asarray(V.encode(pipe.vae_params, vio.load_clip(
-      videos / e["source"], num_frames=FRAMES, height=SIZE, width=SIZE, fps=8)[None],
-      config=pipe.vae_config))[0] for e in examples]
+  want_latents = [
+    np.asarray(
+      V.encode(
+        pipe.vae_params,
+        vio.load_clip(videos / e["source"], num_frames=FRAMES, height=SIZE, width=SIZE, fps=8)[None],
+        config=pipe.vae_config,
+      )
+    )[0]
+    for e in examples
+  ]
   want_text = np.asarray(pipe.encode_prompts([e["caption"] for e in examples]))
   for k, e in enumerate(examples):
     assert (e["source"], e["caption"]) == ENTRIES[GOOD[k]]
@@ -214,7 +262,7 @@ def test_prepared_examples_equal_the_encoders(prepared, inputs, pipe):
     np.testing.assert_allclose(e["latents"], want_latents[k], rtol=0, atol=1e-5)
     assert e["text_emb"].dtype == np.float16 and e["text_emb"].shape == TEXT_SHAPE
     # float16 storage: within its rounding of the float32 embedding.
-    np.testing.assert_allclose(e["text_emb"].astype(np.float32), want_text[k], rtol=2 ** -10, atol=1e-6)
+    np.testing.assert_allclose(e["text_emb"].astype(np.float32), want_text[k], rtol=2**-10, atol=1e-6)
   assert np.abs(np.stack(want_latents)).max() > 0.5  # the comparison is not between zeros
 
 
@@ -274,10 +322,31 @@ def test_prepare_resumes_after_a_crash(prepared, inputs, model_dir, tmp_path, mo
 
 def test_prepare_cli_bad_arguments(inputs, tmp_path):
   videos, _ = inputs
-  proc = subprocess.run([sys.executable, "-m", "repvideo_jax.data.prepare", "--videos", str(videos),
-                         "--captions", str(tmp_path / "nope.csv"), "--model", str(tmp_path),
-                         "--out", str(tmp_path / "o"), "--frames", "9", "--height", "64",
-                         "--width", "64"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "repvideo_jax.data.prepare",
+      "--videos",
+      str(videos),
+      "--captions",
+      str(tmp_path / "nope.csv"),
+      "--model",
+      str(tmp_path),
+      "--out",
+      str(tmp_path / "o"),
+      "--frames",
+      "9",
+      "--height",
+      "64",
+      "--width",
+      "64",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+  )
   assert proc.returncode == 2 and "error: captions file" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -290,9 +359,16 @@ N_SYNTH = 26
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
   out = tmp_path_factory.mktemp("synthetic")
-  examples = [{"latents": np.full(LATENT_SHAPE, i, np.float32),
-               "text_emb": np.full(TEXT_SHAPE, -i, np.float32), "caption": f"c{i}",
-               "source": f"v{i}.mp4", "index": i} for i in range(N_SYNTH)]
+  examples = [
+    {
+      "latents": np.full(LATENT_SHAPE, i, np.float32),
+      "text_emb": np.full(TEXT_SHAPE, -i, np.float32),
+      "caption": f"c{i}",
+      "source": f"v{i}.mp4",
+      "index": i,
+    }
+    for i in range(N_SYNTH)
+  ]
   R.write_shards(out, examples, shard_size=4)
   return out
 
@@ -313,8 +389,9 @@ def test_train_batches_shapes_and_seeded_shuffle(synthetic, prepared):
   assert batch["text"].shape == (2, *TEXT_SHAPE) and batch["text"].dtype == np.float32
 
   def run(seed, n=10, **kw):
-    with DP.make_train_iterator(synthetic, global_batch=4, seed=seed, shard_index=0,
-                                shard_count=1, **kw) as it:
+    with DP.make_train_iterator(
+      synthetic, global_batch=4, seed=seed, shard_index=0, shard_count=1, **kw
+    ) as it:
       return _take(it, n)
 
   a = run(1)
@@ -322,12 +399,13 @@ def test_train_batches_shapes_and_seeded_shuffle(synthetic, prepared):
     b = next(it)
   np.testing.assert_array_equal(b["text"][:, 0, 0], -np.asarray(a[0]))  # text travels with its latents
   assert a == run(1) and a != run(2)
-  epoch = [i for batch in a[:N_SYNTH // 4] for i in batch]
+  epoch = [i for batch in a[: N_SYNTH // 4] for i in batch]
   assert len(set(epoch)) == len(epoch) and epoch != sorted(epoch)  # no repeats within an epoch
   one_epoch = [i for batch in run(1, n=N_SYNTH // 4, num_epochs=1) for i in batch]
   assert one_epoch == epoch
-  with DP.make_train_iterator(synthetic, global_batch=4, seed=1, shard_index=0, shard_count=1,
-                              num_epochs=1) as it:
+  with DP.make_train_iterator(
+    synthetic, global_batch=4, seed=1, shard_index=0, shard_count=1, num_epochs=1
+  ) as it:
     assert sum(1 for _ in it) == N_SYNTH // 4  # the partial last batch is dropped
   with pytest.raises(ValueError, match="multiple of the number of processes"):
     DP.make_train_iterator(synthetic, global_batch=3, seed=0, shard_index=0, shard_count=2)
@@ -337,12 +415,11 @@ def test_train_sharding_gives_disjoint_examples(synthetic):
   per_epoch = (N_SYNTH // 2) // 2  # 13 examples per process, batches of 2
   seen = []
   for shard in (0, 1):
-    with DP.make_train_iterator(synthetic, global_batch=4, seed=7, shard_index=shard,
-                                shard_count=2) as it:
+    with DP.make_train_iterator(synthetic, global_batch=4, seed=7, shard_index=shard, shard_count=2) as it:
       assert it.batches_per_epoch == per_epoch
       batches = _take(it, 2 * per_epoch)
     assert all(len(b) == 2 for b in batches)
-    epochs = [[i for b in batches[e * per_epoch:(e + 1) * per_epoch] for i in b] for e in (0, 1)]
+    epochs = [[i for b in batches[e * per_epoch : (e + 1) * per_epoch] for i in b] for e in (0, 1)]
     assert all(len(set(e)) == len(e) for e in epochs)
     assert set(epochs[0]) | set(epochs[1]) <= set(range(N_SYNTH))
     seen.append(set(epochs[0]) | set(epochs[1]))
@@ -351,8 +428,9 @@ def test_train_sharding_gives_disjoint_examples(synthetic):
 
 @pytest.mark.parametrize("num_workers,shard", [(0, (0, 1)), (0, (1, 2)), (1, (0, 1))])
 def test_train_state_restore_is_exact(synthetic, num_workers, shard):
-  kw = dict(global_batch=4 * shard[1], seed=11, shard_index=shard[0], shard_count=shard[1],
-            num_workers=num_workers)
+  kw = dict(
+    global_batch=4 * shard[1], seed=11, shard_index=shard[0], shard_count=shard[1], num_workers=num_workers
+  )
   with DP.make_train_iterator(synthetic, **kw) as it:
     _take(it, 5)
     state = it.get_state()
@@ -371,6 +449,7 @@ def test_train_state_restore_is_exact(synthetic, num_workers, shard):
 def test_train_state_through_grain_orbax_handler(synthetic, tmp_path):
   import grain
   import orbax.checkpoint as ocp
+
   kw = dict(global_batch=4, seed=3, shard_index=0, shard_count=1)
   with DP.make_train_iterator(synthetic, **kw) as it:
     _take(it, 4)
@@ -401,8 +480,7 @@ def test_online_matches_prepare_and_resumes(prepared, inputs, model_dir):
   assert got_lat.dtype == np.float32 and got_lat.shape == (4, *LATENT_SHAPE)
   for k in range(4):
     np.testing.assert_allclose(got_lat[k], source[k]["latents"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got_text[k], source[k]["text_emb"].astype(np.float32), rtol=2 ** -10,
-                               atol=1e-6)
+    np.testing.assert_allclose(got_text[k], source[k]["text_emb"].astype(np.float32), rtol=2**-10, atol=1e-6)
   # Shuffled and repeating (batches cross the epoch boundary), with exact state restore.
   it = online.OnlineIterator(captions, videos, enc, seed=4, **kw)
   first = [next(it)["text"] for _ in range(2)]

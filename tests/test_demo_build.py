@@ -15,10 +15,20 @@ import pytest
 from repvideo_jax import pipeline
 from repvideo_jax.demo import build
 
-FIRST_STEPS = ["dataset.per_spec=1", "text_training.steps=30", "text_training.log_every=1",
-               "vae_training.steps=24", "vae_training.image_steps=12", "vae_training.log_every=1",
-               "vae_training.warmup_steps=2", "train.run.steps=30", "train.run.log_every=1",
-               "train.run.save_every=15", "train.optim.warmup_steps=5", "train.optim.total_steps=30"]
+FIRST_STEPS = [
+  "dataset.per_spec=1",
+  "text_training.steps=30",
+  "text_training.log_every=1",
+  "vae_training.steps=24",
+  "vae_training.image_steps=12",
+  "vae_training.log_every=1",
+  "vae_training.warmup_steps=2",
+  "train.run.steps=30",
+  "train.run.log_every=1",
+  "train.run.save_every=15",
+  "train.optim.warmup_steps=5",
+  "train.optim.total_steps=30",
+]
 
 
 def _losses(path):
@@ -50,13 +60,15 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   assert (defaults["num_frames"], defaults["height"], defaults["width"]) == (17, 64, 64)
   assert pipe.transformer_config.feature_cache and pipe.transformer_config.num_layers == 12
   from repvideo_jax.demo import domain as D
+
   assert pipe.manifest["source"]["heldout"] == [D.caption(s) for s in D.split_specs(0)[1]]
   held = set(pipe.manifest["source"]["heldout"])
   with open(out / "data" / "captions.csv") as f:
     trained = {line.split(",", 1)[1].strip() for line in f.read().splitlines()[1:]}
   assert trained and not trained & held  # no held-out caption was trained on
   assert pipe.vae_config.scaling_factor == pytest.approx(
-      json.loads((out / "vae" / "stage.json").read_text())["scaling_factor"])
+    json.loads((out / "vae" / "stage.json").read_text())["scaling_factor"]
+  )
 
   # A re-run finds every stage complete and rebuilds the same model; a changed stage config is refused.
   again = build.build(recipe, out, progress=False)

@@ -32,10 +32,8 @@ def _centroids(frames):
 
 
 def test_caption_templates():
-  assert caption(Spec("circle", "red", "moving left")) == \
-    "a red circle moving left on a black background"
-  assert caption(Spec("triangle", "white", "growing")) == \
-    "a white triangle growing on a black background"
+  assert caption(Spec("circle", "red", "moving left")) == "a red circle moving left on a black background"
+  assert caption(Spec("triangle", "white", "growing")) == "a white triangle growing on a black background"
   caps = {caption(s) for s in all_specs()}
   assert len(caps) == len(SHAPES) * len(COLORS) * len(MOTIONS) == len(all_specs())
 
@@ -125,14 +123,16 @@ def test_detect_empty_and_score():
   assert d == {"color": None, "shape": None, "motion": None}
   assert score(Spec("circle", "red", "growing"), d) == {"color": 0, "shape": 0, "motion": 0}
   s = Spec("circle", "red", "growing")
-  assert score(s, {"color": "red", "shape": "square", "motion": "growing"}) == \
-    {"color": 1, "shape": 0, "motion": 1}
+  assert score(s, {"color": "red", "shape": "square", "motion": "growing"}) == {
+    "color": 1,
+    "shape": 0,
+    "motion": 1,
+  }
 
 
 def test_write_dataset(tmp_path):
   specs = [Spec("circle", "red", "moving left"), Spec("triangle", "blue", "shrinking")]
-  csv_path = write_dataset(tmp_path, specs, per_spec=2, num_frames=7, height=64, width=64,
-                           fps=8, seed=5)
+  csv_path = write_dataset(tmp_path, specs, per_spec=2, num_frames=7, height=64, width=64, fps=8, seed=5)
   entries = read_captions(csv_path)
   assert len(entries) == 4
   assert [e.caption for e in entries] == [caption(s) for s in specs for _ in range(2)]

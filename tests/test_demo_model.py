@@ -38,8 +38,9 @@ def test_readme_first_command_writes_a_video_with_the_bundled_model(tmp_path):
   command = quickstart_first_command()
   assert command == "make demo", command
   out = tmp_path / "demo"
-  proc = subprocess.run(["make", "demo", f"DEMO_OUT={out}"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=900)
+  proc = subprocess.run(
+    ["make", "demo", f"DEMO_OUT={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   videos = sorted(out.glob("*.mp4"))
   assert [v.name for v in videos] == ["0000_a_red_circle_moving_left_on_a_black_background.mp4"]
@@ -71,8 +72,9 @@ def test_bundled_model_follows_held_out_prompts_above_chance():
   pipe = pipeline.load_pipeline(demo_model_dir())
   specs = [D.split_specs(0)[1][i] for i in SUBSET]
   assert {s.color for s in specs} == set(D.COLORS) and {s.shape for s in specs} == set(D.SHAPES)
-  result = evaluate.evaluate(pipe, specs, settings=pipeline.settings_for(pipe, seed=0), seeds=1,
-                             progress=False)
+  result = evaluate.evaluate(
+    pipe, specs, settings=pipeline.settings_for(pipe, seed=0), seeds=1, progress=False
+  )
   for attribute, bar in BAR.items():
     assert bar > 3 * evaluate.CHANCE[attribute]
     assert result["balanced_accuracy"][attribute] >= bar, (attribute, result["balanced_accuracy"])
@@ -83,8 +85,9 @@ def test_bundled_model_follows_held_out_prompts_above_chance():
 
 def test_evaluate_command_writes_the_table_and_json(tmp_path, capsys):
   out = tmp_path / "eval.json"
-  assert evaluate.main(["--limit", "2", "--seeds", "1", "--no-features", "--out", str(out),
-                        "--no-progress"]) == 0
+  assert (
+    evaluate.main(["--limit", "2", "--seeds", "1", "--no-features", "--out", str(out), "--no-progress"]) == 0
+  )
   table = capsys.readouterr().out
   assert "balanced" in table and "majority" in table and "VAE only" in table
   result = json.loads(out.read_text())
@@ -97,11 +100,31 @@ def test_evaluate_command_writes_the_table_and_json(tmp_path, capsys):
 
 def test_analysis_command_on_the_bundled_model(tmp_path):
   from repvideo_jax import analysis
+
   out = tmp_path / "analysis"
-  assert analysis.main(["--prompt", "a green square moving up on a black background", "--out", str(out),
-                        "--steps", "10", "--compare", "cache-off=off"]) == 0
-  for name in ("analysis.json", "attention_mass.png", "frame_similarity.png", "attention_maps_model.png",
-               "token_attention_model.png", "video.mp4"):
+  assert (
+    analysis.main(
+      [
+        "--prompt",
+        "a green square moving up on a black background",
+        "--out",
+        str(out),
+        "--steps",
+        "10",
+        "--compare",
+        "cache-off=off",
+      ]
+    )
+    == 0
+  )
+  for name in (
+    "analysis.json",
+    "attention_mass.png",
+    "frame_similarity.png",
+    "attention_maps_model.png",
+    "token_attention_model.png",
+    "video.mp4",
+  ):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "analysis.json").read_text())
   assert result["token_grid"] == [5, 4, 4]
@@ -112,7 +135,8 @@ def test_analysis_command_on_the_bundled_model(tmp_path):
       assert sum(row["attention_mass"].values()) == pytest.approx(1.0, abs=1e-5)
       assert len(row["adjacent_frame_similarity"]) == 4
   assert [r["gate_has_effect"] for r in result["variants"]["model"]["layers"]] == [
-      i not in (0, 1, 7) for i in range(12)]
+    i not in (0, 1, 7) for i in range(12)
+  ]
 
 
 def test_evaluation_metrics():
@@ -131,8 +155,10 @@ def test_evaluation_metrics():
   # A constant answer: accuracy 0.75 on this lopsided set, balanced accuracy 1/2 (of 2 values).
   bal = evaluate.balanced_accuracy(specs, always_circle)
   assert bal == {"color": 1.0, "shape": 0.5, "motion": 0.0}
-  assert evaluate.confusion(specs, always_circle)["shape"] == {"circle": {"circle": 3},
-                                                               "square": {"circle": 1}}
+  assert evaluate.confusion(specs, always_circle)["shape"] == {
+    "circle": {"circle": 3},
+    "square": {"circle": 1},
+  }
   assert evaluate.confusion(specs, always_circle)["motion"] == {"growing": {"none": 4}}
   assert len(evaluate.split_prompts("heldout")) == 18 and len(evaluate.split_prompts("train")) == 72
   with pytest.raises(ValueError, match="split must be"):

@@ -16,10 +16,26 @@ from repvideo_jax.demo import domain as D
 from repvideo_jax.demo import text_training, vae_training
 
 CAPTIONS = sorted({D.caption(s) for s in D.all_specs()})
-T5 = TE.T5Config(vocab_size=48, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-                 relative_attention_num_buckets=8, relative_attention_max_distance=16, max_length=16)
-VAE = V.VAEConfig(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1,
-                  norm_num_groups=8, scaling_factor=1.0, sample_height=32, sample_width=32)
+T5 = TE.T5Config(
+  vocab_size=48,
+  d_model=32,
+  d_kv=8,
+  num_heads=4,
+  d_ff=64,
+  num_layers=2,
+  relative_attention_num_buckets=8,
+  relative_attention_max_distance=16,
+  max_length=16,
+)
+VAE = V.VAEConfig(
+  block_out_channels=(8, 16, 16, 16),
+  latent_channels=4,
+  layers_per_block=1,
+  norm_num_groups=8,
+  scaling_factor=1.0,
+  sample_height=32,
+  sample_width=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +71,12 @@ def test_corrupt_replaces_only_real_tokens_at_the_rate():
 
 def test_text_pretraining_lowers_the_loss_and_resumes_exactly(tokenizer, tmp_path):
   cfg = TE.T5Config(**{**T5.__dict__, "vocab_size": len(tokenizer)})
-  tc = text_training.TextTrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, log_every=1,
-                                     save_every=20)
-  params, rows = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "a",
-                                                max_length=16, progress=False)
+  tc = text_training.TextTrainConfig(
+    steps=40, batch_size=16, lr=3e-3, warmup_steps=5, log_every=1, save_every=20
+  )
+  params, rows = text_training.pretrain_encoder(
+    cfg, tokenizer, CAPTIONS, tc, tmp_path / "a", max_length=16, progress=False
+  )
   losses = [r["loss"] for r in rows]
   # 30% of the tokens are corrupted and a corrupted slot can only be guessed from the template, so
   # the loss has a floor well above 0: ask for a clear fall, and most tokens right.
@@ -66,18 +84,21 @@ def test_text_pretraining_lowers_the_loss_and_resumes_exactly(tokenizer, tmp_pat
   assert rows[-1]["accuracy"] > 0.7, rows[-1]
   # Preempted at step 25 (a checkpoint at 20 and one at 25), then the same call again: the params
   # of one uninterrupted run.
-  text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16,
-                                 progress=False, stop_at=25)
-  resumed, resumed_rows = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b",
-                                                         max_length=16, progress=False)
+  text_training.pretrain_encoder(
+    cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16, progress=False, stop_at=25
+  )
+  resumed, resumed_rows = text_training.pretrain_encoder(
+    cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16, progress=False
+  )
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   # The log is the whole history, both starts: the same losses as the uninterrupted run's.
   assert [r["step"] for r in resumed_rows] == list(range(1, 41))
   assert [r["loss"] for r in resumed_rows] == losses
   # A call on a finished run trains nothing and still returns the params and the history.
-  again, again_rows = text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, tc, tmp_path / "b",
-                                                     max_length=16, progress=False)
+  again, again_rows = text_training.pretrain_encoder(
+    cfg, tokenizer, CAPTIONS, tc, tmp_path / "b", max_length=16, progress=False
+  )
   assert again_rows == resumed_rows
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
@@ -86,15 +107,28 @@ def test_text_pretraining_lowers_the_loss_and_resumes_exactly(tokenizer, tmp_pat
 def test_text_pretraining_refuses_a_too_small_vocabulary(tokenizer, tmp_path):
   cfg = TE.T5Config(**{**T5.__dict__, "vocab_size": 10})
   with pytest.raises(ValueError, match="raise vocab_size to at least"):
-    text_training.pretrain_encoder(cfg, tokenizer, CAPTIONS, text_training.TextTrainConfig(steps=1),
-                                   tmp_path, max_length=16, progress=False)
+    text_training.pretrain_encoder(
+      cfg,
+      tokenizer,
+      CAPTIONS,
+      text_training.TextTrainConfig(steps=1),
+      tmp_path,
+      max_length=16,
+      progress=False,
+    )
 
 
 def _clips(step, n=2, frames=9):
   rng = np.random.default_rng(step)
   specs = D.all_specs()
-  return np.stack([D.render(specs[rng.integers(len(specs))], num_frames=frames, height=32, width=32,
-                            seed=int(rng.integers(1000))) for _ in range(n)])
+  return np.stack(
+    [
+      D.render(
+        specs[rng.integers(len(specs))], num_frames=frames, height=32, width=32, seed=int(rng.integers(1000))
+      )
+      for _ in range(n)
+    ]
+  )
 
 
 def _images(step):
@@ -102,8 +136,17 @@ def _images(step):
 
 
 def test_vae_training_lowers_the_loss_and_resumes_exactly(tmp_path):
-  tc = vae_training.VAETrainConfig(steps=24, batch_size=2, frames=9, image_steps=12, image_batch_size=4,
-                                   lr=3e-3, warmup_steps=2, log_every=1, save_every=10)
+  tc = vae_training.VAETrainConfig(
+    steps=24,
+    batch_size=2,
+    frames=9,
+    image_steps=12,
+    image_batch_size=4,
+    lr=3e-3,
+    warmup_steps=2,
+    log_every=1,
+    save_every=10,
+  )
   params, rows = vae_training.train(VAE, tc, _clips, tmp_path / "a", images=_images, progress=False)
   image_losses = [r["loss"] for r in rows if r["step"] <= 12]
   assert np.mean(image_losses[-3:]) < 0.5 * np.mean(image_losses[:3]), image_losses
@@ -126,11 +169,11 @@ def test_vae_loss_terms_and_latent_scale():
   z = post.sample(key)
   recon = np.asarray(V.decode(params, z, config=VAE, chunking="released"), np.float64)
   err = recon - np.asarray(x, np.float64)
-  kl = 0.5 * np.mean(mean ** 2 + np.exp(logvar) - 1 - logvar)
+  kl = 0.5 * np.mean(mean**2 + np.exp(logvar) - 1 - logvar)
   assert float(terms["l1"]) == pytest.approx(np.abs(err).mean(), rel=1e-5)
-  assert float(terms["mse"]) == pytest.approx((err ** 2).mean(), rel=1e-5)
+  assert float(terms["mse"]) == pytest.approx((err**2).mean(), rel=1e-5)
   assert float(terms["kl"]) == pytest.approx(kl, rel=1e-5)
-  assert float(loss) == pytest.approx(np.abs(err).mean() + (err ** 2).mean() + 0.5 * kl, rel=1e-5)
+  assert float(loss) == pytest.approx(np.abs(err).mean() + (err**2).mean() + 0.5 * kl, rel=1e-5)
   scale = vae_training.latent_scale(params, VAE, video, batch_size=1)
   assert scale == pytest.approx(1.0 / mean.std(), rel=1e-5)
 

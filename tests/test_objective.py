@@ -35,9 +35,11 @@ def test_stratified_range_matches_brute_force(world_size):
 def test_stratified_range_examples():
   assert objective.stratified_timestep_range(0, 1) == (0, 1000)
   assert [objective.stratified_timestep_range(r, 8) for r in range(8)] == [
-      (125 * r, 125 * r + 125) for r in range(8)]
+    (125 * r, 125 * r + 125) for r in range(8)
+  ]
   assert [objective.stratified_timestep_range(r, 16) for r in range(16)] == [
-      (125 * (r // 2), 125 * (r // 2) + 125) for r in range(16)]
+    (125 * (r // 2), 125 * (r // 2) + 125) for r in range(16)
+  ]
   assert {objective.stratified_timestep_range(r, 3) for r in range(3)} == {(0, 1000)}
   assert objective.stratified_timestep_range(5, 24) == (125, 250)  # G = 8, runs of 3 ranks
   with pytest.raises(ValueError):
@@ -52,7 +54,7 @@ def test_stratified_samples_per_rank(world_size):
   assert t.shape == (batch,) and t.dtype == np.int32
   for r in range(world_size):
     lo, hi = objective.stratified_timestep_range(r, world_size)
-    mine = t[r * per_rank:(r + 1) * per_rank]  # example j belongs to rank j // (batch / W)
+    mine = t[r * per_rank : (r + 1) * per_rank]  # example j belongs to rank j // (batch / W)
     assert mine.min() >= lo and mine.max() < hi
     if hi - lo <= 250:  # enough draws to see every value of a narrow interval
       assert len(np.unique(mine)) == hi - lo
@@ -75,8 +77,9 @@ def test_text_dropout():
   assert np.all(dropped ^ kept)  # each sample is either exactly zero or bit-identical
   frac = dropped.mean()
   assert abs(frac - rate) < 5 * np.sqrt(rate * (1 - rate) / n), frac
-  np.testing.assert_array_equal(np.asarray(objective.text_dropout(jax.random.key(1), jnp.asarray(text),
-                                                                  0.0)), text)
+  np.testing.assert_array_equal(
+    np.asarray(objective.text_dropout(jax.random.key(1), jnp.asarray(text), 0.0)), text
+  )
 
 
 def toy_apply(params, x_t, timesteps, text):
@@ -99,8 +102,11 @@ def test_loss_matches_numpy_and_weighted_x0_form():
   table = schedule.sqrt_alpha_table()
   key = jax.random.key(42)
   world_size, ucg = 2, 0.5
-  loss_fn = jax.jit(lambda p, x, c, k: objective.diffusion_loss(
-      p, toy_apply, x, c, k, table=table, world_size=world_size, ucg_rate=ucg))
+  loss_fn = jax.jit(
+    lambda p, x, c, k: objective.diffusion_loss(
+      p, toy_apply, x, c, k, table=table, world_size=world_size, ucg_rate=ucg
+    )
+  )
   loss, metrics = loss_fn(params, latents, text, key)
 
   # The draws, from the documented key split (timesteps, noise, text dropout).
@@ -126,8 +132,12 @@ def test_loss_matches_numpy_and_weighted_x0_form():
   # Reference form: x0_hat = a x_t - s v_hat, w = 1 / (1 - a^2).
   x0_hat = a * x_t - s * v_hat
   np.testing.assert_allclose(np.mean((x0_hat - x0) ** 2 / (1 - a * a)), expected, rtol=1e-6)
-  got = objective.weighted_x0_loss(jnp.asarray(x_t, jnp.float32), jnp.asarray(v_hat, jnp.float32),
-                                   jnp.asarray(x0, jnp.float32), jnp.asarray(table[t]))
+  got = objective.weighted_x0_loss(
+    jnp.asarray(x_t, jnp.float32),
+    jnp.asarray(v_hat, jnp.float32),
+    jnp.asarray(x0, jnp.float32),
+    jnp.asarray(table[t]),
+  )
   np.testing.assert_allclose(float(got), expected, rtol=1e-4)
 
   # The gradient flows to the model params.
@@ -144,5 +154,5 @@ def test_weighted_x0_equals_v_mse_over_all_timesteps():
   x_t, v = objective.noise_latents(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(table[t]))
   per_sample_v = np.mean((v_hat - np.asarray(v)) ** 2, axis=(1, 2, 3, 4))
   for i in range(len(t)):
-    w_form = objective.weighted_x0_loss(x_t[i:i + 1], v_hat[i:i + 1], x0[i:i + 1], table[t[i:i + 1]])
+    w_form = objective.weighted_x0_loss(x_t[i : i + 1], v_hat[i : i + 1], x0[i : i + 1], table[t[i : i + 1]])
     np.testing.assert_allclose(float(w_form), per_sample_v[i], rtol=2e-3)

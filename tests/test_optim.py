@@ -22,25 +22,60 @@ def tiny_config(num_layers=3):
 
 
 def flat_names(tree):
-  return {jax.tree_util.keystr(p, simple=True, separator="/"): v
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p, simple=True, separator="/"): v
+    for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 # ----------------------------------------------------------------------------------------------
 # Masks.
 
 DECAYED = {
-    "blocks/ff_in/kernel", "blocks/ff_out/kernel", "blocks/norm1_mod/kernel", "blocks/norm2_mod/kernel",
-    "blocks/to_k/kernel", "blocks/to_out/kernel", "blocks/to_q/kernel", "blocks/to_v/kernel",
-    "norm_out_mod/kernel", "patch_kernel", "proj_out/kernel", "text_proj/kernel",
-    "time_linear_1/kernel", "time_linear_2/kernel"}
+  "blocks/ff_in/kernel",
+  "blocks/ff_out/kernel",
+  "blocks/norm1_mod/kernel",
+  "blocks/norm2_mod/kernel",
+  "blocks/to_k/kernel",
+  "blocks/to_out/kernel",
+  "blocks/to_q/kernel",
+  "blocks/to_v/kernel",
+  "norm_out_mod/kernel",
+  "patch_kernel",
+  "proj_out/kernel",
+  "text_proj/kernel",
+  "time_linear_1/kernel",
+  "time_linear_2/kernel",
+}
 NOT_DECAYED = {
-    "blocks/ff_in/bias", "blocks/ff_out/bias", "blocks/norm1/bias", "blocks/norm1/scale",
-    "blocks/norm1_mod/bias", "blocks/norm2/bias", "blocks/norm2/scale", "blocks/norm2_mod/bias",
-    "blocks/norm_k/bias", "blocks/norm_k/scale", "blocks/norm_q/bias", "blocks/norm_q/scale",
-    "blocks/to_k/bias", "blocks/to_out/bias", "blocks/to_q/bias", "blocks/to_v/bias", "gates",
-    "norm_final/bias", "norm_final/scale", "norm_out/bias", "norm_out/scale", "norm_out_mod/bias",
-    "patch_bias", "proj_out/bias", "text_proj/bias", "time_linear_1/bias", "time_linear_2/bias"}
+  "blocks/ff_in/bias",
+  "blocks/ff_out/bias",
+  "blocks/norm1/bias",
+  "blocks/norm1/scale",
+  "blocks/norm1_mod/bias",
+  "blocks/norm2/bias",
+  "blocks/norm2/scale",
+  "blocks/norm2_mod/bias",
+  "blocks/norm_k/bias",
+  "blocks/norm_k/scale",
+  "blocks/norm_q/bias",
+  "blocks/norm_q/scale",
+  "blocks/to_k/bias",
+  "blocks/to_out/bias",
+  "blocks/to_q/bias",
+  "blocks/to_v/bias",
+  "gates",
+  "norm_final/bias",
+  "norm_final/scale",
+  "norm_out/bias",
+  "norm_out/scale",
+  "norm_out_mod/bias",
+  "patch_bias",
+  "proj_out/bias",
+  "text_proj/bias",
+  "time_linear_1/bias",
+  "time_linear_2/bias",
+}
 
 
 def test_decay_mask():
@@ -74,8 +109,9 @@ def test_trainable_mask():
 def test_schedule_values():
   cfg = optim.OptimConfig(lr=1e-3, warmup_steps=4, schedule="constant")
   sched = optim.make_schedule(cfg)
-  np.testing.assert_allclose([float(sched(n)) for n in range(7)],
-                             [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(
+    [float(sched(n)) for n in range(7)], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-6
+  )
   cos = optim.make_schedule(dataclasses.replace(cfg, schedule="cosine", total_steps=14, end_lr_ratio=0.1))
   assert math.isclose(float(cos(0)), 2.5e-4, rel_tol=1e-6)
   assert math.isclose(float(cos(4)), 1e-3, rel_tol=1e-6)  # cosine starts after warmup
@@ -94,10 +130,14 @@ def test_schedule_values():
 
 def toy_params():
   rng = np.random.default_rng(0)
-  return {"dense": {"kernel": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
-                    "bias": jnp.asarray(rng.standard_normal(2), jnp.float32)},
-          "norm": {"scale": jnp.ones(2, jnp.float32), "bias": jnp.zeros(2, jnp.float32)},
-          "gates": jnp.full((2,), 0.5, jnp.float32)}
+  return {
+    "dense": {
+      "kernel": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+      "bias": jnp.asarray(rng.standard_normal(2), jnp.float32),
+    },
+    "norm": {"scale": jnp.ones(2, jnp.float32), "bias": jnp.zeros(2, jnp.float32)},
+    "gates": jnp.full((2,), 0.5, jnp.float32),
+  }
 
 
 def toy_loss(params, x, y):
@@ -109,8 +149,10 @@ def toy_loss(params, x, y):
 
 def toy_data(n=8, seed=1):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((n, 3)), jnp.float32),
-          jnp.asarray(rng.standard_normal((n, 2)), jnp.float32))
+  return (
+    jnp.asarray(rng.standard_normal((n, 3)), jnp.float32),
+    jnp.asarray(rng.standard_normal((n, 2)), jnp.float32),
+  )
 
 
 def run_updates(tx, params, grads_list, state=None):
@@ -149,8 +191,9 @@ def test_gate_lr_sets_first_adam_step():
   for gate_lr in (None, 1e-1, 1e-2):
     cfg = optim.OptimConfig(lr=1e-3, gate_lr=gate_lr, warmup_steps=0, weight_decay=0.0, clip_norm=None)
     new, _ = run_updates(optim.make_optimizer(cfg, params), params, [grads])
-    delta = flat_names(jax.tree.map(lambda a, b: np.abs(np.asarray(a, np.float64) - np.asarray(b)), new,
-                                    params))
+    delta = flat_names(
+      jax.tree.map(lambda a, b: np.abs(np.asarray(a, np.float64) - np.asarray(b)), new, params)
+    )
     np.testing.assert_allclose(delta.pop("gates"), cfg.peak_gate_lr, rtol=1e-4)
     for name, d in delta.items():
       np.testing.assert_allclose(d, 1e-3, rtol=1e-3, err_msg=name)
@@ -255,16 +298,28 @@ def tiny():
   cfg = tiny_config()
   params = random_params(cfg)
   rng = np.random.default_rng(0)
-  batch = {"latents": jnp.asarray(rng.standard_normal((2, 1, 4, 4, 4)), jnp.float32),
-           "text": jnp.asarray(rng.standard_normal((2, cfg.text_length, cfg.text_embed_dim)), jnp.float32)}
+  batch = {
+    "latents": jnp.asarray(rng.standard_normal((2, 1, 4, 4, 4)), jnp.float32),
+    "text": jnp.asarray(rng.standard_normal((2, cfg.text_length, cfg.text_embed_dim)), jnp.float32),
+  }
   return cfg, params, batch, jnp.asarray(schedule.sqrt_alpha_table())
 
 
 def make_step(cfg, params, table, **optim_kwargs):
   ocfg = optim.OptimConfig(warmup_steps=0, **optim_kwargs)
   tx = optim.make_optimizer(ocfg, params)
-  step = jax.jit(lambda s, b: optim.train_step(s, b, apply_fn=T.make_apply(cfg), optimizer=tx, table=table,
-                                               world_size=2, ucg_rate=0.1, ema_decay=ocfg.ema_decay))
+  step = jax.jit(
+    lambda s, b: optim.train_step(
+      s,
+      b,
+      apply_fn=T.make_apply(cfg),
+      optimizer=tx,
+      table=table,
+      world_size=2,
+      ucg_rate=0.1,
+      ema_decay=ocfg.ema_decay,
+    )
+  )
   return ocfg, tx, step
 
 
@@ -298,8 +353,9 @@ def test_train_step_learns_skips_nonfinite_and_tracks_ema(tiny):
   assert float(m["lr"]) == pytest.approx(3e-3) and float(m["gate_lr"]) == pytest.approx(3e-3)
   assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
   expected_ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, skipped["ema"], state["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state["ema"],
-               expected_ema)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state["ema"], expected_ema
+  )
   for _ in range(10):
     state, m = step(state, batch)
     assert not bool(m["skipped"])

@@ -31,24 +31,37 @@ def folder(tmp_path_factory):
 def _check_components(pipe, refs, *, gates=None):
   g = torch.Generator().manual_seed(0)
   # transformer
-  lat, ts, text = torch.randn(1, 2, 4, 8, 8, generator=g), torch.tensor([321]), torch.randn(1, 8, 32, generator=g)
+  lat, ts, text = (
+    torch.randn(1, 2, 4, 8, 8, generator=g),
+    torch.tensor([321]),
+    torch.randn(1, 8, 32, generator=g),
+  )
   model = refs["transformer"]
-  ref = (repvideo_reference_forward(model, lat, ts, text, torch.as_tensor(gates)) if gates is not None
-         else diffusers_forward(model, lat, ts, text))
-  out = jax.jit(T.make_apply(pipe.transformer_config))(pipe.transformer_params, to_channels_last(lat),
-                                                       ts.numpy(), text.numpy())
+  ref = (
+    repvideo_reference_forward(model, lat, ts, text, torch.as_tensor(gates))
+    if gates is not None
+    else diffusers_forward(model, lat, ts, text)
+  )
+  out = jax.jit(T.make_apply(pipe.transformer_config))(
+    pipe.transformer_params, to_channels_last(lat), ts.numpy(), text.numpy()
+  )
   np.testing.assert_allclose(np.asarray(out), to_channels_last(ref), atol=2e-5)
   # text encoder + tokenizer, as released: no mask, pads kept
   prompts = ["a red cat playing guitar", "ocean waves"]
-  ids = refs["tokenizer"](prompts, padding="max_length", max_length=8, truncation=True,
-                          return_tensors="pt").input_ids
+  ids = refs["tokenizer"](
+    prompts, padding="max_length", max_length=8, truncation=True, return_tensors="pt"
+  ).input_ids
   ref = refs["text_encoder"](ids).last_hidden_state.numpy()
   np.testing.assert_allclose(np.asarray(pipe.encode_prompts(prompts)), ref, atol=2e-5)
   # VAE decode of 3 latent frames (released chunking [0:3]) and encoder mean
   z = torch.randn(1, 4, 3, 8, 8, generator=g)
   ref = refs["vae"].decode(z).sample.permute(0, 2, 3, 4, 1).numpy()
-  out = V.decode(pipe.vae_params, z.permute(0, 2, 3, 4, 1).numpy() * pipe.vae_config.scaling_factor,
-                 config=pipe.vae_config, chunking="released")
+  out = V.decode(
+    pipe.vae_params,
+    z.permute(0, 2, 3, 4, 1).numpy() * pipe.vae_config.scaling_factor,
+    config=pipe.vae_config,
+    chunking="released",
+  )
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4)
 
 
@@ -100,10 +113,23 @@ def test_incomplete_folders_are_refused(folder, tmp_path):
 
 def test_component_cli_commands(folder, tmp_path):
   from repvideo_jax import text_encoder_weights, vae_weights
+
   src, _ = folder
   assert convert.main(["vae", "--src", str(src / "vae"), "--dst", str(tmp_path / "vae")]) == 0
-  assert convert.main(["text_encoder", "--src", str(src / "text_encoder"), "--dst", str(tmp_path / "te"),
-                       "--set", "param_dtype=bfloat16"]) == 0
+  assert (
+    convert.main(
+      [
+        "text_encoder",
+        "--src",
+        str(src / "text_encoder"),
+        "--dst",
+        str(tmp_path / "te"),
+        "--set",
+        "param_dtype=bfloat16",
+      ]
+    )
+    == 0
+  )
   v_cfg, v_params = vae_weights.load(tmp_path / "vae")
   v_ref_cfg, v_ref = vae_weights.load(src / "vae")
   assert v_cfg == v_ref_cfg

@@ -20,7 +20,9 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
   sat = tmp_path / "RepVideo"
   (sat / "1").mkdir(parents=True)
   (sat / "latest").write_text("1")
-  torch.save({"module": sat_state_dict(model, np.linspace(0, 1, 8))}, sat / "1" / "mp_rank_00_model_states.pt")
+  torch.save(
+    {"module": sat_state_dict(model, np.linspace(0, 1, 8))}, sat / "1" / "mp_rank_00_model_states.pt"
+  )
   monkeypatch.chdir(tmp_path)  # the README's relative paths now point at the tiny checkpoints
   (tmp_path / "checkpoints").symlink_to(tmp_path)
 

@@ -49,6 +49,7 @@ def _tree_bytes(folder: pathlib.Path) -> dict:
 
 # -- data loss ------------------------------------------------------------------------------------
 
+
 def test_convert_overwrite_with_a_bad_source_keeps_the_good_destination(source, model_dir, tmp_path):
   dst = tmp_path / "model"
   shutil.copytree(model_dir, dst)
@@ -66,10 +67,12 @@ def test_convert_overwrite_with_a_bad_source_keeps_the_good_destination(source, 
 
 def test_save_params_overwrite_that_fails_keeps_the_old_checkpoint(tmp_path, monkeypatch):
   import orbax.checkpoint as ocp
+
   checkpoint_io.save_params(tmp_path / "ck", {"x": np.ones(3, np.float32)}, metadata={"v": 1})
 
   def broken(self, *a, **k):
     raise OSError("disk full")
+
   monkeypatch.setattr(ocp.StandardCheckpointer, "save", broken)
   with pytest.raises(OSError, match="disk full"):
     checkpoint_io.save_params(tmp_path / "ck", {"x": np.zeros(3, np.float32)}, overwrite=True)
@@ -119,17 +122,23 @@ def test_sample_py_never_overwrites_earlier_videos(model_dir, tmp_path):
 
 # -- silent wrong results ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, message", [
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--guidance", "inf"], "--guidance must be a finite number >= 1"),
     (["--guidance", "nan"], "--guidance must be a finite number >= 1"),
-    (["--seed", str(2 ** 32)], r"--seed must be in \[0, 2\^32 - 1\]"),
+    (["--seed", str(2**32)], r"--seed must be in \[0, 2\^32 - 1\]"),
     (["--seed", "10" * 20], r"--seed must be in \[0, 2\^32 - 1\]"),
     (["--fps", "nan"], "--fps must be a finite number > 0"),
     (["--steps", "0"], "--steps must be >= 1"),
-])
+  ],
+)
 def test_sample_py_refuses_non_finite_or_out_of_range_settings(flags, message, tmp_path):
   out = tmp_path / "never"
-  proc = _run(ROOT / "sample.py", "--model", tmp_path / "no-model-needed", "--prompt", "x", "--out", out, *flags)
+  proc = _run(
+    ROOT / "sample.py", "--model", tmp_path / "no-model-needed", "--prompt", "x", "--out", out, *flags
+  )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
   assert re.search(message, proc.stderr), proc.stderr
@@ -139,13 +148,14 @@ def test_generation_settings_refuse_nan_and_aliasing_seeds():
   with pytest.raises(ValueError, match="finite"):
     pipeline.GenerationSettings(9, 64, 64, guidance=float("nan")).validate(*_tiny_configs())
   with pytest.raises(ValueError, match="seed must be an integer"):
-    pipeline.GenerationSettings(9, 64, 64, seed=2 ** 32).validate(*_tiny_configs())
+    pipeline.GenerationSettings(9, 64, 64, seed=2**32).validate(*_tiny_configs())
 
 
 def _tiny_configs():
   from repvideo_jax.config import load_section
   from repvideo_jax.transformer import TransformerConfig
   from repvideo_jax.vae import VAEConfig
+
   return load_section(TransformerConfig, "transformer", "tiny"), VAEConfig()
 
 
@@ -163,7 +173,9 @@ def test_flipped_bytes_in_converted_weights_are_caught(model_dir, tmp_path):
   data = bytearray(f.read_bytes())
   data[len(data) // 2] ^= 0x40
   f.write_bytes(bytes(data))
-  with pytest.raises(ValueError, match=f"{name} does not match its checksum in metadata.json: .* --no-verify"):
+  with pytest.raises(
+    ValueError, match=f"{name} does not match its checksum in metadata.json: .* --no-verify"
+  ):
     pipeline.load_pipeline(dst)
   proc = _run(ROOT / "sample.py", "--model", dst, "--prompt", "x", "--steps", 1, "--out", tmp_path / "o")
   assert proc.returncode == 2 and "does not match its checksum" in proc.stderr
@@ -175,6 +187,7 @@ def test_a_damaged_orbax_folder_is_one_clear_error(tmp_path):
   named; an older folder without checksums still gets one error instead of orbax's tracebacks."""
   from repvideo_jax import transformer_weights
   from repvideo_jax.demo import demo_model_dir
+
   for name, keep_checksums in (("new", True), ("old", False)):
     folder = tmp_path / name
     shutil.copytree(demo_model_dir() / "transformer", folder)
@@ -196,16 +209,22 @@ def test_a_damaged_training_checkpoint_is_one_clear_error_naming_the_way_back(tm
   trainer.train(cfg, data_iterator=FixedBatches())
   ckpts = pathlib.Path(cfg.run.output_dir) / "checkpoints"
   (ckpts / "2" / "state" / "manifest.ocdbt").unlink()
-  with pytest.raises(ValueError, match=r"step 2 .*/manifest.ocdbt missing.*move .*/2 out of .* resume from step 1"):
+  with pytest.raises(
+    ValueError, match=r"step 2 .*/manifest.ocdbt missing.*move .*/2 out of .* resume from step 1"
+  ):
     trainer.train(cfg, resume=True, data_iterator=FixedBatches())
   shutil.move(ckpts / "2", tmp_path / "damaged-2")
-  resumed = trainer.train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3)), resume=True,
-                          data_iterator=FixedBatches())
+  resumed = trainer.train(
+    dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3)),
+    resume=True,
+    data_iterator=FixedBatches(),
+  )
   assert resumed["final_step"] == 3
 
 
 def test_conversion_warns_about_nan_weights(source, tmp_path):
   from diffusers import AutoencoderKLCogVideoX
+
   vae = AutoencoderKLCogVideoX.from_pretrained(source / "vae")
   with torch.no_grad():
     vae.decoder.conv_out.conv.weight[0, 0, 0, 0, 0] = float("nan")
@@ -221,6 +240,7 @@ def test_training_that_ends_on_non_finite_steps_fails(tmp_path):
       batch = super().__next__()
       batch["latents"][:] = np.nan
       return batch
+
   cfg = tiny_config(tmp_path, steps=2)
   cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_nonfinite_in_a_row=None))
   with pytest.raises(RuntimeError, match="training ended on 2 non-finite step"):
@@ -228,10 +248,23 @@ def test_training_that_ends_on_non_finite_steps_fails(tmp_path):
 
 
 def test_sigterm_stop_is_not_a_finished_run(tmp_path):
-  proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", "train-tiny-cpu",
-                           "data.synthetic=true", "run.steps=100000", "run.log_every=1", "run.save_every=1000",
-                           "run.global_batch=2", f"run.output_dir={tmp_path / 'run'}"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      str(ROOT / "train.py"),
+      "--config",
+      "train-tiny-cpu",
+      "data.synthetic=true",
+      "run.steps=100000",
+      "run.log_every=1",
+      "run.save_every=1000",
+      "run.global_batch=2",
+      f"run.output_dir={tmp_path / 'run'}",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 300
   for line in proc.stdout:
     if line.startswith("step 2/") or time.time() > deadline:
@@ -245,21 +278,38 @@ def test_sigterm_stop_is_not_a_finished_run(tmp_path):
 
 # -- clear errors and resources ------------------------------------------------------------------
 
+
 def test_output_paths_are_checked_before_any_work(model_dir, tmp_path):
   a_file = tmp_path / "file.txt"
   a_file.write_text("x")
   cases = [
-      (ROOT / "sample.py", ["--model", model_dir, "--prompt", "x", "--out", a_file], "is a file, not a folder"),
-      (ROOT / "sample.py", ["--model", model_dir, "--prompt", "x", "--out", a_file / "sub"], "is a file"),
-      ("-m", ["repvideo_jax.evaluate", "--out", tmp_path], "is a folder; pass a file path"),
-      ("-m", ["repvideo_jax.analysis", "--prompt", "x", "--out", a_file], "is a file, not a folder"),
-      ("-m", ["repvideo_jax.data.prepare", "--videos", tmp_path, "--captions", a_file, "--model", model_dir,
-              "--out", a_file], "is a file, not a folder"),
+    (ROOT / "sample.py", ["--model", model_dir, "--prompt", "x", "--out", a_file], "is a file, not a folder"),
+    (ROOT / "sample.py", ["--model", model_dir, "--prompt", "x", "--out", a_file / "sub"], "is a file"),
+    ("-m", ["repvideo_jax.evaluate", "--out", tmp_path], "is a folder; pass a file path"),
+    ("-m", ["repvideo_jax.analysis", "--prompt", "x", "--out", a_file], "is a file, not a folder"),
+    (
+      "-m",
+      [
+        "repvideo_jax.data.prepare",
+        "--videos",
+        tmp_path,
+        "--captions",
+        a_file,
+        "--model",
+        model_dir,
+        "--out",
+        a_file,
+      ],
+      "is a file, not a folder",
+    ),
   ]
   for first, rest, message in cases:
     t0 = time.time()
     proc = _run(first, *rest)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (rest, proc.stderr)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (
+      rest,
+      proc.stderr,
+    )
     assert time.time() - t0 < 60  # refused before loading a model or generating anything
 
 
@@ -286,6 +336,7 @@ def test_stride_zero_tensor_is_refused_without_allocating(tmp_path):
 def test_malformed_pickles_are_one_clear_error(tmp_path):
   import pickle
   import zipfile
+
   build = b"\x80\x02}q\x00}q\x01b."  # BUILD with a dict as the state of a dict
   path = tmp_path / "build.pt"
   with zipfile.ZipFile(path, "w") as z:
@@ -324,9 +375,24 @@ def test_written_files_get_normal_permissions(tmp_path):
 def test_ctrl_c_during_sampling_keeps_finished_videos(model_dir, tmp_path):
   out = tmp_path / "out"
   prompts = [arg for p in "abcdefgh" for arg in ("--prompt", p)]  # 8 videos: far from done at the signal
-  proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--model", str(model_dir), *prompts,
-                           "--steps", "20", "--out", str(out), "--no-progress", *SIZE],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      str(ROOT / "sample.py"),
+      "--model",
+      str(model_dir),
+      *prompts,
+      "--steps",
+      "20",
+      "--out",
+      str(out),
+      "--no-progress",
+      *SIZE,
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 300
   while not (out / "0000_a.json").exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.05)

@@ -24,14 +24,33 @@ def model_dir(tmp_path_factory):
 
 
 def _sample(*args):
-  return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)],
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True, timeout=600
+  )
 
 
 def test_sample_py_end_to_end_and_reproducible(model_dir, tmp_path):
-  common = ["--model", model_dir, "--prompt", "a red circle moving left", "--prompt", "ocean waves",
-            "--frames", 9, "--height", 64, "--width", 64, "--steps", 3, "--seed", 7, "--batch-size", 2,
-            "--no-progress"]
+  common = [
+    "--model",
+    model_dir,
+    "--prompt",
+    "a red circle moving left",
+    "--prompt",
+    "ocean waves",
+    "--frames",
+    9,
+    "--height",
+    64,
+    "--width",
+    64,
+    "--steps",
+    3,
+    "--seed",
+    7,
+    "--batch-size",
+    2,
+    "--no-progress",
+  ]
   runs = []
   for name in ("a", "b"):
     proc = _sample(*common, "--out", tmp_path / name)
@@ -46,7 +65,9 @@ def test_sample_py_end_to_end_and_reproducible(model_dir, tmp_path):
     assert meta["settings"]["seed"] == 7 and meta["settings"]["steps"] == 3
     assert meta["settings"]["sampler"] == "dpmpp2m" and meta["settings"]["cfg_schedule"] == "released"
     assert meta["transformer"]["feature_cache"] is True
-    assert {"sampling_s", "vae_decode_s", "text_encode_s", "seconds_per_step", "load_s"} <= set(meta["timings"])
+    assert {"sampling_s", "vae_decode_s", "text_encode_s", "seconds_per_step", "load_s"} <= set(
+      meta["timings"]
+    )
     frames, _ = video_io.read_video(mp4)
     assert frames.std() > 0
   for a, b in zip(*runs):  # same seed -> identical frames, and identical files
@@ -56,12 +77,32 @@ def test_sample_py_end_to_end_and_reproducible(model_dir, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--frames", 10], "4k\\+1"), (["--height", 72], "multiples of 16"), (["--steps", 0], "steps"),
-    (["--guidance", 0.5], "guidance"), (["--prompts-file", "/no/such/file"], "does not exist")])
+@pytest.mark.parametrize(
+  "extra,match",
+  [
+    (["--frames", 10], "4k\\+1"),
+    (["--height", 72], "multiples of 16"),
+    (["--steps", 0], "steps"),
+    (["--guidance", 0.5], "guidance"),
+    (["--prompts-file", "/no/such/file"], "does not exist"),
+  ],
+)
 def test_bad_arguments_exit_cleanly(model_dir, tmp_path, extra, match):
-  proc = _sample("--model", model_dir, "--prompt", "x", "--out", tmp_path, "--frames", 9, "--height", 64,
-                 "--width", 64, *extra)
+  proc = _sample(
+    "--model",
+    model_dir,
+    "--prompt",
+    "x",
+    "--out",
+    tmp_path,
+    "--frames",
+    9,
+    "--height",
+    64,
+    "--width",
+    64,
+    *extra,
+  )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "error:" in proc.stderr and __import__("re").search(match, proc.stderr)
 
@@ -99,8 +140,9 @@ SHARDED = textwrap.dedent("""
 
 
 def test_eight_prompts_in_one_sharded_call_equal_single_device(model_dir):
-  proc = subprocess.run([sys.executable, "-c", SHARDED, str(model_dir)], capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", SHARDED, str(model_dir)], capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith("ok")
 
@@ -109,11 +151,19 @@ def test_model_folder_defaults_and_flag_overrides(model_dir, tmp_path):
   """Unset flags take the folder's pipeline.json defaults (as the bundled demo model's 17x64x64);
   explicit flags win; an unknown default key is a clear error."""
   import shutil
+
   folder = tmp_path / "model"
   shutil.copytree(model_dir, folder)
   manifest = json.loads((folder / "pipeline.json").read_text())
-  manifest["defaults"] = {"num_frames": 9, "height": 64, "width": 64, "steps": 2, "fps": 4,
-                          "guidance": 3.0, "cfg_schedule": "constant"}
+  manifest["defaults"] = {
+    "num_frames": 9,
+    "height": 64,
+    "width": 64,
+    "steps": 2,
+    "fps": 4,
+    "guidance": 3.0,
+    "cfg_schedule": "constant",
+  }
   (folder / "pipeline.json").write_text(json.dumps(manifest))
   proc = _sample("--model", folder, "--prompt", "a cat", "--out", tmp_path / "a", "--no-progress")
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -122,9 +172,27 @@ def test_model_folder_defaults_and_flag_overrides(model_dir, tmp_path):
   assert (info.frames, info.width, info.height, info.fps) == (9, 64, 64, 4)
   meta = json.loads(mp4.with_suffix(".json").read_text())
   assert (meta["settings"]["steps"], meta["settings"]["guidance"], meta["settings"]["cfg_schedule"]) == (
-      2, 3.0, "constant")
-  proc = _sample("--model", folder, "--prompt", "a cat", "--out", tmp_path / "b", "--no-progress",
-                 "--steps", 3, "--fps", 8, "--frames", 1, "--cfg-schedule", "released")
+    2,
+    3.0,
+    "constant",
+  )
+  proc = _sample(
+    "--model",
+    folder,
+    "--prompt",
+    "a cat",
+    "--out",
+    tmp_path / "b",
+    "--no-progress",
+    "--steps",
+    3,
+    "--fps",
+    8,
+    "--frames",
+    1,
+    "--cfg-schedule",
+    "released",
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   mp4 = tmp_path / "b" / "0000_a_cat.mp4"
   info = video_io.probe(mp4)
@@ -141,11 +209,26 @@ def test_sampling_preset_and_mesh_flags(model_dir, tmp_path):
   """--preset fills batch size, sizes, dtypes and VAE tiling (streamed decode) unless flags are given;
   the sidecar records it. A malformed --mesh is one clear line, exit 2."""
   preset = tmp_path / "my-preset.yaml"
-  preset.write_text("sample:\n  batch: 2\n  frames: 9\n  height: 64\n  width: 64\n"
-                    "  transformer: {dtype: float32}\n  vae_tiling: true\n")
+  preset.write_text(
+    "sample:\n  batch: 2\n  frames: 9\n  height: 64\n  width: 64\n"
+    "  transformer: {dtype: float32}\n  vae_tiling: true\n"
+  )
   out = tmp_path / "out"
-  proc = _sample("--model", model_dir, "--preset", preset, "--prompt", "a cat", "--prompt", "a dog",
-                 "--steps", 2, "--out", out, "--no-progress")
+  proc = _sample(
+    "--model",
+    model_dir,
+    "--preset",
+    preset,
+    "--prompt",
+    "a cat",
+    "--prompt",
+    "a dog",
+    "--steps",
+    2,
+    "--out",
+    out,
+    "--no-progress",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   side = json.loads((out / "0001_a_dog.json").read_text())
   assert side["batch_size"] == 2 and side["batch_prompts"] == ["a cat", "a dog"]

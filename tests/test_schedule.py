@@ -16,32 +16,146 @@ from repvideo_jax import schedule
 
 # Reference: the 50-step sequence in sampling order, then the appended 1.0 (51 values; docs/sampling.md).
 SPEC_SEQUENCE_50 = [
-    0, .005220, .010925, .017135, .023873, .031158, .039008, .047441, .056471, .066112, .076376, .087274,
-    .098814, .111005, .123855, .137369, .151552, .166410, .181947, .198168, .215077, .232679, .250979,
-    .269982, .289692, .310114, .331255, .353117, .375706, .399024, .423072, .447849, .473349, .499566,
-    .526485, .554085, .582341, .611214, .640657, .670610, .701001, .731739, .762720, .793822, .824902,
-    .855804, .886352, .916359, .945623, .973940, 1.0]
+  0,
+  0.005220,
+  0.010925,
+  0.017135,
+  0.023873,
+  0.031158,
+  0.039008,
+  0.047441,
+  0.056471,
+  0.066112,
+  0.076376,
+  0.087274,
+  0.098814,
+  0.111005,
+  0.123855,
+  0.137369,
+  0.151552,
+  0.166410,
+  0.181947,
+  0.198168,
+  0.215077,
+  0.232679,
+  0.250979,
+  0.269982,
+  0.289692,
+  0.310114,
+  0.331255,
+  0.353117,
+  0.375706,
+  0.399024,
+  0.423072,
+  0.447849,
+  0.473349,
+  0.499566,
+  0.526485,
+  0.554085,
+  0.582341,
+  0.611214,
+  0.640657,
+  0.670610,
+  0.701001,
+  0.731739,
+  0.762720,
+  0.793822,
+  0.824902,
+  0.855804,
+  0.886352,
+  0.916359,
+  0.945623,
+  0.973940,
+  1.0,
+]
 
 # Reference: spot values of the 1000-table (docs/sampling.md, 'The 1000-entry table').
-SPEC_TABLE = {0: 0.998726, 1: 0.997397, 10: 0.985285, 100: 0.853371, 250: 0.623742, 500: 0.308752,
-              750: 0.104110, 900: 0.030748, 990: 0.002288, 998: 0.000250, 999: 0.0}
+SPEC_TABLE = {
+  0: 0.998726,
+  1: 0.997397,
+  10: 0.985285,
+  100: 0.853371,
+  250: 0.623742,
+  500: 0.308752,
+  750: 0.104110,
+  900: 0.030748,
+  990: 0.002288,
+  998: 0.000250,
+  999: 0.0,
+}
 
 # Reference: released DynamicCFG weights, i = 0..49 (docs/sampling.md, 'Guidance').
 SPEC_CFG_50 = [
-    2.291, 2.544, 6.974, 6.420, 2.788, 4.272, 1.038, 4.170, 1.618, 6.983, 1.005, 2.872, 6.977, 1.633,
-    4.330, 2.437, 6.377, 6.007, 3.448, 3.198, 1.655, 6.610, 1.195, 4.295, 6.985, 1.521, 1.762, 1.058,
-    4.128, 1.482, 2.003, 5.948, 4.143, 6.531, 6.140, 7.000, 6.168, 1.120, 2.098, 6.685, 6.999, 2.343,
-    6.213, 1.251, 7.000, 6.864, 1.064, 1.000, 1.000, 1.123]
+  2.291,
+  2.544,
+  6.974,
+  6.420,
+  2.788,
+  4.272,
+  1.038,
+  4.170,
+  1.618,
+  6.983,
+  1.005,
+  2.872,
+  6.977,
+  1.633,
+  4.330,
+  2.437,
+  6.377,
+  6.007,
+  3.448,
+  3.198,
+  1.655,
+  6.610,
+  1.195,
+  4.295,
+  6.985,
+  1.521,
+  1.762,
+  1.058,
+  4.128,
+  1.482,
+  2.003,
+  5.948,
+  4.143,
+  6.531,
+  6.140,
+  7.000,
+  6.168,
+  1.120,
+  2.098,
+  6.685,
+  6.999,
+  2.343,
+  6.213,
+  1.251,
+  7.000,
+  6.864,
+  1.064,
+  1.000,
+  1.000,
+  1.123,
+]
 
 # The released CogVideoX-2b scheduler_config.json (diffusers format).
 COGVIDEOX_2B_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
-    rescale_betas_zero_snr=True, snr_shift_scale=3.0, timestep_spacing="trailing")
+  num_train_timesteps=1000,
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule="scaled_linear",
+  clip_sample=False,
+  set_alpha_to_one=True,
+  steps_offset=0,
+  prediction_type="v_prediction",
+  rescale_betas_zero_snr=True,
+  snr_shift_scale=3.0,
+  timestep_spacing="trailing",
+)
 
 
 def ref_shifted_alphas_cumprod():
-  betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+  betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
   alphas_cumprod = np.cumprod(1.0 - betas.numpy(), axis=0)
   return alphas_cumprod / (3.0 + (1 - 3.0) * alphas_cumprod)
 
@@ -130,8 +244,9 @@ def test_sampling_schedule_50_matches_reference_and_spec():
   assert round(a64[37], 6) == 0.611214 and round(float(seq[37]), 6) == 0.611213
   # Re-anchored subset: a(t=19) is the un-rescaled sqrt(abar'_19) (up to float32 rounding of the
   # rescale), not table[19].
-  np.testing.assert_allclose(s.alphas[49], np.sqrt(np.float32(schedule.zero_snr_alphas_cumprod()[19])),
-                             rtol=0, atol=1.2e-7)
+  np.testing.assert_allclose(
+    s.alphas[49], np.sqrt(np.float32(schedule.zero_snr_alphas_cumprod()[19])), rtol=0, atol=1.2e-7
+  )
   assert s.alphas[49] != schedule.sqrt_alpha_table()[19]
 
 
@@ -194,8 +309,9 @@ def test_diffusers_alphas_cumprod(cls):
   np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
   assert ours[999] == 0.0
   no_rescale = schedule.diffusers_alphas_cumprod(rescale_betas_zero_snr=False)
-  np.testing.assert_allclose(no_rescale, _diffusers_scheduler(cls, rescale_betas_zero_snr=False)
-                             .alphas_cumprod.numpy(), rtol=1e-12)
+  np.testing.assert_allclose(
+    no_rescale, _diffusers_scheduler(cls, rescale_betas_zero_snr=False).alphas_cumprod.numpy(), rtol=1e-12
+  )
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])

@@ -112,15 +112,21 @@ def test_logical_axis_rules_are_a_mesh_config_field():
   """Presets give some entries (lists for several mesh axes); the rest keep the defaults; the full
   table round-trips through config.resolved.json; typos are errors."""
   assert trainer.load_config("train-tiny-cpu").mesh.logical_axis_rules == dict(sharding.DEFAULT_LOGICAL_RULES)
-  cfg = trainer.load_config("train-tiny-cpu", ["mesh.logical_axis_rules.embed=null",
-                                               "mesh.logical_axis_rules.mlp=[tensor, fsdp]"])
+  cfg = trainer.load_config(
+    "train-tiny-cpu", ["mesh.logical_axis_rules.embed=null", "mesh.logical_axis_rules.mlp=[tensor, fsdp]"]
+  )
   rules = cfg.mesh.logical_axis_rules
   assert rules["embed"] is None and rules["mlp"] == ("tensor", "fsdp")
   assert {k: v for k, v in rules.items() if k not in ("embed", "mlp")} == {
-      k: v for k, v in sharding.DEFAULT_LOGICAL_RULES.items() if k not in ("embed", "mlp")}
+    k: v for k, v in sharding.DEFAULT_LOGICAL_RULES.items() if k not in ("embed", "mlp")
+  }
   again = trainer.config_from_dict(json.loads(json.dumps(trainer.config_to_dict(cfg))))
   assert again.mesh == cfg.mesh
-  for bad, words in [("embd=fsdp", "unknown logical axis 'embd'"), ("embed=fsd", "unknown mesh axis 'fsd'"),
-                     ("embed=[fsdp, fsdp]", "named twice"), ("embed=3", "expected a mesh axis")]:
+  for bad, words in [
+    ("embd=fsdp", "unknown logical axis 'embd'"),
+    ("embed=fsd", "unknown mesh axis 'fsd'"),
+    ("embed=[fsdp, fsdp]", "named twice"),
+    ("embed=3", "expected a mesh axis"),
+  ]:
     with pytest.raises(ValueError, match=words):
       trainer.load_config("train-tiny-cpu", [f"mesh.logical_axis_rules.{bad}"])

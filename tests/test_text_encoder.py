@@ -53,20 +53,24 @@ def _converted(ffn="gated-gelu", seed=1):
 
 def _ours(cfg, params, ids, mask=None):
   # The same jitted function encode_prompts uses, so compilations are shared across tests.
-  return np.asarray(TE._jitted_apply(cfg)(params, np.asarray(ids), None if mask is None else np.asarray(mask)))
+  return np.asarray(
+    TE._jitted_apply(cfg)(params, np.asarray(ids), None if mask is None else np.asarray(mask))
+  )
 
 
 def _ref(model, ids, mask=None):
   with torch.no_grad():
-    out = model(torch.as_tensor(np.asarray(ids), dtype=torch.long),
-                attention_mask=None if mask is None else torch.as_tensor(np.asarray(mask)))
+    out = model(
+      torch.as_tensor(np.asarray(ids), dtype=torch.long),
+      attention_mask=None if mask is None else torch.as_tensor(np.asarray(mask)),
+    )
   return out.last_hidden_state.numpy()
 
 
 def _ids(batch, length, seed, vocab=128):
   ids = np.random.default_rng(seed).integers(0, vocab, (batch, length))
   mask = np.ones((batch, length), np.int64)
-  mask[1, (length + 1) // 2:] = 0  # second sample: half padding
+  mask[1, (length + 1) // 2 :] = 0  # second sample: half padding
   return ids, mask
 
 
@@ -218,21 +222,33 @@ def test_bad_keys_are_listed():
 # ----------------------------------------------------------------------------------------------
 # Tokenisation and prompt encoding.
 
-_WORDS = ("a cat dog runs on the beach at sunset while waves crash slowly into golden sand and birds "
-          "fly over red sky camera pans panda playing guitar bamboo forest mountain river snow city "
-          "night lights car street rain umbrella woman walking astronaut riding horse mars desert ocean "
-          "underwater fish coral reef sunrise timelapse clouds drone shot aerial").split()
+_WORDS = (
+  "a cat dog runs on the beach at sunset while waves crash slowly into golden sand and birds "
+  "fly over red sky camera pans panda playing guitar bamboo forest mountain river snow city "
+  "night lights car street rain umbrella woman walking astronaut riding horse mars desert ocean "
+  "underwater fish coral reef sunrise timelapse clouds drone shot aerial"
+).split()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   import sentencepiece as spm
+
   rng = random.Random(0)
   lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
   buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=100,
-                                 hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
-                                 unk_id=2, bos_id=-1, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(lines),
+    model_writer=buf,
+    vocab_size=100,
+    hard_vocab_limit=False,
+    model_type="unigram",
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    minloglevel=2,
+  )
   folder = tmp_path_factory.mktemp("tokenizer")
   (folder / "spiece.model").write_bytes(buf.getvalue())
   tok = T5Tokenizer.from_pretrained(folder, extra_ids=0)
@@ -259,7 +275,7 @@ def test_tokenize_matches_tokenizer(tokenizer):
   assert ids.shape == (2, max_length) and ids.dtype == np.int32
   for row, m in zip(ids, mask):
     n = int(m.sum())
-    assert row[n - 1] == 1 and (row[:n - 1] != 1).all() and (row[n:] == 0).all()  # EOS, then pad 0
+    assert row[n - 1] == 1 and (row[: n - 1] != 1).all() and (row[n:] == 0).all()  # EOS, then pad 0
   single, _ = TE.tokenize(tokenizer, PROMPTS[0], max_length)
   np.testing.assert_array_equal(single, ids[:1])
 
@@ -333,11 +349,24 @@ def test_bfloat16_runs_and_is_close():
 
 
 def test_config_params_and_axes():
-  xxl = {"architectures": ["T5EncoderModel"], "d_ff": 10240, "d_kv": 64, "d_model": 4096,
-         "dense_act_fn": "gelu_new", "feed_forward_proj": "gated-gelu", "is_gated_act": True,
-         "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_decoder_layers": 24, "num_heads": 64,
-         "num_layers": 24, "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
-         "vocab_size": 32128, "torch_dtype": "float16"}
+  xxl = {
+    "architectures": ["T5EncoderModel"],
+    "d_ff": 10240,
+    "d_kv": 64,
+    "d_model": 4096,
+    "dense_act_fn": "gelu_new",
+    "feed_forward_proj": "gated-gelu",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "model_type": "t5",
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "num_layers": 24,
+    "relative_attention_max_distance": 128,
+    "relative_attention_num_buckets": 32,
+    "vocab_size": 32128,
+    "torch_dtype": "float16",
+  }
   assert W.config_from_hf(xxl) == TE.T5Config()
   assert W.config_from_hf(xxl, dtype="bfloat16").dtype == "bfloat16"
   with pytest.raises(ValueError, match="feed_forward_proj"):
@@ -352,7 +381,8 @@ def test_config_params_and_axes():
   axes, params = TE.logical_axes(cfg), TE.init(cfg)
   flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
   assert jax.tree.structure(params) == jax.tree.structure(
-      jax.tree.map(lambda _: 0, axes, is_leaf=lambda x: isinstance(x, tuple)))
+    jax.tree.map(lambda _: 0, axes, is_leaf=lambda x: isinstance(x, tuple))
+  )
   assert all(len(a) == p.ndim for a, p in zip(flat_axes, jax.tree.leaves(params)))
   assert axes["blocks"]["q"]["kernel"] == ("layers", "embed", "heads")
   assert axes["embedding"] == (None, "embed")

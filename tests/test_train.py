@@ -30,8 +30,9 @@ def _flat(tree):
 def test_resume_is_exact(tmp_path):
   straight = trainer.train(tiny_config(tmp_path / "a"), data_iterator=FixedBatches())
   trainer.train(tiny_config(tmp_path / "b", steps=3, save_every=3), data_iterator=FixedBatches())
-  resumed = trainer.train(tiny_config(tmp_path / "b", save_every=3), data_iterator=FixedBatches(),
-                          resume=True)
+  resumed = trainer.train(
+    tiny_config(tmp_path / "b", save_every=3), data_iterator=FixedBatches(), resume=True
+  )
   assert [l for _, l in straight["losses"][3:]] == [l for _, l in resumed["losses"]]
   a, b = _flat(jax.device_get(straight["state"]["params"])), _flat(jax.device_get(resumed["state"]["params"]))
   for k in a:
@@ -66,8 +67,12 @@ LAYOUT_SCRIPT = textwrap.dedent("""
 def _run_layout(tmp_path, name, mesh):
   out = tmp_path / name
   out.mkdir()
-  proc = subprocess.run([sys.executable, "-c", LAYOUT_SCRIPT, str(out), mesh, str(ROOT / "tests")],
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    [sys.executable, "-c", LAYOUT_SCRIPT, str(out), mesh, str(ROOT / "tests")],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads((out / "losses.json").read_text()), dict(np.load(out / "params.npz"))
 
@@ -75,9 +80,12 @@ def _run_layout(tmp_path, name, mesh):
 @pytest.mark.slow
 def test_device_layouts_match_one_device(tmp_path):
   ref_losses, ref_params = _run_layout(tmp_path, "single", "single")
-  layouts = {"data": {"data": 8}, "fsdp": {"data": 1, "fsdp": 8},
-             "fsdp_tensor": {"data": 1, "fsdp": 4, "tensor": 2},
-             "data_context": {"data": 4, "context": 2}}
+  layouts = {
+    "data": {"data": 8},
+    "fsdp": {"data": 1, "fsdp": 8},
+    "fsdp_tensor": {"data": 1, "fsdp": 4, "tensor": 2},
+    "data_context": {"data": 4, "context": 2},
+  }
   for name, mesh in layouts.items():
     losses, params = _run_layout(tmp_path, name, json.dumps(mesh))
     np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-5, err_msg=name)
@@ -104,13 +112,18 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_sigkill_during_async_save_then_resume(tmp_path):
-  proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "k"), str(ROOT / "tests"), "4"],
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "k"), str(ROOT / "tests"), "4"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   ckpts = tmp_path / "k" / "run" / "checkpoints"
   assert ckpts.exists()
-  resumed = trainer.train(tiny_config(tmp_path / "k", save_every=2), data_iterator=FixedBatches(),
-                          resume=True)
+  resumed = trainer.train(
+    tiny_config(tmp_path / "k", save_every=2), data_iterator=FixedBatches(), resume=True
+  )
   first = resumed["losses"][0][0]
   assert first in (3, 5)  # resumed after step 2 or 4: whichever checkpoint was complete
   straight = trainer.train(tiny_config(tmp_path / "s"), data_iterator=FixedBatches())
@@ -129,13 +142,40 @@ def _free_port():
 def test_two_processes_train_and_checkpoint(tmp_path):
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "REPVIDEO_NO_AUTO_DISTRIBUTED": "1"}
-  overrides = ["transformer.num_layers=2", "data.synthetic=true", "data.frames=5", "data.height=64",
-               "data.width=64", "run.steps=3", "run.save_every=2", "run.log_every=1",
-               f"run.output_dir={tmp_path / 'mp'}", "run.global_batch=4"]
-  procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", "train-tiny-cpu", *overrides,
-                             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                             "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  overrides = [
+    "transformer.num_layers=2",
+    "data.synthetic=true",
+    "data.frames=5",
+    "data.height=64",
+    "data.width=64",
+    "run.steps=3",
+    "run.save_every=2",
+    "run.log_every=1",
+    f"run.output_dir={tmp_path / 'mp'}",
+    "run.global_batch=4",
+  ]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        "train-tiny-cpu",
+        *overrides,
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -150,8 +190,12 @@ def test_bad_config_errors(tmp_path):
     trainer.load_config("train-tiny-cpu", ["run.stepz=3"])
   with pytest.raises(ValueError, match="no training data"):
     trainer.make_data_iterator(trainer.load_config("train-tiny-cpu"))
-  proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "train-tiny-cpu",
-                         "optim.schedule=wavy"], capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "train.py"), "--config", "train-tiny-cpu", "optim.schedule=wavy"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2 and "optim.schedule" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -161,6 +205,7 @@ def test_export_a_run_as_a_transformer_folder(tmp_path):
   import dataclasses
 
   from repvideo_jax import transformer_weights
+
   cfg = tiny_config(tmp_path, steps=4, save_every=2)
   cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, ema_decay=0.5))
   result = trainer.train(cfg, data_iterator=FixedBatches())
@@ -181,6 +226,7 @@ def test_export_a_run_as_a_transformer_folder(tmp_path):
   _, earlier = transformer_weights.load(tmp_path / "s2")
   assert not np.array_equal(_flat(earlier)["['gates']"], _flat(state["ema"])["['gates']"])
   from repvideo_jax import convert  # the same through the CLI
+
   assert convert.main(["run", "--src", str(run), "--dst", str(tmp_path / "cli"), "--no-ema"]) == 0
   _, via_cli = transformer_weights.load(tmp_path / "cli")
   for k, v in _flat(via_cli).items():

@@ -11,8 +11,9 @@ from repvideo_jax import attention as A
 from repvideo_jax import transformer as T
 from repvideo_jax.config import load_section
 
-CFG = dataclasses.replace(load_section(T.TransformerConfig, "transformer", "tiny"),
-                          zero_init_modulation=False, num_layers=8)
+CFG = dataclasses.replace(
+  load_section(T.TransformerConfig, "transformer", "tiny"), zero_init_modulation=False, num_layers=8
+)
 
 
 def _inputs(cfg=CFG, batch=2, frames=3, seed=0):
@@ -25,6 +26,7 @@ def _inputs(cfg=CFG, batch=2, frames=3, seed=0):
 def _loss(cfg):
   def loss(params, lat, ts, text):
     return jnp.mean(T.apply(params, lat, ts, text, config=cfg) ** 2)
+
   return loss
 
 
@@ -74,8 +76,9 @@ def test_vmap_over_params_ensembles():
 def test_nnx_module_and_functional_form_agree():
   model = T.create(CFG, 6)
   lat, ts, text = _inputs()
-  np.testing.assert_allclose(model(lat, ts, text), T.apply(T.split_params(model), lat, ts, text,
-                                                           config=CFG), atol=1e-6)
+  np.testing.assert_allclose(
+    model(lat, ts, text), T.apply(T.split_params(model), lat, ts, text, config=CFG), atol=1e-6
+  )
 
 
 def test_bfloat16_compute_tracks_float32():
@@ -98,18 +101,23 @@ def test_zero_init_modulation_makes_fresh_model_output_zero():
 
 def test_logical_axes_cover_every_param_and_map_to_specs():
   from repvideo_jax import sharding
+
   axes = T.logical_axes(CFG)
   shapes = T.abstract_params(CFG)
-  for names, shape in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)),
-                          jax.tree.leaves(shapes)):
+  for names, shape in zip(
+    jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)
+  ):
     assert len(names) == len(shape.shape)
     sharding.logical_to_spec(names)
   assert axes["blocks"]["to_q"]["kernel"] == ("layers", "embed", "heads")
   assert sharding.logical_to_spec(("layers", "embed", "mlp")) == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor")
+    None, "fsdp", "tensor"
+  )
 
 
-@pytest.mark.parametrize("bad,match", [
+@pytest.mark.parametrize(
+  "bad,match",
+  [
     (dict(channels=5), "channels"),
     (dict(height=7), "divisible by the patch size"),
     (dict(frames=14), "exceed the positional table"),
@@ -118,7 +126,8 @@ def test_logical_axes_cover_every_param_and_map_to_specs():
     (dict(text_dim=31), "text embeddings must be"),
     (dict(ts_shape=(3,)), "timesteps must be shape"),
     (dict(rank4=True), "channels-last"),
-])
+  ],
+)
 def test_bad_inputs_raise_clear_errors(bad, match):
   p = dict(channels=4, height=8, frames=2, text_len=8, text_dim=32, ts_shape=(2,), rank4=False)
   p.update(bad)
@@ -140,6 +149,7 @@ def test_bad_configs_raise():
 
 
 # -- attention dispatch ---------------------------------------------------------------------------
+
 
 def test_attention_backend_resolution():
   assert A.resolve_backend("auto", "cpu") == "xla"

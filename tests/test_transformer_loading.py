@@ -26,8 +26,11 @@ ATOL = 2e-5
 
 def _inputs(seed=0, batch=2, frames=2):
   g = torch.Generator().manual_seed(seed)
-  return (torch.randn(batch, frames, 4, 8, 8, generator=g), torch.tensor([3, 640][:batch]),
-          torch.randn(batch, 8, 32, generator=g))
+  return (
+    torch.randn(batch, frames, 4, 8, 8, generator=g),
+    torch.tensor([3, 640][:batch]),
+    torch.randn(batch, 8, 32, generator=g),
+  )
 
 
 def _ours(cfg, params, lat, ts, text):
@@ -79,8 +82,21 @@ def test_cli_sat_to_ours_keeps_gates(tmp_path):
   (tmp_path / "sat" / "latest").write_text("42")
   torch.save({"module": sat_state_dict(model, gates)}, tmp_path / "sat" / "42" / "mp_rank_00_model_states.pt")
   dst = tmp_path / "ours"
-  code = convert.main(["transformer", "--src", str(tmp_path / "sat"), "--dst", str(dst),
-                       "--set", "text_length=8", "--set", "sample_height=8", "--set", "sample_width=8"])
+  code = convert.main(
+    [
+      "transformer",
+      "--src",
+      str(tmp_path / "sat"),
+      "--dst",
+      str(dst),
+      "--set",
+      "text_length=8",
+      "--set",
+      "sample_height=8",
+      "--set",
+      "sample_width=8",
+    ]
+  )
   assert code == 0
   cfg, params = W.load(dst)
   np.testing.assert_array_equal(params["gates"], gates)
@@ -142,8 +158,19 @@ def test_unsupported_and_missing_sources(tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "repvideo_jax.convert", "transformer", "--src",
-                         str(tmp_path / "missing"), "--dst", str(tmp_path / "out")],
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "repvideo_jax.convert",
+      "transformer",
+      "--src",
+      str(tmp_path / "missing"),
+      "--dst",
+      str(tmp_path / "out"),
+    ],
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 2
   assert "error: no checkpoint" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,7 +4,6 @@ Tolerance: float32 on CPU, max |ours - reference| <= 2e-5 on outputs of unit sca
 summation order in matmuls/attention; a wrong layout, epsilon or formula shows up at 1e-2 or more).
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,15 +108,17 @@ def test_identity_and_active_gates():
   lat, ts, text = _inputs(model, 1, 2, seed=3)
   args = (to_channels_last(lat), ts.numpy(), text.numpy())
   grad = jax.grad(lambda g: jnp.sum(T.apply({**params, "gates": g}, *args, config=cfg) ** 2))(
-      jnp.asarray(params["gates"]))
+    jnp.asarray(params["gates"])
+  )
   identity = [0, 1, 7, 13, 19, 25]
   assert np.all(np.asarray(grad)[identity] == 0.0)
   active = [i for i in range(30) if i not in identity]
   assert np.all(np.abs(np.asarray(grad)[active]) > 0)
   # Moving an identity gate to any value leaves the output unchanged (up to rounding).
   base = T.apply(params, *args, config=cfg)
-  moved = T.apply({**params, "gates": params["gates"].copy() + np.isin(np.arange(30), identity) * 3.0},
-                  *args, config=cfg)
+  moved = T.apply(
+    {**params, "gates": params["gates"].copy() + np.isin(np.arange(30), identity) * 3.0}, *args, config=cfg
+  )
   np.testing.assert_allclose(np.asarray(moved), np.asarray(base), atol=1e-5)
 
 
@@ -158,8 +159,7 @@ def test_sat_without_gates_is_cogvideox(tmp_path):
   model = tiny_diffusers_transformer(seed=12)
   model.norm_out.norm.eps = 1e-6
   torch.save({"module": sat_state_dict(model)}, tmp_path / "model.pt")
-  cfg, params = W.load(tmp_path / "model.pt", sample_frames=3, sample_height=8, sample_width=8,
-                       text_length=8)
+  cfg, params = W.load(tmp_path / "model.pt", sample_frames=3, sample_height=8, sample_width=8, text_length=8)
   assert not cfg.feature_cache
   lat, ts, text = _inputs(model, 1, 2, seed=6)
   ref = to_channels_last(diffusers_forward(model, lat, ts, text))

@@ -39,8 +39,15 @@ from repvideo_jax import vae_weights as W
 
 ATOL_ENC = 5e-5
 ATOL_DEC = 1e-4
-TINY = dict(block_out_channels=(16, 32, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            temporal_compression_ratio=4, sample_height=32, sample_width=32)
+TINY = dict(
+  block_out_channels=(16, 32, 32, 32),
+  latent_channels=4,
+  layers_per_block=1,
+  norm_num_groups=8,
+  temporal_compression_ratio=4,
+  sample_height=32,
+  sample_width=32,
+)
 
 
 def _cl(t: torch.Tensor) -> np.ndarray:
@@ -64,7 +71,12 @@ def tiny():
 def test_config_and_param_tree(tiny):
   model, cfg, params = tiny
   assert cfg == V.VAEConfig(**{**TINY, "block_out_channels": (16, 32, 32, 32)})
-  assert V.VAEConfig().scaling_factor == 1.15258426 and V.VAEConfig().block_out_channels == (128, 256, 256, 512)
+  assert V.VAEConfig().scaling_factor == 1.15258426 and V.VAEConfig().block_out_channels == (
+    128,
+    256,
+    256,
+    512,
+  )
   n_ours = sum(np.size(a) for a in jax.tree.leaves(params))
   assert n_ours == sum(p.numel() for p in model.parameters())
   assert params["decoder"]["up_blocks"]["3"]["resnets"]["0"]["conv1"]["kernel"].shape == (3, 3, 3, 32, 16)
@@ -72,8 +84,9 @@ def test_config_and_param_tree(tiny):
   fresh = V.init(cfg, 1)
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, params)
   k = np.asarray(fresh["decoder"]["mid_block"]["resnets"]["0"]["conv1"]["kernel"])  # fan_in 27 * 32
-  assert abs(k.std() * np.sqrt(27 * 32) - 1) < 0.05 and not np.allclose(k, fresh["encoder"]["mid_block"][
-      "resnets"]["0"]["conv1"]["kernel"])
+  assert abs(k.std() * np.sqrt(27 * 32) - 1) < 0.05 and not np.allclose(
+    k, fresh["encoder"]["mid_block"]["resnets"]["0"]["conv1"]["kernel"]
+  )
   assert np.all(np.asarray(fresh["encoder"]["norm_out"]["scale"]) == 1)
   with pytest.raises(ValueError, match="divisible by norm_num_groups"):
     V.VAEConfig(block_out_channels=(12, 32), norm_num_groups=8, temporal_compression_ratio=2)
@@ -194,10 +207,15 @@ def test_framewise_encode_matches_diffusers(tiny):
 
 def test_tiled_decode_and_encode_match_diffusers(tiny):
   model, cfg, params = tiny
-  tiling = V.TilingConfig(tile_sample_height=32, tile_sample_width=32, overlap_factor_height=0.25,
-                          overlap_factor_width=0.25)
-  model.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_overlap_factor_height=0.25,
-                      tile_overlap_factor_width=0.25)
+  tiling = V.TilingConfig(
+    tile_sample_height=32, tile_sample_width=32, overlap_factor_height=0.25, overlap_factor_width=0.25
+  )
+  model.enable_tiling(
+    tile_sample_min_height=32,
+    tile_sample_min_width=32,
+    tile_overlap_factor_height=0.25,
+    tile_overlap_factor_width=0.25,
+  )
   try:
     # Latent 3x8: one row, tiles at latent x = 0, 3, 6 (widths 4, 4, 2), blended over 8 pixels.
     z = _randn(1, 4, 3, 3, 8, seed=6)
@@ -221,11 +239,16 @@ def test_streamed_tiled_decode_matches_diffusers_tiled_decode(tiny):
   path sample presets use) equals diffusers' tiled decode; 7 latent frames -> chunks [0:3] [3:5]
   [5:7] in both (diffusers decodes each tile 2 latent frames at a time, the first with 3)."""
   model, cfg, params = tiny
-  tiling = V.TilingConfig(tile_sample_height=32, tile_sample_width=32, overlap_factor_height=0.25,
-                          overlap_factor_width=0.25)
+  tiling = V.TilingConfig(
+    tile_sample_height=32, tile_sample_width=32, overlap_factor_height=0.25, overlap_factor_width=0.25
+  )
   z = _randn(2, 4, 7, 3, 8, seed=8)
-  model.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_overlap_factor_height=0.25,
-                      tile_overlap_factor_width=0.25)
+  model.enable_tiling(
+    tile_sample_min_height=32,
+    tile_sample_min_width=32,
+    tile_overlap_factor_height=0.25,
+    tile_overlap_factor_width=0.25,
+  )
   try:
     ref = _cl(model.decode(z).sample)
   finally:
@@ -234,8 +257,11 @@ def test_streamed_tiled_decode_matches_diffusers_tiled_decode(tiny):
   assert out.shape == ref.shape == (2, 25, 24, 64, 3)
   np.testing.assert_allclose(out, ref, atol=ATOL_DEC)
   # Untiled, it is the released chunked decode.
-  np.testing.assert_allclose(V.decode_streamed(params, _cl(z) * cfg.scaling_factor, config=cfg),
-                             V.decode(params, _cl(z) * cfg.scaling_factor, config=cfg), atol=1e-5)
+  np.testing.assert_allclose(
+    V.decode_streamed(params, _cl(z) * cfg.scaling_factor, config=cfg),
+    V.decode(params, _cl(z) * cfg.scaling_factor, config=cfg),
+    atol=1e-5,
+  )
   # The distinct compiled steps (for memory checks): first chunk, then chunks with a cache.
   assert V.streamed_steps(cfg, (7, 3, 8, 4), tiling) == [((1, 3, 3, 4, 4), False), ((1, 2, 3, 4, 4), True)]
   assert V.streamed_steps(cfg, (13, 60, 90, 16)) == [((1, 3, 60, 90, 16), False), ((1, 2, 60, 90, 16), True)]
@@ -272,8 +298,13 @@ def _to_sat_key(key: str) -> str:
   for stage in ("encoder", "decoder"):
     for i in (0, 1):
       key = key.replace(f"{stage}.mid_block.resnets.{i}.", f"{stage}.mid.block_{i + 1}.")
-  for new, old in (("resnets.", "block."), ("down_blocks.", "down."), ("downsamplers.0", "downsample"),
-                   ("upsamplers.0", "upsample"), ("conv_shortcut", "nin_shortcut")):
+  for new, old in (
+    ("resnets.", "block."),
+    ("down_blocks.", "down."),
+    ("downsamplers.0", "downsample"),
+    ("upsamplers.0", "upsample"),
+    ("conv_shortcut", "nin_shortcut"),
+  ):
     key = key.replace(new, old)
   return key
 
@@ -281,12 +312,17 @@ def _to_sat_key(key: str) -> str:
 def _spec_sat_to_diffusers(key: str) -> str | None:
   """The SAT -> diffusers renames (docs/checkpoints.md, 'VAE keys') in order, drop 'loss' keys, then
   decoder.up.{k} -> up_blocks.{3-k}."""
-  for old, new in (("block.", "resnets."), ("down.", "down_blocks."), ("downsample", "downsamplers.0"),
-                   ("upsample", "upsamplers.0"), ("nin_shortcut", "conv_shortcut"),
-                   ("encoder.mid.block_1", "encoder.mid_block.resnets.0"),
-                   ("encoder.mid.block_2", "encoder.mid_block.resnets.1"),
-                   ("decoder.mid.block_1", "decoder.mid_block.resnets.0"),
-                   ("decoder.mid.block_2", "decoder.mid_block.resnets.1")):
+  for old, new in (
+    ("block.", "resnets."),
+    ("down.", "down_blocks."),
+    ("downsample", "downsamplers.0"),
+    ("upsample", "upsamplers.0"),
+    ("nin_shortcut", "conv_shortcut"),
+    ("encoder.mid.block_1", "encoder.mid_block.resnets.0"),
+    ("encoder.mid.block_2", "encoder.mid_block.resnets.1"),
+    ("decoder.mid.block_1", "decoder.mid_block.resnets.0"),
+    ("decoder.mid.block_2", "decoder.mid_block.resnets.1"),
+  ):
     key = key.replace(old, new)
   if "loss" in key:
     return None

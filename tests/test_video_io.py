@@ -281,10 +281,9 @@ def test_header_ok_but_frame_data_cut(tmp_path):
     data = f.read()
   cut = str(tmp_path / "cut.mp4")
   with open(cut, "wb") as f:
-    f.write(data[:data.index(b"mdat") + 4])
+    f.write(data[: data.index(b"mdat") + 4])
   assert vio.probe(cut).frames == 8  # the header is intact
-  for call in (lambda: vio.read_video(cut), lambda: vio.load_clip(cut, num_frames=5, height=16,
-                                                                  width=16)):
+  for call in (lambda: vio.read_video(cut), lambda: vio.load_clip(cut, num_frames=5, height=16, width=16)):
     with pytest.raises(vio.VideoError, match=r"cut\.mp4.*no decodable video frames"):
       call()
 

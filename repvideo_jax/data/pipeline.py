@@ -49,8 +49,10 @@ class ToTrainBatch(grain.transforms.Map):
   """Example dict -> the model's inputs {"latents": (t, h, w, C), "text": (L, D)}, both float32."""
 
   def map(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {"latents": np.asarray(example["latents"], np.float32),
-            "text": np.asarray(example["text_emb"], np.float32)}
+    return {
+      "latents": np.asarray(example["latents"], np.float32),
+      "text": np.asarray(example["text_emb"], np.float32),
+    }
 
 
 def mark_absl_flags_parsed() -> None:
@@ -91,8 +93,9 @@ class TrainIterator:
     if self._iterator is None:
       raise ValueError("the iterator was closed")
     loader_state = json.loads(self._iterator.get_state().decode())
-    return json.dumps({"version": STATE_VERSION, "settings": self.settings,
-                       "loader": loader_state}, indent=2).encode()
+    return json.dumps(
+      {"version": STATE_VERSION, "settings": self.settings, "loader": loader_state}, indent=2
+    ).encode()
 
   def set_state(self, state: bytes | str) -> None:
     """Moves to a position saved by ``get_state`` of an iterator with the same settings."""
@@ -104,8 +107,10 @@ class TrainIterator:
     saved = state["settings"]
     diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
     if diff:
-      raise ValueError("the saved iterator state belongs to a different pipeline; (saved, now): "
-                       + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in sorted(diff.items())))
+      raise ValueError(
+        "the saved iterator state belongs to a different pipeline; (saved, now): "
+        + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in sorted(diff.items()))
+      )
     self._iterator.set_state(json.dumps(state["loader"]).encode())
 
   def start_prefetch(self) -> None:
@@ -127,11 +132,20 @@ class TrainIterator:
     self.close()
 
 
-def make_train_iterator(data_dir, *, global_batch: int, seed: int, shard_index: int | None = None,
-                        shard_count: int | None = None, num_workers: int = 0,
-                        prefetch: int | None = None, num_epochs: int | None = None,
-                        shuffle: bool = True, read_threads: int | None = None,
-                        worker_buffer_size: int = 2) -> TrainIterator:
+def make_train_iterator(
+  data_dir,
+  *,
+  global_batch: int,
+  seed: int,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_workers: int = 0,
+  prefetch: int | None = None,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  read_threads: int | None = None,
+  worker_buffer_size: int = 2,
+) -> TrainIterator:
   """Training batches from a prepared dataset folder (see the module docstring).
 
   shard_index / shard_count: this process's data shard; default ``jax.process_index()`` /
@@ -149,9 +163,10 @@ def make_train_iterator(data_dir, *, global_batch: int, seed: int, shard_index: 
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
   if global_batch < 1 or global_batch % shard_count:
-    raise ValueError(f"global_batch={global_batch} must be a positive multiple of the number of "
-                     f"processes ({shard_count})")
-  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+    raise ValueError(
+      f"global_batch={global_batch} must be a positive multiple of the number of processes ({shard_count})"
+    )
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -159,27 +174,45 @@ def make_train_iterator(data_dir, *, global_batch: int, seed: int, shard_index: 
   source = records.ExampleSource(data_dir)
   per_shard = len(source) // shard_count
   if per_shard < per_process:
-    raise ValueError(f"{data_dir} has {len(source)} examples: {per_shard} per process, fewer than "
-                     f"one batch of {per_process} (global_batch {global_batch} over {shard_count} "
-                     f"processes)")
+    raise ValueError(
+      f"{data_dir} has {len(source)} examples: {per_shard} per process, fewer than "
+      f"one batch of {per_process} (global_batch {global_batch} over {shard_count} "
+      f"processes)"
+    )
   prefetch = 2 * per_process if prefetch is None else int(prefetch)
   threads = min(4, prefetch) if read_threads is None else int(read_threads)
-  shard_options = grain.sharding.ShardOptions(shard_index=int(shard_index),
-                                              shard_count=int(shard_count), drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
-                                        shuffle=shuffle, num_epochs=num_epochs, seed=int(seed))
+  shard_options = grain.sharding.ShardOptions(
+    shard_index=int(shard_index), shard_count=int(shard_count), drop_remainder=True
+  )
+  sampler = grain.samplers.IndexSampler(
+    num_records=len(source),
+    shard_options=shard_options,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    seed=int(seed),
+  )
   if num_workers > 0:
     mark_absl_flags_parsed()
   loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[ToTrainBatch(), grain.transforms.Batch(batch_size=per_process,
-                                                            drop_remainder=True)],
-      worker_count=num_workers, worker_buffer_size=worker_buffer_size, shard_options=shard_options,
-      read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
-  settings = {"dataset": source.metadata.get("fingerprint"), "num_examples": len(source),
-              "global_batch": global_batch, "per_process_batch": per_process, "seed": int(seed),
-              "shard_index": int(shard_index), "shard_count": int(shard_count),
-              "examples_per_shard": per_shard, "num_epochs": num_epochs, "shuffle": shuffle,
-              "num_workers": num_workers}
+    data_source=source,
+    sampler=sampler,
+    operations=[ToTrainBatch(), grain.transforms.Batch(batch_size=per_process, drop_remainder=True)],
+    worker_count=num_workers,
+    worker_buffer_size=worker_buffer_size,
+    shard_options=shard_options,
+    read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch),
+  )
+  settings = {
+    "dataset": source.metadata.get("fingerprint"),
+    "num_examples": len(source),
+    "global_batch": global_batch,
+    "per_process_batch": per_process,
+    "seed": int(seed),
+    "shard_index": int(shard_index),
+    "shard_count": int(shard_count),
+    "examples_per_shard": per_shard,
+    "num_epochs": num_epochs,
+    "shuffle": shuffle,
+    "num_workers": num_workers,
+  }
   return TrainIterator(loader, settings, source)
-

@@ -81,6 +81,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One line of the captions file: ``path`` as written there, relative to the videos folder."""
+
   index: int
   path: str
   caption: str
@@ -109,11 +110,15 @@ def read_captions(path) -> list[Entry]:
     reader = csv.DictReader(text.splitlines())
     fields = [f.strip().lower() for f in reader.fieldnames or []]
     if "path" not in fields or "caption" not in fields:
-      raise ValueError(f"{path}: the CSV header must name the columns 'path' and 'caption', got "
-                       f"{reader.fieldnames}")
+      raise ValueError(
+        f"{path}: the CSV header must name the columns 'path' and 'caption', got {reader.fieldnames}"
+      )
     reader.fieldnames = fields
-    rows = [(reader.line_num, row) for row in reader if any((v or "").strip() for v in row.values()
-                                                            if isinstance(v, str))]
+    rows = [
+      (reader.line_num, row)
+      for row in reader
+      if any((v or "").strip() for v in row.values() if isinstance(v, str))
+    ]
   entries = []
   for lineno, row in rows:
     p, caption = row.get("path"), row.get("caption")
@@ -134,6 +139,7 @@ def read_captions(path) -> list[Entry]:
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
   """Preprocessing settings. ``batch_size`` does not change the result (up to float rounding)."""
+
   frames: int = 49
   height: int = 480
   width: int = 720
@@ -160,7 +166,7 @@ class PrepareConfig:
       raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
     if self.shard_size < 1:
       raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
-    if not 0 <= self.seed < 2 ** 32:
+    if not 0 <= self.seed < 2**32:
       raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
     if self.chunking not in CHUNKINGS:
       raise ValueError(f"--chunking must be one of {CHUNKINGS}, got {self.chunking!r}")
@@ -168,8 +174,9 @@ class PrepareConfig:
       raise ValueError(f"--dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
     for name in ("latent_dtype", "text_dtype"):
       if getattr(self, name) not in records.STORAGE_DTYPES:
-        raise ValueError(f"--{name.replace('_', '-')} must be one of {records.STORAGE_DTYPES}, got "
-                         f"{getattr(self, name)!r}")
+        raise ValueError(
+          f"--{name.replace('_', '-')} must be one of {records.STORAGE_DTYPES}, got {getattr(self, name)!r}"
+        )
 
   def identity(self) -> dict[str, Any]:
     """The settings that determine the dataset (everything but the batch size)."""
@@ -183,6 +190,7 @@ class PrepareConfig:
 @dataclasses.dataclass
 class Encoders:
   """The VAE and the T5 text encoder of a model folder (not the transformer)."""
+
   vae_config: Any
   vae_params: dict[str, Any]
   text_config: Any
@@ -193,25 +201,31 @@ class Encoders:
 
   @classmethod
   def from_pipeline(cls, pipe) -> Encoders:
-    return cls(pipe.vae_config, pipe.vae_params, pipe.text_encoder_config, pipe.text_encoder_params,
-               pipe.tokenizer, pipe.transformer_config.text_length, pipe.path)
+    return cls(
+      pipe.vae_config,
+      pipe.vae_params,
+      pipe.text_encoder_config,
+      pipe.text_encoder_params,
+      pipe.tokenizer,
+      pipe.transformer_config.text_length,
+      pipe.path,
+    )
 
   def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     s = self.vae_config.spatial_compression
-    return (self.vae_config.latent_frames(frames), height // s, width // s,
-            self.vae_config.latent_channels)
+    return (self.vae_config.latent_frames(frames), height // s, width // s, self.vae_config.latent_channels)
 
   def text_shape(self) -> tuple[int, int]:
     return (self.text_length, self.text_config.d_model)
 
   def encode_text(self, captions: Sequence[str]) -> np.ndarray:
     """Captions -> (B, L, D) float32, as ``Pipeline.encode_prompts``."""
-    out = TE.encode_prompts(self.text_params, self.text_config, self.tokenizer, list(captions),
-                            max_length=self.text_length)
+    out = TE.encode_prompts(
+      self.text_params, self.text_config, self.tokenizer, list(captions), max_length=self.text_length
+    )
     return np.asarray(out, np.float32)
 
-  def encode_video(self, video: np.ndarray, *, chunking: str = "whole",
-                   noise_keys=None) -> np.ndarray:
+  def encode_video(self, video: np.ndarray, *, chunking: str = "whole", noise_keys=None) -> np.ndarray:
     """(B, T, H, W, 3) in [-1, 1] -> scaled latents (B, t, h, w, C) float32.
 
     The posterior mean (``vae.encode(sample=False)``), or with ``noise_keys`` ((B,) JAX keys) a
@@ -224,8 +238,15 @@ class Encoders:
       z = _posterior_sample(post.mean, post.logvar, noise_keys)
     return np.asarray(z * self.vae_config.scaling_factor, np.float32)
 
-  def encode_batch(self, clips: Sequence[np.ndarray], captions: Sequence[str], *, batch_size: int,
-                   chunking: str = "whole", noise_keys=None) -> tuple[np.ndarray, np.ndarray]:
+  def encode_batch(
+    self,
+    clips: Sequence[np.ndarray],
+    captions: Sequence[str],
+    *,
+    batch_size: int,
+    chunking: str = "whole",
+    noise_keys=None,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Clips and captions -> (latents, text) float32, padded to ``batch_size`` (one compiled shape)."""
     n = len(clips)
     if not 0 < n <= batch_size or len(captions) != n:
@@ -266,8 +287,11 @@ def load_encoders(model_dir, *, dtype: str = "float32") -> Encoders:
   """Loads the VAE, T5 encoder and tokenizer of a model folder (``load_pipeline`` without the
   transformer's weights)."""
   overrides = {"dtype": dtype, "param_dtype": dtype}
-  return Encoders.from_pipeline(pipeline.load_pipeline(model_dir, text_encoder_overrides=overrides,
-                                                vae_overrides=overrides, load_transformer=False))
+  return Encoders.from_pipeline(
+    pipeline.load_pipeline(
+      model_dir, text_encoder_overrides=overrides, vae_overrides=overrides, load_transformer=False
+    )
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,8 +311,9 @@ def load_entry(entry: Entry, videos_dir, config: PrepareConfig):
   """-> (clip, None) or (None, (kind, reason)); never raises for a bad file."""
   path = os.path.join(videos_dir, entry.path)
   try:
-    clip = video_io.load_clip(path, num_frames=config.frames, height=config.height,
-                              width=config.width, fps=config.fps)
+    clip = video_io.load_clip(
+      path, num_frames=config.frames, height=config.height, width=config.width, fps=config.fps
+    )
     return clip, None
   except video_io.VideoError as e:
     return None, (classify_error(str(e)), str(e))
@@ -296,8 +321,14 @@ def load_entry(entry: Entry, videos_dir, config: PrepareConfig):
     return None, ("unreadable", f"{type(e).__name__}: {e}")
 
 
-def iter_clips(entries: Iterable[Entry], videos_dir, config: PrepareConfig, *, threads: int = 2,
-               lookahead: int | None = None) -> Iterator[tuple[Entry, np.ndarray | None, Any]]:
+def iter_clips(
+  entries: Iterable[Entry],
+  videos_dir,
+  config: PrepareConfig,
+  *,
+  threads: int = 2,
+  lookahead: int | None = None,
+) -> Iterator[tuple[Entry, np.ndarray | None, Any]]:
   """Yields (entry, clip, None) or (entry, None, (kind, reason)) in order, decoding ahead in threads."""
   lookahead = lookahead or max(config.batch_size, threads)
   entries = iter(entries)
@@ -331,21 +362,33 @@ def _fingerprint(inputs: dict[str, Any]) -> str:
 
 def _inputs(videos: pathlib.Path, model, entries: list[Entry], config: PrepareConfig) -> dict:
   digest = hashlib.sha256(json.dumps([(e.path, e.caption) for e in entries]).encode()).hexdigest()
-  return {"videos": str(videos.resolve()), "model": str(pathlib.Path(model).resolve()),
-          "captions_sha256": digest, "num_entries": len(entries), "settings": config.identity()}
+  return {
+    "videos": str(videos.resolve()),
+    "model": str(pathlib.Path(model).resolve()),
+    "captions_sha256": digest,
+    "num_entries": len(entries),
+    "settings": config.identity(),
+  }
 
 
 def _output_files(out: pathlib.Path) -> list[pathlib.Path]:
   names = (records.METADATA_FILE, PROGRESS_FILE, REPORT_FILE)
-  return sorted(p for p in out.iterdir() if p.name in names or (
-      p.name.startswith("records-") and p.name.endswith(".array_record")))
+  return sorted(
+    p
+    for p in out.iterdir()
+    if p.name in names or (p.name.startswith("records-") and p.name.endswith(".array_record"))
+  )
 
 
 def _start(out: pathlib.Path, inputs: dict, fingerprint: str, overwrite: bool) -> dict:
   """Loads the progress of an earlier run with the same inputs, or starts a fresh one."""
   out.mkdir(parents=True, exist_ok=True)
-  for pattern in (".records-*.tmp", f".{PROGRESS_FILE}.*.tmp", f".{REPORT_FILE}.*.tmp",
-                  f".{records.METADATA_FILE}.*.tmp"):
+  for pattern in (
+    ".records-*.tmp",
+    f".{PROGRESS_FILE}.*.tmp",
+    f".{REPORT_FILE}.*.tmp",
+    f".{records.METADATA_FILE}.*.tmp",
+  ):
     for tmp in out.glob(pattern):  # left by a killed write
       tmp.unlink()
   progress_path = out / PROGRESS_FILE
@@ -356,15 +399,20 @@ def _start(out: pathlib.Path, inputs: dict, fingerprint: str, overwrite: bool) -
       return progress
     old = progress.get("inputs", {})
     changed = sorted(k for k in inputs if old.get(k) != inputs[k])
-    changed += sorted(f"settings.{k}" for k in inputs["settings"]
-                      if old.get("settings", {}).get(k) != inputs["settings"][k])
-    raise ValueError(f"{out} holds a prepare run with other inputs or settings (changed: "
-                     f"{', '.join(c for c in changed if c != 'settings') or 'unknown'}); "
-                     f"pass --overwrite to start over, or use another --out")
+    changed += sorted(
+      f"settings.{k}" for k in inputs["settings"] if old.get("settings", {}).get(k) != inputs["settings"][k]
+    )
+    raise ValueError(
+      f"{out} holds a prepare run with other inputs or settings (changed: "
+      f"{', '.join(c for c in changed if c != 'settings') or 'unknown'}); "
+      f"pass --overwrite to start over, or use another --out"
+    )
   existing = _output_files(out)
   if existing and not overwrite:
-    raise ValueError(f"{out} already holds a dataset not written by this job "
-                     f"({existing[0].name}, ...); pass --overwrite or use another --out")
+    raise ValueError(
+      f"{out} already holds a dataset not written by this job "
+      f"({existing[0].name}, ...); pass --overwrite or use another --out"
+    )
   for p in existing:
     p.unlink()
   records.atomic_write_json(progress_path, fresh)
@@ -376,9 +424,19 @@ def _summarize_bad(bad: list[dict]) -> str:
   return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
 
 
-def prepare(videos, captions, model, out, config: PrepareConfig = PrepareConfig(), *,
-            overwrite: bool = False, progress: bool = True, decode_threads: int = 2,
-            encoders: Encoders | None = None, verbose: bool = True) -> dict[str, Any]:
+def prepare(
+  videos,
+  captions,
+  model,
+  out,
+  config: PrepareConfig = PrepareConfig(),
+  *,
+  overwrite: bool = False,
+  progress: bool = True,
+  decode_threads: int = 2,
+  encoders: Encoders | None = None,
+  verbose: bool = True,
+) -> dict[str, Any]:
   """Runs (or resumes) the job; returns the report (also written to ``out/report.json``).
 
   ``encoders``: already loaded encoders to use instead of loading ``model`` (which is then only
@@ -399,33 +457,46 @@ def prepare(videos, captions, model, out, config: PrepareConfig = PrepareConfig(
   t0 = time.perf_counter()
   skipped_before = sum(len(state["shards"][str(k)]["bad"]) for k in done)
   skipped_total = skipped_before
-  bar = tqdm(total=len(entries), initial=sum(
-      len(entries[k * config.shard_size:(k + 1) * config.shard_size]) for k in done),
-      unit="video", desc="prepare", disable=not progress, dynamic_ncols=True)
+  bar = tqdm(
+    total=len(entries),
+    initial=sum(len(entries[k * config.shard_size : (k + 1) * config.shard_size]) for k in done),
+    unit="video",
+    desc="prepare",
+    disable=not progress,
+    dynamic_ncols=True,
+  )
   try:
     if pending:
       enc = encoders or load_encoders(model, dtype=config.dtype)
       tcr = enc.vae_config.temporal_compression_ratio
       if (config.frames - 1) % tcr:
         raise ValueError(f"--frames {config.frames} must be {tcr}k+1 for this VAE")
-      spec = {"latents": {"shape": list(enc.latent_shape(config.frames, config.height, config.width)),
-                          "dtype": config.latent_dtype},
-              "text_emb": {"shape": list(enc.text_shape()), "dtype": config.text_dtype}}
+      spec = {
+        "latents": {
+          "shape": list(enc.latent_shape(config.frames, config.height, config.width)),
+          "dtype": config.latent_dtype,
+        },
+        "text_emb": {"shape": list(enc.text_shape()), "dtype": config.text_dtype},
+      }
       if state.get("spec") not in (None, spec):
         raise ValueError(f"the model gives shapes {spec}, the earlier run stored {state['spec']}")
       state["spec"] = spec
-      todo = [e for k in pending for e in entries[k * config.shard_size:(k + 1) * config.shard_size]]
+      todo = [e for k in pending for e in entries[k * config.shard_size : (k + 1) * config.shard_size]]
       clips = iter_clips(todo, videos, config, threads=decode_threads)
       try:
         for k in pending:
-          shard_entries = entries[k * config.shard_size:(k + 1) * config.shard_size]
+          shard_entries = entries[k * config.shard_size : (k + 1) * config.shard_size]
           encoded, bad = _encode_shard(enc, shard_entries, clips, config, bar)
           skipped_total += len(bad)
           bar.set_postfix(skipped=skipped_total, refresh=False)
           name = records.shard_name(k, num_shards)
           count = records.write_shard(out / name, encoded)
-          state["shards"][str(k)] = {"file": name, "num_examples": count, "bad": bad,
-                                     "entries": [shard_entries[0].index, shard_entries[-1].index + 1]}
+          state["shards"][str(k)] = {
+            "file": name,
+            "num_examples": count,
+            "bad": bad,
+            "entries": [shard_entries[0].index, shard_entries[-1].index + 1],
+          }
           records.atomic_write_json(out / PROGRESS_FILE, state)
       finally:
         clips.close()
@@ -434,27 +505,46 @@ def prepare(videos, captions, model, out, config: PrepareConfig = PrepareConfig(
   shards = [state["shards"][str(k)] for k in range(num_shards)]
   bad = [b for s in shards for b in s["bad"]]
   metadata = {
-      **state["spec"], "shards": [{"file": s["file"], "num_examples": s["num_examples"]}
-                                  for s in shards],
-      "fingerprint": fingerprint, "num_frames": config.frames, "fps": config.fps,
-      "height": config.height, "width": config.width,
-      "latents_are": "scaled: vae posterior " + ("sample" if config.sample_posterior else "mean")
-                     + " * scaling_factor",
-      "model": inputs["model"], "videos": inputs["videos"],
-      "captions": str(pathlib.Path(captions).resolve()), "settings": config.identity(),
-      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    **state["spec"],
+    "shards": [{"file": s["file"], "num_examples": s["num_examples"]} for s in shards],
+    "fingerprint": fingerprint,
+    "num_frames": config.frames,
+    "fps": config.fps,
+    "height": config.height,
+    "width": config.width,
+    "latents_are": "scaled: vae posterior "
+    + ("sample" if config.sample_posterior else "mean")
+    + " * scaling_factor",
+    "model": inputs["model"],
+    "videos": inputs["videos"],
+    "captions": str(pathlib.Path(captions).resolve()),
+    "settings": config.identity(),
+    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
   meta = records.write_metadata(out, metadata)
   seconds = time.perf_counter() - t0
-  report = {"complete": True, "num_entries": len(entries), "num_examples": meta["num_examples"],
-            "num_skipped": len(bad), "skipped_by_kind": dict(collections.Counter(b["kind"] for b in bad)),
-            "skipped": bad, "num_shards": num_shards, "shards_resumed": resumed,
-            "seconds_this_run": round(seconds, 3), "fingerprint": fingerprint}
+  report = {
+    "complete": True,
+    "num_entries": len(entries),
+    "num_examples": meta["num_examples"],
+    "num_skipped": len(bad),
+    "skipped_by_kind": dict(collections.Counter(b["kind"] for b in bad)),
+    "skipped": bad,
+    "num_shards": num_shards,
+    "shards_resumed": resumed,
+    "seconds_this_run": round(seconds, 3),
+    "fingerprint": fingerprint,
+  }
   records.atomic_write_json(out / REPORT_FILE, report)
   if verbose:
-    print(f"prepared {report['num_examples']} examples from {len(entries)} entries into "
-          f"{num_shards} shard(s) in {out}")
-    print(f"skipped {len(bad)} ({_summarize_bad(bad)}); {resumed} shard(s) were already done"
-          f"{f' with {skipped_before} skipped' if resumed else ''}; {seconds:.1f}s this run")
+    print(
+      f"prepared {report['num_examples']} examples from {len(entries)} entries into "
+      f"{num_shards} shard(s) in {out}"
+    )
+    print(
+      f"skipped {len(bad)} ({_summarize_bad(bad)}); {resumed} shard(s) were already done"
+      f"{f' with {skipped_before} skipped' if resumed else ''}; {seconds:.1f}s this run"
+    )
     for b in bad[:20]:
       print(f"  skipped #{b['index']} {b['path']}: {b['reason']}")
     if len(bad) > 20:
@@ -475,16 +565,29 @@ def _encode_shard(enc: Encoders, shard_entries: list[Entry], clips, config: Prep
     keys = None
     if config.sample_posterior:
       keys = noise_keys(config.seed, [e.index for e, _ in items])
-    latents, text = enc.encode_batch([c for _, c in items], [e.caption for e, _ in items],
-                                     batch_size=config.batch_size, chunking=config.chunking,
-                                     noise_keys=keys)
+    latents, text = enc.encode_batch(
+      [c for _, c in items],
+      [e.caption for e, _ in items],
+      batch_size=config.batch_size,
+      chunking=config.chunking,
+      noise_keys=keys,
+    )
     for (entry, _), lat, emb in zip(items, latents, text):
-      example = {"latents": lat, "text_emb": emb, "caption": entry.caption, "source": entry.path,
-                 "index": entry.index, "num_frames": config.frames, "fps": config.fps,
-                 "height": config.height, "width": config.width}
+      example = {
+        "latents": lat,
+        "text_emb": emb,
+        "caption": entry.caption,
+        "source": entry.path,
+        "index": entry.index,
+        "num_frames": config.frames,
+        "fps": config.fps,
+        "height": config.height,
+        "width": config.width,
+      }
       try:
-        encoded.append(records.encode_example(example, latent_dtype=config.latent_dtype,
-                                              text_dtype=config.text_dtype))
+        encoded.append(
+          records.encode_example(example, latent_dtype=config.latent_dtype, text_dtype=config.text_dtype)
+        )
       except ValueError as e:  # non-finite encodings or overflow of the storage dtype
         skip(entry, "bad_encoding", str(e))
     bar.update(len(items))
@@ -510,8 +613,11 @@ def _encode_shard(enc: Encoders, shard_entries: list[Entry], clips, config: Prep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m repvideo_jax.data.prepare", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m repvideo_jax.data.prepare",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--videos", required=True, help="folder the caption paths are relative to")
   p.add_argument("--captions", required=True, help="CSV (path,caption) or JSONL captions file")
   p.add_argument("--model", required=True, help="model folder (converted pipeline or diffusers layout)")
@@ -522,13 +628,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--fps", type=float, default=8.0, help="frame rate clips are sampled at (default 8)")
   p.add_argument("--batch-size", type=int, default=4, help="clips encoded together (default 4)")
   p.add_argument("--shard-size", type=int, default=256, help="entries per shard (default 256)")
-  p.add_argument("--sample-posterior", action="store_true",
-                 help="store a posterior sample (seeded per entry) instead of the posterior mean")
+  p.add_argument(
+    "--sample-posterior",
+    action="store_true",
+    help="store a posterior sample (seeded per entry) instead of the posterior mean",
+  )
   p.add_argument("--seed", type=int, default=0, help="seed of --sample-posterior (default 0)")
-  p.add_argument("--chunking", choices=CHUNKINGS, default="whole",
-                 help="VAE encoder time chunking (default whole, as the SAT engine)")
-  p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
-                 help="VAE / T5 compute dtype (default float32)")
+  p.add_argument(
+    "--chunking",
+    choices=CHUNKINGS,
+    default="whole",
+    help="VAE encoder time chunking (default whole, as the SAT engine)",
+  )
+  p.add_argument(
+    "--dtype", choices=COMPUTE_DTYPES, default="float32", help="VAE / T5 compute dtype (default float32)"
+  )
   p.add_argument("--latent-dtype", choices=records.STORAGE_DTYPES, default="float32")
   p.add_argument("--text-dtype", choices=records.STORAGE_DTYPES, default="float16")
   p.add_argument("--decode-threads", type=int, default=2, help="threads decoding videos ahead")
@@ -540,21 +654,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   args = parse_args(argv)
-  config = PrepareConfig(frames=args.frames, height=args.height, width=args.width, fps=args.fps,
-                         batch_size=args.batch_size, shard_size=args.shard_size,
-                         sample_posterior=args.sample_posterior, seed=args.seed,
-                         chunking=args.chunking, dtype=args.dtype, latent_dtype=args.latent_dtype,
-                         text_dtype=args.text_dtype)
+  config = PrepareConfig(
+    frames=args.frames,
+    height=args.height,
+    width=args.width,
+    fps=args.fps,
+    batch_size=args.batch_size,
+    shard_size=args.shard_size,
+    sample_posterior=args.sample_posterior,
+    seed=args.seed,
+    chunking=args.chunking,
+    dtype=args.dtype,
+    latent_dtype=args.latent_dtype,
+    text_dtype=args.text_dtype,
+  )
   try:
     check_output(args.out, "--out", folder=True)
-    prepare(args.videos, args.captions, args.model, args.out, config, overwrite=args.overwrite,
-            progress=not args.no_progress, decode_threads=args.decode_threads)
+    prepare(
+      args.videos,
+      args.captions,
+      args.model,
+      args.out,
+      config,
+      overwrite=args.overwrite,
+      progress=not args.no_progress,
+      decode_threads=args.decode_threads,
+    )
   except (ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("interrupted: the shards already complete are kept; re-run the same command to resume",
-          file=sys.stderr)
+    print(
+      "interrupted: the shards already complete are kept; re-run the same command to resume", file=sys.stderr
+    )
     return 130
   return 0
 

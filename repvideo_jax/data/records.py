@@ -51,8 +51,11 @@ STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 ARRAY_FIELDS = ("latents", "text_emb")
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: what grain's random access wants
 
-_NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_NUMPY_DTYPES = {
+  "float32": np.dtype(np.float32),
+  "float16": np.dtype(np.float16),
+  "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
 
 
 def shard_name(index: int, count: int) -> str:
@@ -75,13 +78,15 @@ def _to_storage(name: str, x, dtype: str) -> np.ndarray:
   with np.errstate(over="ignore"):
     y = x.astype(_NUMPY_DTYPES[dtype])
   if not np.all(np.isfinite(y.astype(np.float32))):
-    raise ValueError(f"{name} overflows {dtype} (max |x| = {float(np.max(np.abs(x))):.4g}): "
-                     f"store it as float32 or bfloat16")
+    raise ValueError(
+      f"{name} overflows {dtype} (max |x| = {float(np.max(np.abs(x))):.4g}): store it as float32 or bfloat16"
+    )
   return y.view(np.uint16) if dtype == "bfloat16" else y
 
 
-def encode_example(example: Mapping[str, Any], *, latent_dtype: str = "float32",
-                   text_dtype: str = "float16") -> bytes:
+def encode_example(
+  example: Mapping[str, Any], *, latent_dtype: str = "float32", text_dtype: str = "float16"
+) -> bytes:
   """Example dict -> record bytes.
 
   ``example``: ``latents`` (t, h, w, C) and ``text_emb`` (L, D) arrays, ``caption`` and ``source``
@@ -100,9 +105,12 @@ def encode_example(example: Mapping[str, Any], *, latent_dtype: str = "float32",
   meta = {k: v for k, v in example.items() if k not in ARRAY_FIELDS}
   meta["dtypes"] = {"latents": latent_dtype, "text_emb": text_dtype}
   buf = io.BytesIO()
-  np.savez(buf, latents=_to_storage("latents", latents, latent_dtype),
-           text_emb=_to_storage("text_emb", text, text_dtype),
-           meta=np.array(json.dumps(meta, ensure_ascii=False)))
+  np.savez(
+    buf,
+    latents=_to_storage("latents", latents, latent_dtype),
+    text_emb=_to_storage("text_emb", text, text_dtype),
+    meta=np.array(json.dumps(meta, ensure_ascii=False)),
+  )
   return buf.getvalue()
 
 
@@ -165,8 +173,10 @@ def read_shard(path) -> list[bytes]:
 
 def spec_of(example: Mapping[str, Any], *, latent_dtype: str, text_dtype: str) -> dict[str, Any]:
   """The ``latents`` / ``text_emb`` entries of ``dataset.json`` for an example."""
-  return {"latents": {"shape": list(np.shape(example["latents"])), "dtype": latent_dtype},
-          "text_emb": {"shape": list(np.shape(example["text_emb"])), "dtype": text_dtype}}
+  return {
+    "latents": {"shape": list(np.shape(example["latents"])), "dtype": latent_dtype},
+    "text_emb": {"shape": list(np.shape(example["text_emb"])), "dtype": text_dtype},
+  }
 
 
 def write_metadata(data_dir, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,8 +191,11 @@ def read_metadata(data_dir) -> dict[str, Any]:
   """Reads and checks ``dataset.json``."""
   path = pathlib.Path(data_dir) / METADATA_FILE
   if not path.is_file():
-    hint = (" (an unfinished `prepare` run: re-run it to finish)"
-            if (pathlib.Path(data_dir) / "progress.json").exists() else "")
+    hint = (
+      " (an unfinished `prepare` run: re-run it to finish)"
+      if (pathlib.Path(data_dir) / "progress.json").exists()
+      else ""
+    )
     raise FileNotFoundError(f"no {METADATA_FILE} in {data_dir}: not a prepared dataset{hint}")
   meta = json.loads(path.read_text())
   if meta.get("format") != FORMAT:
@@ -192,9 +205,15 @@ def read_metadata(data_dir) -> dict[str, Any]:
   return meta
 
 
-def write_shards(out_dir, examples: Sequence[Mapping[str, Any]], *, shard_size: int = 256,
-                 latent_dtype: str = "float32", text_dtype: str = "float16",
-                 metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def write_shards(
+  out_dir,
+  examples: Sequence[Mapping[str, Any]],
+  *,
+  shard_size: int = 256,
+  latent_dtype: str = "float32",
+  text_dtype: str = "float16",
+  metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Writes a whole dataset from examples in memory: shards of ``shard_size`` + ``dataset.json``.
 
   Every example must have the same latents and text shapes. ``metadata`` adds fields to
@@ -212,17 +231,24 @@ def write_shards(out_dir, examples: Sequence[Mapping[str, Any]], *, shard_size: 
   shards = []
   for k in range(count):
     records = []
-    for example in examples[k * shard_size:(k + 1) * shard_size]:
+    for example in examples[k * shard_size : (k + 1) * shard_size]:
       if spec_of(example, latent_dtype=latent_dtype, text_dtype=text_dtype) != spec:
-        raise ValueError(f"example {example.get('source')!r} has shapes "
-                         f"{np.shape(example['latents'])} / {np.shape(example['text_emb'])}, the "
-                         f"first one {spec['latents']['shape']} / {spec['text_emb']['shape']}")
+        raise ValueError(
+          f"example {example.get('source')!r} has shapes "
+          f"{np.shape(example['latents'])} / {np.shape(example['text_emb'])}, the "
+          f"first one {spec['latents']['shape']} / {spec['text_emb']['shape']}"
+        )
       records.append(encode_example(example, latent_dtype=latent_dtype, text_dtype=text_dtype))
       digest.update(hashlib.sha256(records[-1]).digest())
     name = shard_name(k, count)
     shards.append({"file": name, "num_examples": write_shard(out_dir / name, records)})
-  meta = {**spec, **(metadata or {}), "shards": shards, "fingerprint": digest.hexdigest()[:16],
-          "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  meta = {
+    **spec,
+    **(metadata or {}),
+    "shards": shards,
+    "fingerprint": digest.hexdigest()[:16],
+    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
   return write_metadata(out_dir, meta)
 
 
@@ -244,14 +270,17 @@ class ExampleSource:
     files = [self.data_dir / s["file"] for s in self.metadata["shards"] if s["num_examples"] > 0]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-      raise FileNotFoundError(f"{self.data_dir}: shard file(s) listed in {METADATA_FILE} are missing: "
-                              f"{missing}")
+      raise FileNotFoundError(
+        f"{self.data_dir}: shard file(s) listed in {METADATA_FILE} are missing: {missing}"
+      )
     if not files:
       raise ValueError(f"{self.data_dir} holds no examples")
     self._source = grain.sources.ArrayRecordDataSource([os.fspath(f) for f in files])
     if len(self._source) != self.metadata["num_examples"]:
-      raise ValueError(f"{self.data_dir}: the shards hold {len(self._source)} records but "
-                       f"{METADATA_FILE} says {self.metadata['num_examples']}")
+      raise ValueError(
+        f"{self.data_dir}: the shards hold {len(self._source)} records but "
+        f"{METADATA_FILE} says {self.metadata['num_examples']}"
+      )
 
   def __len__(self) -> int:
     return len(self._source)
@@ -260,5 +289,4 @@ class ExampleSource:
     return read_example(self._source[index])
 
   def __repr__(self) -> str:
-    return (f"ExampleSource(fingerprint={self.metadata.get('fingerprint')}, "
-            f"num_examples={len(self)})")
+    return f"ExampleSource(fingerprint={self.metadata.get('fingerprint')}, num_examples={len(self)})"

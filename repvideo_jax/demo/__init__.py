@@ -28,6 +28,7 @@ def demo_model_dir() -> pathlib.Path:
   """The bundled demo model folder (a pipeline folder: transformer, T5, VAE, tokenizer)."""
   if not (MODEL_DIR / "pipeline.json").is_file():
     raise FileNotFoundError(
-        f"the bundled demo model is missing ({MODEL_DIR} has no pipeline.json): reinstall the package, "
-        "or rebuild it with `python -m repvideo_jax.demo.build --install`")
+      f"the bundled demo model is missing ({MODEL_DIR} has no pipeline.json): reinstall the package, "
+      "or rebuild it with `python -m repvideo_jax.demo.build --install`"
+    )
   return MODEL_DIR

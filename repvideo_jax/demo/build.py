@@ -64,8 +64,16 @@ from repvideo_jax.training import trainer
 from repvideo_jax.training.checkpoints import Checkpointer
 
 log = logging.getLogger(__name__)
-SECTIONS = ("dataset", "tokenizer", "text_encoder", "text_training", "vae", "vae_training", "train",
-            "generation")
+SECTIONS = (
+  "dataset",
+  "tokenizer",
+  "text_encoder",
+  "text_training",
+  "vae",
+  "vae_training",
+  "train",
+  "generation",
+)
 SCALARS = {"storage_dtype": "float32"}  # top-level recipe settings besides the sections
 
 
@@ -92,8 +100,9 @@ def load_recipe(name_or_path: str = "demo", overrides=()) -> dict[str, Any]:
   tree = {**SCALARS, **config_lib.load_yaml(name_or_path, overrides)}
   unknown = sorted(set(tree) - set(SECTIONS) - set(SCALARS))
   if unknown:
-    raise ValueError(f"{name_or_path}: unknown section(s) {unknown}; a recipe has {list(SECTIONS)} "
-                     f"and {list(SCALARS)}")
+    raise ValueError(
+      f"{name_or_path}: unknown section(s) {unknown}; a recipe has {list(SECTIONS)} and {list(SCALARS)}"
+    )
   missing = [s for s in SECTIONS if s not in tree]
   if missing:
     raise ValueError(f"{name_or_path}: missing section(s) {missing}")
@@ -103,9 +112,14 @@ def load_recipe(name_or_path: str = "demo", overrides=()) -> dict[str, Any]:
 
 def _validate(tree: dict[str, Any], where: str) -> None:
   """Builds every section's typed config once, so a typo fails now, not an hour into the build."""
-  for section, cls in (("dataset", DatasetConfig), ("tokenizer", TokenizerConfig),
-                       ("text_encoder", TE.T5Config), ("text_training", text_training.TextTrainConfig),
-                       ("vae", V.VAEConfig), ("vae_training", vae_training.VAETrainConfig)):
+  for section, cls in (
+    ("dataset", DatasetConfig),
+    ("tokenizer", TokenizerConfig),
+    ("text_encoder", TE.T5Config),
+    ("text_training", text_training.TextTrainConfig),
+    ("vae", V.VAEConfig),
+    ("vae_training", vae_training.VAETrainConfig),
+  ):
     config_lib.from_dict(cls, tree[section] or {}, f"{where}:{section}")
   trainer.config_from_dict(tree["train"] or {}, f"{where}:train")
   generation = dict(tree["generation"] or {})
@@ -114,8 +128,9 @@ def _validate(tree: dict[str, Any], where: str) -> None:
   if not fps > 0:
     raise ValueError(f"{where}:generation.fps must be positive, got {fps}")
   if tree["storage_dtype"] not in ("float32", "float16", "bfloat16"):
-    raise ValueError(f"{where}: storage_dtype must be float32, float16 or bfloat16, got "
-                     f"{tree['storage_dtype']!r}")
+    raise ValueError(
+      f"{where}: storage_dtype must be float32, float16 or bfloat16, got {tree['storage_dtype']!r}"
+    )
 
 
 class Stage:
@@ -132,13 +147,17 @@ class Stage:
       return False
     built = json.loads(marker.read_text())["config"]
     if built != self.config:
-      raise ValueError(f"{self.path} was built from a different {self.name} config:\n  built: {built}\n"
-                       f"  now:   {self.config}\nuse a new --out (or --name for another transformer)")
+      raise ValueError(
+        f"{self.path} was built from a different {self.name} config:\n  built: {built}\n"
+        f"  now:   {self.config}\nuse a new --out (or --name for another transformer)"
+      )
     return True
 
   def finish(self, **info) -> None:
-    outputs.atomic_write(self.path / "stage.json", json.dumps(
-        {"config": self.config, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, indent=2))
+    outputs.atomic_write(
+      self.path / "stage.json",
+      json.dumps({"config": self.config, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, indent=2),
+    )
 
 
 def _say(msg: str) -> None:
@@ -146,14 +165,24 @@ def _say(msg: str) -> None:
 
 
 def _write_pipeline(folder: pathlib.Path, manifest: dict) -> None:
-  outputs.atomic_write(folder / "pipeline.json", json.dumps(
-      {"format": "repvideo-jax-pipeline", "version": 1,
-       "components": ["transformer", "text_encoder", "vae", "tokenizer"], **manifest}, indent=2))
+  outputs.atomic_write(
+    folder / "pipeline.json",
+    json.dumps(
+      {
+        "format": "repvideo-jax-pipeline",
+        "version": 1,
+        "components": ["transformer", "text_encoder", "vae", "tokenizer"],
+        **manifest,
+      },
+      indent=2,
+    ),
+  )
 
 
 @dataclasses.dataclass
 class Build:
   """One build's inputs, and what each stage leaves for the later ones (None until it has run)."""
+
   recipe: dict[str, Any]
   out: pathlib.Path
   name: str = "model"
@@ -197,10 +226,20 @@ def stage_data(b: Build) -> None:
   ds = b.dataset
   stage = Stage(b.out, "data", b.recipe["dataset"])
   if not stage.done:
-    _say(f"data: rendering {ds.per_spec} clips x {len(b.train_specs)} train combinations "
-         f"({len(b.heldout)} held out)")
-    D.write_dataset(stage.path, b.train_specs, per_spec=ds.per_spec, num_frames=ds.frames,
-                    height=ds.height, width=ds.width, fps=ds.fps, seed=ds.seed)
+    _say(
+      f"data: rendering {ds.per_spec} clips x {len(b.train_specs)} train combinations "
+      f"({len(b.heldout)} held out)"
+    )
+    D.write_dataset(
+      stage.path,
+      b.train_specs,
+      per_spec=ds.per_spec,
+      num_frames=ds.frames,
+      height=ds.height,
+      width=ds.width,
+      fps=ds.fps,
+      seed=ds.seed,
+    )
     stage.finish(train=[D.caption(s) for s in b.train_specs], heldout=[D.caption(s) for s in b.heldout])
   b.data_dir = stage.path
 
@@ -211,8 +250,9 @@ def stage_tokenizer(b: Build) -> None:
   stage = Stage(b.out, "tokenizer", b.sections("tokenizer", "dataset"))
   if not stage.done:
     _say("tokenizer: training sentencepiece on the train captions")
-    text_training.train_tokenizer(b.captions, stage.path, vocab_size=tok_cfg.vocab_size,
-                                  model_type=tok_cfg.model_type)
+    text_training.train_tokenizer(
+      b.captions, stage.path, vocab_size=tok_cfg.vocab_size, model_type=tok_cfg.model_type
+    )
     stage.finish()
   b.tokenizer = TE.load_tokenizer(stage.path)
   b.tokenizer_dir = stage.path
@@ -220,14 +260,16 @@ def stage_tokenizer(b: Build) -> None:
 
 def stage_text_encoder(b: Build) -> None:
   """The T5 encoder, pretrained on the train captions, saved as converted weights."""
-  t5_cfg = config_lib.from_dict(TE.T5Config, {**b.recipe["text_encoder"], "vocab_size": len(b.tokenizer)},
-                                "text_encoder")
+  t5_cfg = config_lib.from_dict(
+    TE.T5Config, {**b.recipe["text_encoder"], "vocab_size": len(b.tokenizer)}, "text_encoder"
+  )
   stage = Stage(b.out, "text_encoder", b.sections("text_encoder", "text_training", "tokenizer", "dataset"))
   if not stage.done:
     _say(f"text encoder: pretraining T5 ({t5_cfg.num_layers} layers, width {t5_cfg.d_model})")
     tc = config_lib.from_dict(text_training.TextTrainConfig, b.recipe["text_training"], "text_training")
-    params, rows = text_training.pretrain_encoder(t5_cfg, b.tokenizer, b.captions, tc, stage.path / "run",
-                                                  max_length=b.text_length, progress=b.progress)
+    params, rows = text_training.pretrain_encoder(
+      t5_cfg, b.tokenizer, b.captions, tc, stage.path / "run", max_length=b.text_length, progress=b.progress
+    )
     text_encoder_weights.save(stage.path / "weights", t5_cfg, params, source="demo.build", overwrite=True)
     stage.finish(first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"], last_accuracy=rows[-1]["accuracy"])
   b.text_dir = stage.path / "weights"
@@ -243,8 +285,13 @@ def stage_vae(b: Build) -> None:
     _say(f"vae: training {vae_cfg.block_out_channels} on {vt.frames}-frame clips, {vt.steps} steps")
 
     def random_clip(rng):  # a fresh render of a random train-split combination
-      return D.render(specs[rng.integers(len(specs))], num_frames=vt.frames,
-                      height=ds.height, width=ds.width, seed=int(rng.integers(1 << 31)))
+      return D.render(
+        specs[rng.integers(len(specs))],
+        num_frames=vt.frames,
+        height=ds.height,
+        width=ds.width,
+        seed=int(rng.integers(1 << 31)),
+      )
 
     def clips(step):
       rng = np.random.default_rng([ds.seed, 7, step])
@@ -254,10 +301,15 @@ def stage_vae(b: Build) -> None:
       rng = np.random.default_rng([ds.seed, 8, step])
       return np.stack([random_clip(rng)[rng.integers(vt.frames)][None] for _ in range(vt.image_batch_size)])
 
-    params, rows = vae_training.train(vae_cfg, vt, clips, stage.path / "run", images=images,
-                                      progress=b.progress)
-    probe = np.stack([D.render(s, num_frames=ds.frames, height=ds.height, width=ds.width, seed=5000 + i)
-                      for i, s in enumerate(specs)])
+    params, rows = vae_training.train(
+      vae_cfg, vt, clips, stage.path / "run", images=images, progress=b.progress
+    )
+    probe = np.stack(
+      [
+        D.render(s, num_frames=ds.frames, height=ds.height, width=ds.width, seed=5000 + i)
+        for i, s in enumerate(specs)
+      ]
+    )
     scale = vae_training.latent_scale(params, vae_cfg, probe)
     final_cfg = dataclasses.replace(vae_cfg, scaling_factor=scale)
     vae_weights.save(stage.path / "weights", final_cfg, params, source="demo.build", overwrite=True)
@@ -268,8 +320,12 @@ def stage_vae(b: Build) -> None:
 def stage_encoders(b: Build) -> None:
   """A model folder of tokenizer, T5 and VAE plus an untrained transformer: data.prepare's input."""
   t_cfg = config_lib.from_dict(T.TransformerConfig, b.recipe["train"]["transformer"], "train.transformer")
-  stage = Stage(b.out, "encoders", b.sections("dataset", "tokenizer", "text_encoder", "text_training",
-                                              "vae", "vae_training") | {"text_length": b.text_length})
+  stage = Stage(
+    b.out,
+    "encoders",
+    b.sections("dataset", "tokenizer", "text_encoder", "text_training", "vae", "vae_training")
+    | {"text_length": b.text_length},
+  )
   if not stage.done:
     _say("encoders: assembling the VAE, T5 and tokenizer into a model folder for data.prepare")
     shutil.rmtree(stage.path, ignore_errors=True)
@@ -277,8 +333,12 @@ def stage_encoders(b: Build) -> None:
     shutil.copytree(b.tokenizer_dir, stage.path / "tokenizer", ignore=shutil.ignore_patterns("stage.json"))
     shutil.copytree(b.text_dir, stage.path / "text_encoder")
     shutil.copytree(b.vae_dir, stage.path / "vae")
-    transformer_weights.save(stage.path / "transformer", t_cfg, T.init(t_cfg, jax.random.key(0)),
-                             source="untrained (only its config is read by data.prepare)")
+    transformer_weights.save(
+      stage.path / "transformer",
+      t_cfg,
+      T.init(t_cfg, jax.random.key(0)),
+      source="untrained (only its config is read by data.prepare)",
+    )
     _write_pipeline(stage.path, {"source": {"recipe": b.recipe_name, "note": "encoders only"}})
     stage.finish()
   b.encoders = stage
@@ -292,10 +352,16 @@ def stage_records(b: Build) -> None:
   stage = Stage(b.out, "records", {"encoders": b.encoders.config, "data": sizes})
   if not stage.done:
     _say("records: encoding the dataset with data.prepare")
-    prep = prepare.PrepareConfig(frames=ds.frames, height=ds.height, width=ds.width, fps=ds.fps,
-                                 batch_size=8)
-    prepare.prepare(b.data_dir, b.data_dir / "captions.csv", b.encoders.path, stage.path, prep,
-                    progress=b.progress, verbose=False)
+    prep = prepare.PrepareConfig(frames=ds.frames, height=ds.height, width=ds.width, fps=ds.fps, batch_size=8)
+    prepare.prepare(
+      b.data_dir,
+      b.data_dir / "captions.csv",
+      b.encoders.path,
+      stage.path,
+      prep,
+      progress=b.progress,
+      verbose=False,
+    )
     stage.finish()
   b.records_dir = stage.path
 
@@ -311,8 +377,9 @@ def stage_transformer(b: Build) -> None:
   b.train_yaml = variant / "train.yaml"
   previous = yaml.safe_load(b.train_yaml.read_text()) if b.train_yaml.exists() else None
   if previous is not None and previous != train_tree and (variant / "run").exists():
-    raise ValueError(f"{variant} holds a transformer run with a different train config; use another "
-                     "--name (or a new --out)")
+    raise ValueError(
+      f"{variant} holds a transformer run with a different train config; use another --name (or a new --out)"
+    )
   outputs.atomic_write(b.train_yaml, yaml.safe_dump(train_tree, sort_keys=False))
   cfg = trainer.config_from_dict(train_tree, str(b.train_yaml))
   done = _finished_step(variant / "run")
@@ -322,8 +389,10 @@ def stage_transformer(b: Build) -> None:
   with _train_log(variant / "train.log", echo=b.progress):
     result = trainer.train(cfg, resume=True)
   if result["final_step"] < cfg.run.steps:
-    raise RuntimeError(f"the transformer run stopped at step {result['final_step']} of {cfg.run.steps} "
-                       f"({result['stopped']}); run the build again to resume it")
+    raise RuntimeError(
+      f"the transformer run stopped at step {result['final_step']} of {cfg.run.steps} "
+      f"({result['stopped']}); run the build again to resume it"
+    )
 
 
 def stage_model(b: Build) -> None:
@@ -339,10 +408,20 @@ def stage_model(b: Build) -> None:
   if recipe["storage_dtype"] != "float32":
     for part in ("transformer", "text_encoder", "vae"):
       _store_as(tmp / part, recipe["storage_dtype"])
-  _write_pipeline(tmp, {"defaults": dict(recipe["generation"]), "source": {
-      "recipe": b.recipe_name, "config": recipe, "command": "python -m repvideo_jax.demo.build",
-      "train_command": f"train.py --config {b.train_yaml.name}", "feature_cache": tcfg.feature_cache,
-      "heldout": [D.caption(s) for s in b.heldout]}})
+  _write_pipeline(
+    tmp,
+    {
+      "defaults": dict(recipe["generation"]),
+      "source": {
+        "recipe": b.recipe_name,
+        "config": recipe,
+        "command": "python -m repvideo_jax.demo.build",
+        "train_command": f"train.py --config {b.train_yaml.name}",
+        "feature_cache": tcfg.feature_cache,
+        "heldout": [D.caption(s) for s in b.heldout],
+      },
+    },
+  )
   outputs.replace_dir(tmp, b.model)
   _say(f"wrote {b.model}")
 
@@ -368,15 +447,29 @@ def stage_install(b: Build) -> None:
 
 
 STAGES: tuple[Callable[[Build], None], ...] = (
-    stage_data, stage_tokenizer, stage_text_encoder, stage_vae, stage_encoders, stage_records,
-    stage_transformer, stage_model, stage_install)
+  stage_data,
+  stage_tokenizer,
+  stage_text_encoder,
+  stage_vae,
+  stage_encoders,
+  stage_records,
+  stage_transformer,
+  stage_model,
+  stage_install,
+)
 
 
-def build(recipe: dict[str, Any], out: str | pathlib.Path, *, name: str = "model", install: bool = False,
-          progress: bool = True, recipe_name: str = "demo") -> pathlib.Path:
+def build(
+  recipe: dict[str, Any],
+  out: str | pathlib.Path,
+  *,
+  name: str = "model",
+  install: bool = False,
+  progress: bool = True,
+  recipe_name: str = "demo",
+) -> pathlib.Path:
   """Runs (or resumes) every stage; returns the finished model folder ``out/name/model``."""
-  b = Build(recipe, pathlib.Path(out), name=name, install=install, progress=progress,
-            recipe_name=recipe_name)
+  b = Build(recipe, pathlib.Path(out), name=name, install=install, progress=progress, recipe_name=recipe_name)
   b.out.mkdir(parents=True, exist_ok=True)
   for stage in STAGES:
     stage(b)
@@ -445,22 +538,34 @@ def _install(model: pathlib.Path, target: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m repvideo_jax.demo.build", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m repvideo_jax.demo.build",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--config", default="demo", help="recipe preset in configs/ or a YAML file")
   parser.add_argument("--out", default="runs/demo", help="build folder (default runs/demo)")
   parser.add_argument("--name", default="model", help="name of the transformer variant (ablations)")
-  parser.add_argument("--install", action="store_true",
-                      help="copy the result into the package: the bundled demo model, or for another "
-                      "--name its transformer as ablations/<name>/transformer")
+  parser.add_argument(
+    "--install",
+    action="store_true",
+    help="copy the result into the package: the bundled demo model, or for another "
+    "--name its transformer as ablations/<name>/transformer",
+  )
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("overrides", nargs="*", metavar="section.key=value")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   try:
     recipe = load_recipe(args.config, args.overrides)
-    build(recipe, args.out, name=args.name, install=args.install, progress=not args.no_progress,
-          recipe_name=str(args.config))
+    build(
+      recipe,
+      args.out,
+      name=args.name,
+      install=args.install,
+      progress=not args.no_progress,
+      recipe_name=str(args.config),
+    )
   except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -20,8 +20,21 @@ import numpy as np
 from repvideo_jax.outputs import atomic_path
 from repvideo_jax.video_io import write_mp4
 
-__all__ = ["SHAPES", "COLORS", "MOTIONS", "PALETTE", "Spec", "caption", "parse_caption", "render", "all_specs",
-           "split_specs", "write_dataset", "detect", "score"]
+__all__ = [
+  "SHAPES",
+  "COLORS",
+  "MOTIONS",
+  "PALETTE",
+  "Spec",
+  "caption",
+  "parse_caption",
+  "render",
+  "all_specs",
+  "split_specs",
+  "write_dataset",
+  "detect",
+  "score",
+]
 
 SHAPES = ("circle", "square", "triangle")
 PALETTE = {
@@ -36,16 +49,17 @@ MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing",
 BACKGROUND = "black"
 
 # Geometry, as fractions of min(height, width).
-_TRAVEL = 0.35          # distance travelled by a translating shape over the clip
-_SIZE = (0.12, 0.18)    # half-size range of a translating shape
+_TRAVEL = 0.35  # distance travelled by a translating shape over the clip
+_SIZE = (0.12, 0.18)  # half-size range of a translating shape
 _GROW_SMALL = (0.10, 0.13)  # half-size range at the small end of growing / shrinking
-_GROW_FACTOR = 2.0      # large half-size / small half-size
-_MIN_HALF = 6.0         # pixels: below this the shapes' fill ratios start to overlap
+_GROW_FACTOR = 2.0  # large half-size / small half-size
+_MIN_HALF = 6.0  # pixels: below this the shapes' fill ratios start to overlap
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What one clip shows: ``shape`` in SHAPES, ``color`` in COLORS, ``motion`` in MOTIONS."""
+
   shape: str
   color: str
   motion: str
@@ -108,8 +122,10 @@ def _trajectory(motion: str, num_frames: int, height: int, width: int, rng: np.r
     return np.full(num_frames, cx), np.full(num_frames, cy), r0 + (r1 - r0) * t
   r = max(rng.uniform(*_SIZE) * m, _MIN_HALF)
   travel = _TRAVEL * m
-  dx, dy = {"moving left": (-1, 0), "moving right": (1, 0),
-            "moving up": (0, -1), "moving down": (0, 1)}[motion]
+  dx, dy = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}[
+    motion
+  ]
+
   # Start range so that start and end positions are both fully inside the frame.
   def start(d, size):
     lo, hi = r, size - 1 - r
@@ -120,12 +136,14 @@ def _trajectory(motion: str, num_frames: int, height: int, width: int, rng: np.r
     if lo > hi:
       raise ValueError(f"frame {height}x{width} too small for motion {motion!r}")
     return rng.uniform(lo, hi)
+
   x0, y0 = start(dx, width), start(dy, height)
   return x0 + dx * travel * t, y0 + dy * travel * t, np.full(num_frames, r)
 
 
-def render(spec: Spec, *, num_frames: int = 9, height: int = 64, width: int = 64,
-           seed: int = 0) -> np.ndarray:
+def render(
+  spec: Spec, *, num_frames: int = 9, height: int = 64, width: int = 64, seed: int = 0
+) -> np.ndarray:
   """Draws ``spec`` as uint8 RGB frames (T, H, W, 3) on black, with exact palette colours.
 
   Start position and size are drawn from ``seed`` (same seed, same frames), constrained so that the
@@ -136,9 +154,11 @@ def render(spec: Spec, *, num_frames: int = 9, height: int = 64, width: int = 64
     raise ValueError(f"num_frames must be >= 2 to show a motion, got {num_frames}")
   if min(height, width) < 32:
     raise ValueError(f"frames must be at least 32x32, got {height}x{width}")
-  rng = np.random.default_rng(np.random.SeedSequence([int(seed), SHAPES.index(spec.shape),
-                                                      COLORS.index(spec.color),
-                                                      MOTIONS.index(spec.motion)]))
+  rng = np.random.default_rng(
+    np.random.SeedSequence(
+      [int(seed), SHAPES.index(spec.shape), COLORS.index(spec.color), MOTIONS.index(spec.motion)]
+    )
+  )
   cxs, cys, rs = _trajectory(spec.motion, num_frames, height, width, rng)
   frames = np.zeros((num_frames, height, width, 3), np.uint8)
   color = np.array(PALETTE[spec.color], np.uint8)
@@ -189,8 +209,17 @@ def _slug(spec: Spec) -> str:
   return f"{spec.shape}_{spec.color}_{spec.motion.replace(' ', '_')}"
 
 
-def write_dataset(out_dir, specs, *, per_spec: int = 2, num_frames: int = 9, height: int = 64,
-                  width: int = 64, fps: float = 8, seed: int = 0) -> pathlib.Path:
+def write_dataset(
+  out_dir,
+  specs,
+  *,
+  per_spec: int = 2,
+  num_frames: int = 9,
+  height: int = 64,
+  width: int = 64,
+  fps: float = 8,
+  seed: int = 0,
+) -> pathlib.Path:
   """Renders ``per_spec`` clips of each spec to ``out_dir/videos/*.mp4`` and writes
   ``out_dir/captions.csv`` (columns path,caption; paths relative to ``out_dir``), so that
   ``python -m repvideo_jax.data.prepare --videos out_dir --captions out_dir/captions.csv`` reads it.
@@ -208,8 +237,7 @@ def write_dataset(out_dir, specs, *, per_spec: int = 2, num_frames: int = 9, hei
   for spec in specs:
     for k in range(per_spec):
       rel = f"videos/{_slug(spec)}_{k}.mp4"
-      frames = render(spec, num_frames=num_frames, height=height, width=width,
-                      seed=seed * 1000 + k)
+      frames = render(spec, num_frames=num_frames, height=height, width=width, seed=seed * 1000 + k)
       write_mp4(out / rel, frames, fps)
       rows.append((rel, caption(spec)))
   csv_path = out / "captions.csv"
@@ -223,9 +251,9 @@ def write_dataset(out_dir, specs, *, per_spec: int = 2, num_frames: int = 9, hei
 # ------------------------------------------------------------------------------------------------
 # Detectors
 
-_FG_THRESHOLD = 96     # a pixel is foreground when its brightest channel exceeds this
-_MOVE_MIN = 0.08       # min centroid travel, as a fraction of min(H, W), to call a translation
-_AREA_CHANGE = 1.5     # area ratio last/first beyond which the shape is growing (or 1/x shrinking)
+_FG_THRESHOLD = 96  # a pixel is foreground when its brightest channel exceeds this
+_MOVE_MIN = 0.08  # min centroid travel, as a fraction of min(H, W), to call a translation
+_AREA_CHANGE = 1.5  # area ratio last/first beyond which the shape is growing (or 1/x shrinking)
 
 
 def _foreground(frames: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 class LoopConfig:
   """The loop's settings: AdamW (no weight decay) with linear warmup then cosine decay to 10%,
   global-norm clipping, and the logging / checkpoint cadence. The trainers' configs extend it."""
+
   steps: int = 300
   batch_size: int = 32
   lr: float = 1e-3
@@ -47,14 +48,27 @@ class LoopConfig:
   save_every: int = 200
 
   def optim_config(self) -> optim.OptimConfig:
-    return optim.OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, schedule="cosine",
-                             total_steps=max(self.steps, self.warmup_steps + 1), weight_decay=0.0,
-                             clip_norm=self.clip_norm)
+    return optim.OptimConfig(
+      lr=self.lr,
+      warmup_steps=self.warmup_steps,
+      schedule="cosine",
+      total_steps=max(self.steps, self.warmup_steps + 1),
+      weight_decay=0.0,
+      clip_norm=self.clip_norm,
+    )
 
 
-def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: LoopConfig,
-          out_dir: str | pathlib.Path, *, desc: str = "train", progress: bool = True,
-          stop_at: int | None = None) -> tuple[Any, list]:
+def train(
+  loss_fn: LossFn,
+  params: Any,
+  batches: Callable[[int], Any],
+  config: LoopConfig,
+  out_dir: str | pathlib.Path,
+  *,
+  desc: str = "train",
+  progress: bool = True,
+  stop_at: int | None = None,
+) -> tuple[Any, list]:
   """Minimises ``loss_fn(params, batch, key) -> (loss, metrics)`` for ``config.steps`` steps.
 
   Resumes from the last checkpoint in ``out_dir/checkpoints`` if there is one. ``stop_at`` ends the
@@ -67,8 +81,12 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: L
   out.mkdir(parents=True, exist_ok=True)
   steps, optim_config = config.steps, config.optim_config()
   optimizer = optim.make_optimizer(optim_config, params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": optimizer.init(params), "key": jax.random.key_data(jax.random.key(config.seed))}
+  state = {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": optimizer.init(params),
+    "key": jax.random.key_data(jax.random.key(config.seed)),
+  }
   ckpt = Checkpointer(out / "checkpoints", save_every=config.save_every, keep=2, async_save=False)
   if ckpt.latest_step() is not None:
     state, _, _ = ckpt.restore(abstract_like(state))
@@ -94,8 +112,11 @@ def train(loss_fn: LossFn, params: Any, batches: Callable[[int], Any], config: L
       state, metrics = step_fn(state, batches(step))
       done = step + 1
       if done % config.log_every == 0 or done == steps or done == start + 1:
-        row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()},
-               "seconds": round(time.perf_counter() - t0, 2)}
+        row = {
+          "step": done,
+          **{k: float(v) for k, v in jax.device_get(metrics).items()},
+          "seconds": round(time.perf_counter() - t0, 2),
+        }
         if not np.isfinite(row["loss"]):
           raise RuntimeError(f"{desc}: loss is {row['loss']} at step {done}; lower the learning rate")
         log_file.write(json.dumps(row) + "\n")

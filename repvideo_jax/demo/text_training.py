@@ -37,8 +37,9 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 FIRST_ORDINARY_ID = 3
 
 
-def train_tokenizer(texts: Sequence[str], folder: str | pathlib.Path, *, vocab_size: int = 64,
-                    model_type: str = "word"):
+def train_tokenizer(
+  texts: Sequence[str], folder: str | pathlib.Path, *, vocab_size: int = 64, model_type: str = "word"
+):
   """Trains a sentencepiece model (``model_type``: word, unigram, bpe or char) on ``texts``;
   writes ``folder/spiece.model`` (plus the tokenizer config) and returns the loaded
   ``T5Tokenizer``. ``vocab_size`` is an upper bound: a small corpus yields fewer pieces."""
@@ -50,9 +51,19 @@ def train_tokenizer(texts: Sequence[str], folder: str | pathlib.Path, *, vocab_s
   folder.mkdir(parents=True, exist_ok=True)
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, hard_vocab_limit=False,
-      model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-      character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf", minloglevel=2)
+    sentence_iterator=iter(texts),
+    model_writer=buf,
+    vocab_size=vocab_size,
+    hard_vocab_limit=False,
+    model_type=model_type,
+    pad_id=PAD_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+    bos_id=-1,
+    character_coverage=1.0,
+    normalization_rule_name="nmt_nfkc_cf",
+    minloglevel=2,
+  )
   (folder / "spiece.model").write_bytes(buf.getvalue())
   tokenizer = T5Tokenizer.from_pretrained(folder, extra_ids=0)
   tokenizer.save_pretrained(folder)  # records extra_ids=0, so a plain from_pretrained works later
@@ -79,8 +90,9 @@ def corrupt(key: jax.Array, ids: jax.Array, rate: float, vocab_size: int) -> jax
 def denoising_loss(params, ids: jax.Array, key: jax.Array, *, config: TE.T5Config, corrupt_rate: float):
   """(loss, {accuracy}) of predicting ``ids`` (B, L) from their corrupted copy (module docstring)."""
   hidden = TE.apply(params, corrupt(key, ids, corrupt_rate, config.vocab_size), config=config)
-  logits = jnp.einsum("bld,vd->blv", hidden.astype(jnp.float32),
-                      params["embedding"].astype(jnp.float32)) / np.sqrt(config.d_model)
+  logits = jnp.einsum(
+    "bld,vd->blv", hidden.astype(jnp.float32), params["embedding"].astype(jnp.float32)
+  ) / np.sqrt(config.d_model)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
   real = (ids != PAD_ID).astype(jnp.float32)
@@ -89,15 +101,25 @@ def denoising_loss(params, ids: jax.Array, key: jax.Array, *, config: TE.T5Confi
   return loss, {"accuracy": accuracy}
 
 
-def pretrain_encoder(config: TE.T5Config, tokenizer, texts: Sequence[str], train_config: TextTrainConfig,
-                     out_dir: str | pathlib.Path, *, max_length: int, progress: bool = True,
-                     stop_at: int | None = None):
+def pretrain_encoder(
+  config: TE.T5Config,
+  tokenizer,
+  texts: Sequence[str],
+  train_config: TextTrainConfig,
+  out_dir: str | pathlib.Path,
+  *,
+  max_length: int,
+  progress: bool = True,
+  stop_at: int | None = None,
+):
   """Pretrains a fresh T5 encoder on ``texts`` (resumes in ``out_dir``; ``stop_at``: see
   ``loop.train``). Returns (params, log rows)."""
   tc = train_config
   if len(tokenizer) > config.vocab_size:
-    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but text_encoder.vocab_size is "
-                     f"{config.vocab_size}: raise vocab_size to at least {len(tokenizer)}")
+    raise ValueError(
+      f"the tokenizer has {len(tokenizer)} tokens but text_encoder.vocab_size is "
+      f"{config.vocab_size}: raise vocab_size to at least {len(tokenizer)}"
+    )
   ids, _ = TE.tokenize(tokenizer, list(texts), max_length)
   params = TE.init(config, jax.random.key(tc.seed))
 
@@ -108,5 +130,6 @@ def pretrain_encoder(config: TE.T5Config, tokenizer, texts: Sequence[str], train
     rng = np.random.default_rng([tc.seed, step])
     return jnp.asarray(ids[rng.integers(0, len(ids), tc.batch_size)])
 
-  return loop.train(loss_fn, params, batches, tc, out_dir, desc="text encoder", progress=progress,
-                    stop_at=stop_at)
+  return loop.train(
+    loss_fn, params, batches, tc, out_dir, desc="text encoder", progress=progress, stop_at=stop_at
+  )

@@ -39,22 +39,37 @@ class VAETrainConfig(loop.LoopConfig):
   kl_weight: float = 1e-4
 
 
-def loss_terms(params, video: jax.Array, key: jax.Array, *, config: V.VAEConfig, kl_weight: float,
-               chunking: str = "released"):
+def loss_terms(
+  params,
+  video: jax.Array,
+  key: jax.Array,
+  *,
+  config: V.VAEConfig,
+  kl_weight: float,
+  chunking: str = "released",
+):
   """(loss, {l1, mse, kl}) for a batch of videos (B, T, H, W, 3) in [-1, 1]."""
   post = V.encode_posterior(params, video, config=config)
   z = post.sample(key)
-  recon = V.decode(params, z * config.scaling_factor, config=config, chunking=chunking,
-                   scan_chunks=False)  # unrolled: its gradient is far faster on CPU
+  recon = V.decode(
+    params, z * config.scaling_factor, config=config, chunking=chunking, scan_chunks=False
+  )  # unrolled: its gradient is far faster on CPU
   err = recon.astype(jnp.float32) - video.astype(jnp.float32)
   l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
   kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1.0 - post.logvar)
   return l1 + mse + kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
 
 
-def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[int], np.ndarray],
-          out_dir: str | pathlib.Path, *, images: Callable[[int], np.ndarray] | None = None,
-          progress: bool = True, stop_at: int | None = None):
+def train(
+  config: V.VAEConfig,
+  train_config: VAETrainConfig,
+  clips: Callable[[int], np.ndarray],
+  out_dir: str | pathlib.Path,
+  *,
+  images: Callable[[int], np.ndarray] | None = None,
+  progress: bool = True,
+  stop_at: int | None = None,
+):
   """Trains from scratch (or resumes in ``out_dir``). ``clips(step)`` gives that step's batch of
   uint8 (B, frames, H, W, 3) videos, ``images(step)`` (needed when ``image_steps`` > 0) a batch of
   single frames (B, 1, H, W, 3): the VAE is causal, so a frame alone is a 1-frame clip and teaches
@@ -65,9 +80,11 @@ def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[in
   r = config.temporal_compression_ratio
   if (tc.frames - 1) % (2 * r):
     # An even latent count decodes to r frames per latent (no lone first frame): no round trip.
-    raise ValueError(f"vae_training.frames={tc.frames} must be {2 * r}k+1 (1, {2 * r + 1}, "
-                     f"{4 * r + 1}, ...) so that the clip has an odd number of latent frames and "
-                     f"decodes back to {tc.frames} frames")
+    raise ValueError(
+      f"vae_training.frames={tc.frames} must be {2 * r}k+1 (1, {2 * r + 1}, "
+      f"{4 * r + 1}, ...) so that the clip has an odd number of latent frames and "
+      f"decodes back to {tc.frames} frames"
+    )
   if tc.image_steps and images is None:
     raise ValueError("vae_training.image_steps > 0 needs an images(step) batch function")
   params = V.init(config, jax.random.key(tc.seed))
@@ -86,6 +103,8 @@ def train(config: V.VAEConfig, train_config: VAETrainConfig, clips: Callable[[in
 def latent_scale(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8) -> float:
   """1 / std of the unscaled posterior means of ``videos`` (uint8, (N, T, H, W, 3))."""
   encode = jax.jit(lambda p, x: V.encode_posterior(p, x, config=config).mean)
-  means = [np.asarray(encode(params, jnp.asarray(video_io.from_uint8(videos[i:i + batch_size]))))
-           for i in range(0, len(videos), batch_size)]
+  means = [
+    np.asarray(encode(params, jnp.asarray(video_io.from_uint8(videos[i : i + batch_size]))))
+    for i in range(0, len(videos), batch_size)
+  ]
   return float(1.0 / np.std(np.concatenate(means)))

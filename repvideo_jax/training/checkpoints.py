@@ -21,14 +21,20 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Thin wrapper: ``save(step, state, data_state, meta)``, ``restore(abstract_state)``, ``wait()``."""
 
-  def __init__(self, directory: str | pathlib.Path, *, save_every: int = 1000, keep: int = 3,
-               async_save: bool = True):
+  def __init__(
+    self, directory: str | pathlib.Path, *, save_every: int = 1000, keep: int = 3, async_save: bool = True
+  ):
     self.directory = pathlib.Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, save_every), max_to_keep=keep, create=True,
-        cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "meta"))
+      save_interval_steps=max(1, save_every),
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data", "meta")
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -42,9 +48,13 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
     """Starts an (async) save if ``step`` is due (or ``force``); returns whether it started."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+      ),
+      force=force,
+    )
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
     """Restores (state, data_state, meta) of ``step`` (default latest) into ``abstract_state``'s
@@ -54,9 +64,14 @@ class Checkpointer:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
     self._check_complete(step)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore(),
+        ),
+      )
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
       raise self._damaged(step, f"{type(e).__name__}: {str(e)[:200]}") from None
     return out["state"], out["data"], out["meta"]
@@ -75,10 +90,15 @@ class Checkpointer:
 
   def _damaged(self, step: int, why: str) -> ValueError:
     earlier = [s for s in self.all_steps() if s < step]
-    fallback = (f"move {self.directory / str(step)} out of {self.directory} to resume from step "
-                f"{earlier[-1]}" if earlier else "start the run again with --overwrite")
-    return ValueError(f"training checkpoint step {step} in {self.directory} cannot be read ({why}): it "
-                      f"is damaged or incomplete; {fallback}")
+    fallback = (
+      f"move {self.directory / str(step)} out of {self.directory} to resume from step {earlier[-1]}"
+      if earlier
+      else "start the run again with --overwrite"
+    )
+    return ValueError(
+      f"training checkpoint step {step} in {self.directory} cannot be read ({why}): it "
+      f"is damaged or incomplete; {fallback}"
+    )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -90,7 +110,9 @@ class Checkpointer:
 
 def abstract_like(tree: Any) -> Any:
   """jax.ShapeDtypeStruct (with sharding) for every array leaf, to restore into the same layout."""
+
   def one(x):
     sharding = getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
   return jax.tree.map(one, tree)

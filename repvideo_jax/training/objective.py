@@ -47,8 +47,9 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 # Timestep sampling.
 
 
-def stratified_timestep_range(rank: int, world_size: int,
-                              num_train: int = NUM_TRAIN_TIMESTEPS) -> tuple[int, int]:
+def stratified_timestep_range(
+  rank: int, world_size: int, num_train: int = NUM_TRAIN_TIMESTEPS
+) -> tuple[int, int]:
   """[lo, hi) of the timesteps data-parallel ``rank`` of ``world_size`` draws from (module docstring)."""
   if world_size < 1:
     raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -62,26 +63,31 @@ def stratified_timestep_range(rank: int, world_size: int,
 
 def rank_timestep_ranges(world_size: int, num_train: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
   """(world_size, 2) int32 array of every rank's [lo, hi)."""
-  return np.asarray([stratified_timestep_range(r, world_size, num_train) for r in range(world_size)],
-                    np.int32)
+  return np.asarray(
+    [stratified_timestep_range(r, world_size, num_train) for r in range(world_size)], np.int32
+  )
 
 
-def sample_timesteps(key: jax.Array, batch: int, lo: int | jax.Array = 0,
-                     hi: int | jax.Array = NUM_TRAIN_TIMESTEPS) -> jax.Array:
+def sample_timesteps(
+  key: jax.Array, batch: int, lo: int | jax.Array = 0, hi: int | jax.Array = NUM_TRAIN_TIMESTEPS
+) -> jax.Array:
   """(batch,) int32 timesteps uniform on {lo, ..., hi - 1}."""
   return jax.random.randint(key, (batch,), lo, hi, dtype=jnp.int32)
 
 
-def sample_timesteps_stratified(key: jax.Array, global_batch: int, world_size: int,
-                                num_train: int = NUM_TRAIN_TIMESTEPS) -> jax.Array:
+def sample_timesteps_stratified(
+  key: jax.Array, global_batch: int, world_size: int, num_train: int = NUM_TRAIN_TIMESTEPS
+) -> jax.Array:
   """(global_batch,) int32 timesteps; example j draws from the range of rank j // (global_batch / W).
 
   The batch axis is assumed sharded over the W data-parallel ranks in contiguous blocks (the default for
   a NamedSharding on the data axis), so this is the reference's per-rank sampling in one program.
   """
   if global_batch % world_size:
-    raise ValueError(f"global batch {global_batch} must be divisible by the data-parallel world size "
-                     f"{world_size} (each rank gets an equal block of examples)")
+    raise ValueError(
+      f"global batch {global_batch} must be divisible by the data-parallel world size "
+      f"{world_size} (each rank gets an equal block of examples)"
+    )
   if world_size == 1:
     return sample_timesteps(key, global_batch, 0, num_train)
   ranks = np.arange(global_batch) // (global_batch // world_size)
@@ -117,8 +123,16 @@ def noise_latents(x0: jax.Array, noise: jax.Array, a: jax.Array) -> tuple[jax.Ar
   return a * x0 + s * noise, a * noise - s * x0
 
 
-def v_mse(params: Any, apply_fn: ApplyFn, latents: jax.Array, text: jax.Array, timesteps: jax.Array,
-          noise: jax.Array, *, table: jax.Array) -> tuple[jax.Array, jax.Array]:
+def v_mse(
+  params: Any,
+  apply_fn: ApplyFn,
+  latents: jax.Array,
+  text: jax.Array,
+  timesteps: jax.Array,
+  noise: jax.Array,
+  *,
+  table: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """Deterministic part of the loss for given timesteps and noise -> (loss, per-sample loss (B,))."""
   a = jnp.asarray(table, jnp.float32)[timesteps]
   x_t, v = noise_latents(latents, noise, a)
@@ -138,9 +152,17 @@ def weighted_x0_loss(x_t: jax.Array, v_hat: jax.Array, x0: jax.Array, a: jax.Arr
   return jnp.mean(jnp.square(x0_hat - x0.astype(jnp.float32)) / s2)
 
 
-def diffusion_loss(params: Any, apply_fn: ApplyFn, latents: jax.Array, text: jax.Array, key: jax.Array,
-                   *, table: jax.Array, world_size: int = 1,
-                   ucg_rate: float = 0.1) -> tuple[jax.Array, dict[str, jax.Array]]:
+def diffusion_loss(
+  params: Any,
+  apply_fn: ApplyFn,
+  latents: jax.Array,
+  text: jax.Array,
+  key: jax.Array,
+  *,
+  table: jax.Array,
+  world_size: int = 1,
+  ucg_rate: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """v-MSE training loss on a (global) batch -> (loss, metrics). Pure; jit / grad friendly.
 
   params, apply_fn: the transformer, ``apply_fn(params, x_t, timesteps, text) -> v_hat``.

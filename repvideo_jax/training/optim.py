@@ -45,13 +45,14 @@ import optax
 from repvideo_jax.training import objective
 
 LABELS = ("frozen", "decay", "no_decay", "gates")
-_NEVER_GIVE_UP = 2 ** 31 - 2  # apply_if_finite must never accept a non-finite update by itself
+_NEVER_GIVE_UP = 2**31 - 2  # apply_if_finite must never accept a non-finite update by itself
 _NO_DECAY_NAMES = ("bias", "scale", "patch_bias", "gates")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Optimizer hyper-parameters (RepVideo's are unpublished; defaults follow CogVideoX SAT fine-tuning)."""
+
   lr: float = 1e-5
   warmup_steps: int = 100  # optimizer updates (after gradient accumulation), not micro-steps
   schedule: Literal["constant", "cosine"] = "constant"
@@ -69,7 +70,17 @@ class OptimConfig:
   max_nonfinite_in_a_row: int | None = 5  # check_nonfinite raises at this many; None / 0 = never
 
   def __post_init__(self):
-    for name in ("lr", "gate_lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "ema_decay", "end_lr_ratio"):
+    for name in (
+      "lr",
+      "gate_lr",
+      "b1",
+      "b2",
+      "eps",
+      "weight_decay",
+      "clip_norm",
+      "ema_decay",
+      "end_lr_ratio",
+    ):
       value = getattr(self, name)
       if value is not None and not math.isfinite(value):
         raise ValueError(f"optim.{name} must be a finite number, got {value}")
@@ -82,8 +93,9 @@ class OptimConfig:
     if self.warmup_steps < 0:
       raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
     if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
-      raise ValueError(f"cosine schedule needs total_steps ({self.total_steps}) > warmup_steps "
-                       f"({self.warmup_steps})")
+      raise ValueError(
+        f"cosine schedule needs total_steps ({self.total_steps}) > warmup_steps ({self.warmup_steps})"
+      )
     if self.grad_accum_steps < 1:
       raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
     if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -162,9 +174,11 @@ def _trained_label(path, _) -> str:
 
 def param_labels(params: Any, train: str = "all") -> Any:
   """Each leaf's partition: 'frozen', 'decay', 'no_decay' or 'gates'."""
-  return jax.tree.map(lambda trained, label: label if trained else "frozen",
-                      trainable_mask(params, train),
-                      jax.tree_util.tree_map_with_path(_trained_label, params))
+  return jax.tree.map(
+    lambda trained, label: label if trained else "frozen",
+    trainable_mask(params, train),
+    jax.tree_util.tree_map_with_path(_trained_label, params),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,17 +210,23 @@ def _record_grad_norm() -> optax.GradientTransformation:
 
 def _adamw(config: OptimConfig, peak: float, weight_decay: float) -> optax.GradientTransformation:
   return optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
-      learning_rate=make_schedule(config, peak), b1=config.b1, b2=config.b2, eps=config.eps,
-      weight_decay=weight_decay)
+    learning_rate=make_schedule(config, peak),
+    b1=config.b1,
+    b2=config.b2,
+    eps=config.eps,
+    weight_decay=weight_decay,
+  )
 
 
 def make_optimizer(config: OptimConfig, params: Any) -> optax.GradientTransformation:
   """The full gradient transformation (module docstring). ``params`` may be abstract (shapes only)."""
   labels = param_labels(params, config.train)
   present = set(jax.tree.leaves(labels))
-  inner = {"decay": _adamw(config, config.lr, config.weight_decay),
-           "no_decay": _adamw(config, config.lr, 0.0),
-           "gates": _adamw(config, config.peak_gate_lr, 0.0)}
+  inner = {
+    "decay": _adamw(config, config.lr, config.weight_decay),
+    "no_decay": _adamw(config, config.lr, 0.0),
+    "gates": _adamw(config, config.peak_gate_lr, 0.0),
+  }
   inner = {k: v for k, v in inner.items() if k in present}
   # Labels from paths, so they also apply to the 'train' partition's trees (frozen leaves masked out).
   tx = optax.partition(inner, lambda tree: jax.tree_util.tree_map_with_path(_trained_label, tree))
@@ -227,15 +247,16 @@ def make_optimizer(config: OptimConfig, params: Any) -> optax.GradientTransforma
 
 
 def _find(opt_state: Any, cls: type) -> list:
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
-          if isinstance(x, cls)]
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
 
 
 def _one(opt_state: Any, cls: type):
   found = _find(opt_state, cls)
   if len(found) != 1:
-    raise ValueError(f"expected one {cls.__name__} in the optimizer state, found {len(found)}; "
-                     f"was it built by make_optimizer?")
+    raise ValueError(
+      f"expected one {cls.__name__} in the optimizer state, found {len(found)}; "
+      f"was it built by make_optimizer?"
+    )
   return found[0]
 
 
@@ -276,7 +297,8 @@ def optimizer_updates(opt_state: Any) -> jax.Array:
 def learning_rates(opt_state: Any) -> dict[str, jax.Array]:
   """Learning rate of the last applied update per trained partition ('decay', 'no_decay', 'gates')."""
   flat = jax.tree_util.tree_flatten_with_path(
-      opt_state, is_leaf=lambda x: isinstance(x, optax.InjectStatefulHyperparamsState))[0]
+    opt_state, is_leaf=lambda x: isinstance(x, optax.InjectStatefulHyperparamsState)
+  )[0]
   out = {}
   for path, x in flat:
     if isinstance(x, optax.InjectStatefulHyperparamsState):
@@ -293,10 +315,11 @@ def check_nonfinite(opt_state: Any, max_in_a_row: int | None) -> int:
   count = int(jax.device_get(nonfinite_count(opt_state)))
   if max_in_a_row and count >= max_in_a_row:
     raise RuntimeError(
-        f"{count} non-finite gradient steps in a row; lower the learning rate (lr / gate_lr, or use a "
-        f"longer warmup_steps), enable or tighten clip_norm, or check the data for NaN/inf latents or "
-        f"text embeddings (limit max_nonfinite_in_a_row={max_in_a_row}; the skipped steps left the "
-        f"params unchanged).")
+      f"{count} non-finite gradient steps in a row; lower the learning rate (lr / gate_lr, or use a "
+      f"longer warmup_steps), enable or tighten clip_norm, or check the data for NaN/inf latents or "
+      f"text embeddings (limit max_nonfinite_in_a_row={max_in_a_row}; the skipped steps left the "
+      f"params unchanged)."
+    )
   return count
 
 
@@ -326,20 +349,30 @@ def _key_data(key: int | jax.Array) -> jax.Array:
   return jnp.asarray(key, jnp.uint32)
 
 
-def init_train_state(params: Any, optimizer: optax.GradientTransformation, key: int | jax.Array,
-                     ema: bool | float | None = None) -> dict[str, Any]:
+def init_train_state(
+  params: Any, optimizer: optax.GradientTransformation, key: int | jax.Array, ema: bool | float | None = None
+) -> dict[str, Any]:
   """{step, params, opt_state, ema, rng}; ``ema`` truthy (True or a decay) allocates a float32 EMA."""
-  return {"step": jnp.zeros((), jnp.int32),
-          "params": params,
-          "opt_state": optimizer.init(params),
-          "ema": ema_init(params) if ema else None,
-          "rng": _key_data(key)}
+  return {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": optimizer.init(params),
+    "ema": ema_init(params) if ema else None,
+    "rng": _key_data(key),
+  }
 
 
-def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *,
-               apply_fn: objective.ApplyFn, optimizer: optax.GradientTransformation, table: jax.Array,
-               world_size: int = 1, ucg_rate: float = 0.1,
-               ema_decay: float | None = None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def train_step(
+  state: dict[str, Any],
+  batch: dict[str, jax.Array],
+  *,
+  apply_fn: objective.ApplyFn,
+  optimizer: optax.GradientTransformation,
+  table: jax.Array,
+  world_size: int = 1,
+  ucg_rate: float = 0.1,
+  ema_decay: float | None = None,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One micro-step on ``batch`` = {'latents': (B,T,H,W,C) x0, 'text': (B,L,D)}. Pure, jittable.
 
   metrics: loss, timestep (batch mean), grad_norm (trainable params, pre-clip), lr and gate_lr (of the
@@ -350,8 +383,16 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *,
   rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
   params = state["params"]
   grad_fn = jax.value_and_grad(objective.diffusion_loss, has_aux=True)
-  (_, metrics), grads = grad_fn(params, apply_fn, batch["latents"], batch["text"], step_key,
-                                table=table, world_size=world_size, ucg_rate=ucg_rate)
+  (_, metrics), grads = grad_fn(
+    params,
+    apply_fn,
+    batch["latents"],
+    batch["text"],
+    step_key,
+    table=table,
+    world_size=world_size,
+    ucg_rate=ucg_rate,
+  )
   updates, opt_state = optimizer.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
   updated = params_updated(opt_state)
@@ -359,15 +400,25 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *,
   if ema_decay:
     if ema is None:
       raise ValueError("ema_decay is set but the train state has no EMA: init_train_state(..., ema=True)")
-    ema = jax.tree.map(lambda new, old: jnp.where(updated, new, old),
-                       ema_update(ema, new_params, ema_decay), ema)
+    ema = jax.tree.map(
+      lambda new, old: jnp.where(updated, new, old), ema_update(ema, new_params, ema_decay), ema
+    )
   lrs = learning_rates(opt_state)
   metrics = dict(metrics)
   metrics["lr"] = lrs.get("decay", lrs.get("no_decay", lrs.get("gates")))
   if "gates" in lrs:
     metrics["gate_lr"] = lrs["gates"]
-  metrics.update(grad_norm=grad_norm(opt_state), skipped=step_skipped(opt_state),
-                 nonfinite_count=nonfinite_count(opt_state), updated=updated)
-  new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "ema": ema,
-               "rng": jax.random.key_data(rng)}
+  metrics.update(
+    grad_norm=grad_norm(opt_state),
+    skipped=step_skipped(opt_state),
+    nonfinite_count=nonfinite_count(opt_state),
+    updated=updated,
+  )
+  new_state = {
+    "step": state["step"] + 1,
+    "params": new_params,
+    "opt_state": opt_state,
+    "ema": ema,
+    "rng": jax.random.key_data(rng),
+  }
   return new_state, metrics

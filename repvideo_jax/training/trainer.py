@@ -110,14 +110,18 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 # Distributed set-up and shardings (the mesh itself: ``sharding.build_mesh``).
 
 
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+def maybe_initialize_distributed(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
   """Explicit coordinator flags, or automatic detection on TPU pods / SLURM / Open MPI."""
   if coordinator:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")) \
-      and os.environ.get("REPVIDEO_NO_AUTO_DISTRIBUTED") is None:
+    jax.distributed.initialize(
+      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+  elif (
+    any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))
+    and os.environ.get("REPVIDEO_NO_AUTO_DISTRIBUTED") is None
+  ):
     try:
       jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:  # single-host TPU VM etc.
@@ -154,8 +158,12 @@ def model_flops_per_sample(cfg: T.TransformerConfig, latent_shape, text_length: 
   p, d, f, layers = cfg.patch_size, cfg.hidden_size, cfg.ff_dim, cfg.num_layers
   video = t * (h // p) * (w // p)
   s = video + text_length
-  forward = (2 * s * layers * (4 * d * d + 2 * d * f) + 4 * layers * s * s * d
-             + 2 * video * 2 * p * p * c * d + 2 * text_length * cfg.text_embed_dim * d)
+  forward = (
+    2 * s * layers * (4 * d * d + 2 * d * f)
+    + 4 * layers * s * s * d
+    + 2 * video * 2 * p * p * c * d
+    + 2 * text_length * cfg.text_embed_dim * d
+  )
   return 3.0 * forward
 
 
@@ -174,9 +182,11 @@ class Logger:
       # Imported here, not at the top: tensorboardX takes ~1.5 s to import (measured on this
       # project's venv), paid only by runs that write TensorBoard logs.
       from tensorboardX import SummaryWriter  # noqa: PLC0415
+
       self.tb = SummaryWriter(str(out / "tensorboard"))
     if run.wandb_project:
       import wandb  # noqa: PLC0415 -- optional dependency (not in requirements.txt): imported only when asked for
+
       self.wandb = wandb.init(project=run.wandb_project, config=config_dict, dir=str(out))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -210,13 +220,19 @@ def optimizer_and_abstract_state(cfg: TrainConfig):
 
 def config_from_dict(tree: dict[str, Any], where: str = "config") -> TrainConfig:
   """A ``TrainConfig`` from ``config_to_dict``'s output (e.g. a run's config.resolved.json)."""
-  sections = {"transformer": T.TransformerConfig, "optim": OptimConfig, "mesh": sharding.MeshConfig,
-              "data": DataConfig, "run": RunConfig}
+  sections = {
+    "transformer": T.TransformerConfig,
+    "optim": OptimConfig,
+    "mesh": sharding.MeshConfig,
+    "data": DataConfig,
+    "run": RunConfig,
+  }
   unknown = set(tree) - set(sections)
   if unknown:
     raise ValueError(f"{where}: unknown section(s) {sorted(unknown)}")
-  return TrainConfig(**{k: config_lib.from_dict(cls, tree.get(k) or {}, f"{where}:{k}")
-                        for k, cls in sections.items()})
+  return TrainConfig(
+    **{k: config_lib.from_dict(cls, tree.get(k) or {}, f"{where}:{k}") for k, cls in sections.items()}
+  )
 
 
 def load_run(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[TrainConfig, dict, int]:
@@ -225,8 +241,10 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Trai
   run_dir = pathlib.Path(run_dir)
   resolved = run_dir / "config.resolved.json"
   if not resolved.is_file() or not (run_dir / "checkpoints").is_dir():
-    raise FileNotFoundError(f"{run_dir} is not a train.py run folder (needs config.resolved.json and "
-                            "checkpoints/); pass the run.output_dir of a training run")
+    raise FileNotFoundError(
+      f"{run_dir} is not a train.py run folder (needs config.resolved.json and "
+      "checkpoints/); pass the run.output_dir of a training run"
+    )
   cfg = config_from_dict(json.loads(resolved.read_text()), str(resolved))
   _, abstract = optimizer_and_abstract_state(cfg)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -242,8 +260,14 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Trai
   return cfg, jax.device_get(state), step
 
 
-def export_transformer(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, step: int | None = None,
-                       use_ema: bool | None = None, overwrite: bool = False) -> T.TransformerConfig:
+def export_transformer(
+  run_dir: str | pathlib.Path,
+  dst: str | pathlib.Path,
+  *,
+  step: int | None = None,
+  use_ema: bool | None = None,
+  overwrite: bool = False,
+) -> T.TransformerConfig:
   """Writes a run's trained transformer (its EMA when the run kept one, unless ``use_ema=False``) as
   a converted transformer folder that ``transformer_weights.load`` and model folders use."""
   cfg, state, step = load_run(run_dir, step)
@@ -251,9 +275,13 @@ def export_transformer(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, 
     raise ValueError(f"{run_dir} kept no EMA (optim.ema_decay unset); export without use_ema")
   ema = state.get("ema") is not None and use_ema is not False
   params = state["ema"] if ema else state["params"]
-  transformer_weights.save(dst, cfg.transformer, params, overwrite=overwrite,
-                           source=f"train.py run {pathlib.Path(run_dir).resolve()} step {step}"
-                                  f"{' (EMA)' if ema else ''}")
+  transformer_weights.save(
+    dst,
+    cfg.transformer,
+    params,
+    overwrite=overwrite,
+    source=f"train.py run {pathlib.Path(run_dir).resolve()} step {step}{' (EMA)' if ema else ''}",
+  )
   return cfg.transformer
 
 
@@ -277,8 +305,10 @@ class SyntheticBatches:
   def __next__(self):
     rng = np.random.default_rng([self.seed, self.position])
     self.position += 1
-    return {"latents": rng.standard_normal((self.batch, *self.latent_shape), np.float32),
-            "text": rng.standard_normal((self.batch, *self.text_shape), np.float32)}
+    return {
+      "latents": rng.standard_normal((self.batch, *self.latent_shape), np.float32),
+      "text": rng.standard_normal((self.batch, *self.text_shape), np.float32),
+    }
 
   def get_state(self) -> bytes:
     return json.dumps({"position": self.position}).encode()
@@ -293,16 +323,29 @@ def make_data_iterator(cfg: TrainConfig):
   if d.synthetic:
     return SyntheticBatches(cfg)
   if d.records:
-    return make_train_iterator(d.records, global_batch=r.global_batch, seed=d.shuffle_seed,
-                               num_workers=d.num_workers)
+    return make_train_iterator(
+      d.records, global_batch=r.global_batch, seed=d.shuffle_seed, num_workers=d.num_workers
+    )
   if d.videos and d.captions and d.model:
     if r.global_batch % jax.process_count():
       raise ValueError(f"global_batch {r.global_batch} must divide by {jax.process_count()} processes")
-    return OnlineIterator(d.captions, d.videos, d.model, batch_size=r.global_batch // jax.process_count(),
-                          seed=d.shuffle_seed, frames=d.frames, height=d.height, width=d.width, fps=d.fps,
-                          shard_index=jax.process_index(), shard_count=jax.process_count())
-  raise ValueError("no training data: set data.records (a prepared dataset) or data.videos + "
-                   "data.captions + data.model (online mode)")
+    return OnlineIterator(
+      d.captions,
+      d.videos,
+      d.model,
+      batch_size=r.global_batch // jax.process_count(),
+      seed=d.shuffle_seed,
+      frames=d.frames,
+      height=d.height,
+      width=d.width,
+      fps=d.fps,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+    )
+  raise ValueError(
+    "no training data: set data.records (a prepared dataset) or data.videos + "
+    "data.captions + data.model (online mode)"
+  )
 
 
 def initial_params(cfg: TrainConfig):
@@ -315,6 +358,7 @@ def initial_params(cfg: TrainConfig):
 
 class TrainStep(NamedTuple):
   """The compiled-to-be train step of a config on a mesh, with everything needed to feed it."""
+
   fn: Any  # jax.jit(train_step) with in/out shardings, state donated: fn(state, batch) -> (state, metrics)
   optimizer: Any
   abstract_state: Any  # the train state as ShapeDtypeStructs (no sharding)
@@ -328,8 +372,10 @@ def batch_shapes(cfg: TrainConfig) -> dict[str, tuple[int, ...]]:
   config holds no VAE section, so the latent size is the default (released) VAE's compression."""
   d, t = cfg.data, cfg.transformer
   latent = (*VAEConfig().latent_size(d.frames, d.height, d.width), t.in_channels)
-  return {"latents": (cfg.run.global_batch, *latent),
-          "text": (cfg.run.global_batch, t.text_length, t.text_embed_dim)}
+  return {
+    "latents": (cfg.run.global_batch, *latent),
+    "text": (cfg.run.global_batch, t.text_length, t.text_embed_dim),
+  }
 
 
 def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
@@ -341,8 +387,9 @@ def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
   run, tcfg, rules = cfg.run, cfg.transformer, cfg.mesh.logical_axis_rules
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if run.global_batch % dp:
-    raise ValueError(f"global_batch {run.global_batch} must be a multiple of the data-parallel size "
-                     f"{dp} (mesh data x fsdp)")
+    raise ValueError(
+      f"global_batch {run.global_batch} must be a multiple of the data-parallel size {dp} (mesh data x fsdp)"
+    )
   check_head_split(tcfg.num_heads, mesh.shape["tensor"], mesh.shape["context"])
   param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh, rules)
   optimizer, abstract_state = optimizer_and_abstract_state(cfg)
@@ -353,8 +400,15 @@ def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
   def step(state, batch):  # a new function per call: jax keeps no trace made under other rules
     with sharding.logical_rules(rules):
       return optim.train_step(
-          state, batch, apply_fn=T.make_apply(tcfg), optimizer=optimizer, table=table,
-          world_size=run.timestep_strata or dp, ucg_rate=run.ucg_rate, ema_decay=cfg.optim.ema_decay)
+        state,
+        batch,
+        apply_fn=T.make_apply(tcfg),
+        optimizer=optimizer,
+        table=table,
+        world_size=run.timestep_strata or dp,
+        ucg_rate=run.ucg_rate,
+        ema_decay=cfg.optim.ema_decay,
+      )
 
   fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
   return TrainStep(fn, optimizer, abstract_state, param_sh, state_sh, batch_sh)
@@ -362,10 +416,13 @@ def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
 
 def abstract_inputs(step: TrainStep, cfg: TrainConfig):
   """(state, batch) as ShapeDtypeStructs carrying the step's shardings: ``step.fn.lower(*these)``."""
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       step.abstract_state, step.state_shardings)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=step.batch_sharding)
-           for k, shape in batch_shapes(cfg).items()}
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), step.abstract_state, step.state_shardings
+  )
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=step.batch_sharding)
+    for k, shape in batch_shapes(cfg).items()
+  }
   return state, batch
 
 
@@ -385,8 +442,10 @@ def claim_run_folder(out: pathlib.Path, *, resume: bool, overwrite: bool = False
     handle.seek(0)
     holder = handle.read().strip() or "another process"
     handle.close()
-    raise FileExistsError(f"{out} is in use by another training run ({holder}); wait for it to end or "
-                          "set a different run.output_dir") from None
+    raise FileExistsError(
+      f"{out} is in use by another training run ({holder}); wait for it to end or "
+      "set a different run.output_dir"
+    ) from None
   try:
     handle.seek(0)
     handle.truncate()
@@ -396,8 +455,9 @@ def claim_run_folder(out: pathlib.Path, *, resume: bool, overwrite: bool = False
     if earlier and not resume:
       if not overwrite:
         raise FileExistsError(
-            f"{out} already holds a training run ({', '.join(earlier)}): pass --resume to continue it, "
-            f"--overwrite to move it aside, or set a different run.output_dir")
+          f"{out} already holds a training run ({', '.join(earlier)}): pass --resume to continue it, "
+          f"--overwrite to move it aside, or set a different run.output_dir"
+        )
       aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
       aside.mkdir()
       for name in earlier:
@@ -409,8 +469,9 @@ def claim_run_folder(out: pathlib.Path, *, resume: bool, overwrite: bool = False
     handle.close()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, data_iterator=None,
-          on_step=None) -> dict[str, Any]:
+def train(
+  cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, data_iterator=None, on_step=None
+) -> dict[str, Any]:
   """Runs (or resumes) training; returns {'losses': [(step, loss) of each logged step], 'final_step':
   n, 'state': the train state (params, optimizer state, EMA, step, RNG), 'stopped': None | 'sigterm' |
   'max_wall_seconds', 'skipped_steps': consecutive non-finite steps at the end (always 0: a run that
@@ -429,6 +490,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, da
 @dataclasses.dataclass
 class Session:
   """Everything the training loop works with; ``set_up`` builds it."""
+
   cfg: TrainConfig
   out: pathlib.Path  # run.output_dir
   mesh: jax.sharding.Mesh
@@ -451,9 +513,12 @@ class Session:
   def next_batch(self) -> dict[str, jax.Array]:
     """The next per-process batch of the iterator as global arrays, split over the batch axes."""
     local = next(self.data)
-    return {k: jax.make_array_from_process_local_data(self.train_step.batch_sharding,
-                                                      np.asarray(local[k], np.float32))
-            for k in ("latents", "text")}
+    return {
+      k: jax.make_array_from_process_local_data(
+        self.train_step.batch_sharding, np.asarray(local[k], np.float32)
+      )
+      for k in ("latents", "text")
+    }
 
   def save(self, step: int, force: bool = False) -> None:
     self.ckpt.save(step, self.state, _data_state(self.data), self.meta, force=force)
@@ -473,23 +538,38 @@ def set_up(cfg: TrainConfig, *, resume: bool = False, data_iterator=None) -> Ses
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.json").write_text(json.dumps(config_dict, indent=2))
     log.info("resolved config:\n%s", json.dumps(config_dict, indent=2))
-    log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
-             jax.process_count())
+    log.info(
+      "mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(), jax.process_count()
+    )
   data = data_iterator if data_iterator is not None else make_data_iterator(cfg)
-  ckpt = Checkpointer(out / "checkpoints", save_every=run.save_every, keep=run.keep,
-                      async_save=run.async_checkpoint)
+  ckpt = Checkpointer(
+    out / "checkpoints", save_every=run.save_every, keep=run.keep, async_save=run.async_checkpoint
+  )
   with sharding.activate(mesh, cfg.mesh.logical_axis_rules):
     state = _restore_or_init_state(cfg, built, ckpt, data, resume)
-  return Session(cfg, out, mesh, built, data, ckpt, {"config": config_dict},
-                 Logger(run, out, config_dict), state, int(state["step"]))
+  return Session(
+    cfg,
+    out,
+    mesh,
+    built,
+    data,
+    ckpt,
+    {"config": config_dict},
+    Logger(run, out, config_dict),
+    state,
+    int(state["step"]),
+  )
 
 
 def _restore_or_init_state(cfg: TrainConfig, built: TrainStep, ckpt: Checkpointer, data, resume: bool):
   """The last checkpoint's state (and the iterator moved to its position) when resuming, else a new
   state from ``initial_params``; laid out by the step's shardings. Runs under the run's mesh."""
   if resume and ckpt.latest_step() is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          built.abstract_state, built.state_shardings)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      built.abstract_state,
+      built.state_shardings,
+    )
     state, data_state, _ = ckpt.restore(target)
     data.set_state(data_state.encode() if isinstance(data_state, str) else json.dumps(data_state).encode())
     log.info("resumed from step %d", int(state["step"]))
@@ -498,8 +578,10 @@ def _restore_or_init_state(cfg: TrainConfig, built: TrainStep, ckpt: Checkpointe
     log.info("--resume: no checkpoint in %s yet, starting fresh", ckpt.directory)
   params = jax.device_put(initial_params(cfg), built.param_shardings)
   ema = bool(cfg.optim.ema_decay)
-  init = jax.jit(lambda p: optim.init_train_state(p, built.optimizer, jax.random.key(cfg.run.seed), ema),
-                 out_shardings=built.state_shardings)
+  init = jax.jit(
+    lambda p: optim.init_train_state(p, built.optimizer, jax.random.key(cfg.run.seed), ema),
+    out_shardings=built.state_shardings,
+  )
   return init(params)
 
 
@@ -538,11 +620,17 @@ def _train(s: Session, on_step) -> dict[str, Any]:
   skipped = int(jax.device_get(optim.nonfinite_count(s.state["opt_state"])))
   if skipped:  # the guard was still dropping updates when the run ended: the result is not trained
     raise RuntimeError(
-        f"training ended on {skipped} non-finite step(s) in a row (updates skipped; checkpoint {final} "
-        f"saved in {s.out / 'checkpoints'}): lower the learning rate or warmup, tighten clip_norm, or "
-        "check the data for NaN/inf")
-  return {"losses": losses, "final_step": final, "state": s.state, "stopped": stop["why"],
-          "skipped_steps": skipped}
+      f"training ended on {skipped} non-finite step(s) in a row (updates skipped; checkpoint {final} "
+      f"saved in {s.out / 'checkpoints'}): lower the learning rate or warmup, tighten clip_norm, or "
+      "check the data for NaN/inf"
+    )
+  return {
+    "losses": losses,
+    "final_step": final,
+    "state": s.state,
+    "stopped": stop["why"],
+    "skipped_steps": skipped,
+  }
 
 
 class _Meter:
@@ -563,9 +651,13 @@ class _Meter:
     n_steps = run.log_every if done % run.log_every == 0 else 1
     dt = (now - self.t_last) / max(1, n_steps)
     self.t_last = now
-    tokens = run.global_batch * (text[1] + int(np.prod(latents[1:4])) // tcfg.patch_size ** 2)
-    m.update(step_time_s=dt, samples_per_s=run.global_batch / dt, tokens_per_s=tokens / dt,
-             mfu=self.flops * run.global_batch / dt / (run.peak_tflops_per_device * 1e12 * jax.device_count()))
+    tokens = run.global_batch * (text[1] + int(np.prod(latents[1:4])) // tcfg.patch_size**2)
+    m.update(
+      step_time_s=dt,
+      samples_per_s=run.global_batch / dt,
+      tokens_per_s=tokens / dt,
+      mfu=self.flops * run.global_batch / dt / (run.peak_tflops_per_device * 1e12 * jax.device_count()),
+    )
     return m
 
 
@@ -573,10 +665,13 @@ def _log_step(s: Session, done: int, m: dict[str, float], on_step) -> None:
   """Prints a logged step (process 0), writes its scalars, stops on too many non-finite steps."""
   run = s.cfg.run
   if s.is_main:
-    print(f"step {done}/{run.steps} loss {m['loss']:.5f} lr {m.get('lr', 0):.2e} "
-          f"gnorm {m.get('grad_norm', 0):.3f} {m['step_time_s']:.3f}s/step {m['samples_per_s']:.2f} samples/s "
-          f"{m['tokens_per_s']:.0f} tok/s mfu {100 * m['mfu']:.1f}%"
-          f"{' SKIPPED (non-finite)' if m.get('skipped') else ''}", flush=True)
+    print(
+      f"step {done}/{run.steps} loss {m['loss']:.5f} lr {m.get('lr', 0):.2e} "
+      f"gnorm {m.get('grad_norm', 0):.3f} {m['step_time_s']:.3f}s/step {m['samples_per_s']:.2f} samples/s "
+      f"{m['tokens_per_s']:.0f} tok/s mfu {100 * m['mfu']:.1f}%"
+      f"{' SKIPPED (non-finite)' if m.get('skipped') else ''}",
+      flush=True,
+    )
   s.logger.scalars(done, m)
   optim.check_nonfinite(s.state["opt_state"], s.cfg.optim.max_nonfinite_in_a_row)
   if on_step is not None:
@@ -588,8 +683,10 @@ def _write_samples(cfg: TrainConfig, state, step: int, out: pathlib.Path, cache:
   run, d = cfg.run, cfg.data
   if not run.sample_prompts or not d.model:
     if not cache.get("warned"):
-      log.warning("run.sample_every is set but run.sample_prompts or data.model (a model folder with "
-                  "vae/, text_encoder/, tokenizer/) is missing: no sample videos")
+      log.warning(
+        "run.sample_every is set but run.sample_prompts or data.model (a model folder with "
+        "vae/, text_encoder/, tokenizer/) is missing: no sample videos"
+      )
       cache["warned"] = True
     return
   if jax.process_count() > 1:
@@ -600,10 +697,12 @@ def _write_samples(cfg: TrainConfig, state, step: int, out: pathlib.Path, cache:
   if "pipe" not in cache:
     cache["pipe"] = pipeline.load_pipeline(d.model)
   weights = state["ema"] if state.get("ema") is not None else state["params"]
-  pipe = dataclasses.replace(cache["pipe"], transformer_config=cfg.transformer,
-                             transformer_params=jax.device_get(weights))
-  settings = pipeline.GenerationSettings(num_frames=d.frames, height=d.height, width=d.width,
-                                         steps=run.sample_steps, seed=run.seed)
+  pipe = dataclasses.replace(
+    cache["pipe"], transformer_config=cfg.transformer, transformer_params=jax.device_get(weights)
+  )
+  settings = pipeline.GenerationSettings(
+    num_frames=d.frames, height=d.height, width=d.width, steps=run.sample_steps, seed=run.seed
+  )
   frames = pipeline.generate(pipe, list(run.sample_prompts), settings)
   folder = out / "samples"
   folder.mkdir(parents=True, exist_ok=True)
