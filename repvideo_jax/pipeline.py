@@ -164,8 +164,11 @@ class GenerationSettings:
   height: int = 480
   width: int = 720
   steps: int = 50
-  guidance: float = 6.0  # CFG scale: constant w, or the `scale` of the dynamic/smooth schedules
-  cfg_schedule: str = "released"  # released (dynamic, raw-t formula) | constant | smooth (by step)
+  guidance: float = 6.0  # guidance scale: constant w, or the `scale` of the dynamic/smooth schedules
+  # released (dynamic, raw-t formula) | constant | smooth (by step). The one "cfg" that means guidance:
+  # a user-facing name (--cfg-schedule, saved settings), as in diffusers' use_dynamic_cfg. In code cfg
+  # is always a config.
+  cfg_schedule: str = "released"
   sampler: str = "dpmpp2m"  # dpmpp2m (released SDE sampler) | ddim (diffusers' deterministic)
   seed: int = 0
   negative_prompt: str | None = None  # None: zero uncond embedding as released; str: encode it
@@ -265,14 +268,14 @@ def settings_for(pipe: Pipeline, **overrides) -> GenerationSettings:
   return settings
 
 
-def cfg_weights(settings: GenerationSettings, timesteps) -> np.ndarray:
+def guidance_weights(settings: GenerationSettings, timesteps) -> np.ndarray:
   """The guidance weight of each sampler step, by the settings' CFG schedule."""
   n = len(timesteps)
   if settings.cfg_schedule == "constant":
-    return schedule.constant_cfg_weights(n, settings.guidance)
+    return schedule.constant_guidance_weights(n, settings.guidance)
   if settings.cfg_schedule == "smooth":
-    return schedule.smooth_cfg_weights(n, settings.guidance)
-  return schedule.dynamic_cfg_weights(timesteps, scale=settings.guidance, sampler_steps=n)
+    return schedule.smooth_guidance_weights(n, settings.guidance)
+  return schedule.dynamic_guidance_weights(timesteps, scale=settings.guidance, sampler_steps=n)
 
 
 def unconditional_text(pipe: Pipeline, settings: GenerationSettings, text):
@@ -379,12 +382,12 @@ def _sample(
     sched = schedule.diffusers_sampling_schedule(settings.steps, "trailing")
   else:
     sched = schedule.sampling_schedule(settings.steps)
-  weights = cfg_weights(settings, sched.timesteps)
+  weights = guidance_weights(settings, sched.timesteps)
   kwargs = dict(
     schedule=sched,
-    cfg_weights=weights,
+    guidance_weights=weights,
     params=params,
-    use_cfg=settings.uses_guidance,
+    use_guidance=settings.uses_guidance,
     progress=progress is not None,
   )
   # On a mesh the model's sharding hints and attention's shard_map read it from the context.

@@ -34,7 +34,7 @@ DDIM (eta = 0) reproduces diffusers' ``CogVideoXDDIMScheduler.step`` with ``v_pr
 on the diffusers tables (``schedule.diffusers_sampling_schedule``); the last step lands on x0.
 
 Compilation. Each sampler runs all steps in one ``jax.lax.scan`` over per-step float32 arrays inside
-one ``jax.jit``; it recompiles only when shapes (including num_steps), ``model_fn`` or ``use_cfg`` change.
+one ``jax.jit``; it recompiles only when shapes (including num_steps), ``model_fn`` or ``use_guidance`` change.
 Pass the *same* ``model_fn`` object each call (e.g. a module-level function or ``transformer.apply``) and
 pass large weights through ``params`` (``model_fn(params, x, t, text)``): arrays captured by a closure are
 baked into the program as constants. Per-step progress: with ``progress=True`` the loop reports each
@@ -98,7 +98,7 @@ def denoise(
   return v_to_x0(x, v, a, jnp.sqrt(1.0 - a * a))
 
 
-def cfg_combine(x0_uncond: jax.Array, x0_cond: jax.Array, w) -> jax.Array:
+def guidance_combine(x0_uncond: jax.Array, x0_cond: jax.Array, w) -> jax.Array:
   """Classifier-free guidance on x0 estimates: D_u + w (D_c - D_u)."""
   return x0_uncond + w * (x0_cond - x0_uncond)
 
@@ -135,7 +135,7 @@ def guided_denoise(
   text = jnp.concatenate([text_uncond.astype(text_cond.dtype), text_cond], axis=0)
   x0 = v_to_x0(xx, _call_model(model_fn, params, xx, t, text), c_skip, c_out)
   x0_uncond, x0_cond = jnp.split(x0, 2, axis=0)
-  return cfg_combine(x0_uncond, x0_cond, w)
+  return guidance_combine(x0_uncond, x0_cond, w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,11 +187,11 @@ def ddim_coefficients(sched: schedules.SamplingSchedule) -> dict[str, np.ndarray
   return {"c_x": c_x, "c_d": np.sqrt(abar_prev) - np.sqrt(abar) * c_x}
 
 
-def _step_arrays(sched: schedules.SamplingSchedule, cfg_weights, coefs: dict[str, np.ndarray]):
+def _step_arrays(sched: schedules.SamplingSchedule, guidance_weights, coefs: dict[str, np.ndarray]):
   n = sched.num_steps
-  weights = np.asarray(cfg_weights, np.float64).reshape(-1)
+  weights = np.asarray(guidance_weights, np.float64).reshape(-1)
   if weights.shape != (n,):
-    raise ValueError(f"cfg_weights must have one weight per step ({n}), got shape {weights.shape}")
+    raise ValueError(f"guidance_weights must have one weight per step ({n}), got shape {weights.shape}")
   a_q = np.asarray(sched.model_alphas, np.float64)
   steps = {
     "i": np.arange(n, dtype=np.int32),
@@ -250,12 +250,12 @@ def _step_noise_fn(key, step_noise, shape):
   return lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg", "progress"))
+@functools.partial(jax.jit, static_argnames=("model_fn", "use_guidance", "progress"))
 def _dpmpp2m_sde_loop(
-  model_fn, params, noise, text_cond, text_uncond, steps, key, step_noise, use_cfg, progress=False
+  model_fn, params, noise, text_cond, text_uncond, steps, key, step_noise, use_guidance, progress=False
 ):
   x = noise.astype(jnp.float32)
-  uncond = text_uncond if use_cfg else None
+  uncond = text_uncond if use_guidance else None
   draw = _step_noise_fn(key, step_noise, x.shape)
 
   def body(carry, s):
@@ -269,9 +269,9 @@ def _dpmpp2m_sde_loop(
   return d_last
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "use_cfg", "progress"))
-def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_cfg, progress=False):
-  uncond = text_uncond if use_cfg else None
+@functools.partial(jax.jit, static_argnames=("model_fn", "use_guidance", "progress"))
+def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_guidance, progress=False):
+  uncond = text_uncond if use_guidance else None
 
   def body(x, s):
     d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"], params=params)
@@ -289,12 +289,12 @@ def sample_dpmpp2m_sde(
   text_uncond: jax.Array | None = None,
   *,
   num_steps: int = 50,
-  cfg_weights=None,
+  guidance_weights=None,
   key: jax.Array | None = None,
   step_noise: jax.Array | None = None,
   schedule: schedules.SamplingSchedule | None = None,
   params: Any = None,
-  use_cfg: bool = True,
+  use_guidance: bool = True,
   progress: bool = False,
 ) -> jax.Array:
   """The released DPM-Solver++(2M) SDE sampler; returns D_{n-1}, the x0 estimate at t_{n-1}.
@@ -304,20 +304,20 @@ def sample_dpmpp2m_sde(
   noise:        x_0 ~ N(0, I), (B, T, H, W, C), used as is.
   text_cond:    (B, L, D) prompt embeddings; text_uncond: None -> zeros (released), or e.g. (B|1, L, D)
                 negative-prompt embeddings.
-  cfg_weights:  (n,) per-step w; default the released DynamicCFG(scale 6, exp 5, N 50) with the raw-t
-                step index s = n - t (``schedule.dynamic_cfg_weights``; docs/sampling.md, 'Guidance',
+  guidance_weights:  (n,) per-step w; default the released DynamicCFG(scale 6, exp 5, N 50) with the raw-t
+                step index s = n - t (``schedule.dynamic_guidance_weights``; docs/sampling.md, 'Guidance',
                 lists the n = 50 values).
   key:          PRNG key for the per-step noise z_i = normal(fold_in(key, i)), i = 0..n-2.
   step_noise:   instead of ``key``, the z_i as an array (n-1, B, T, H, W, C) (parity tests).
   schedule:     default ``schedule.sampling_schedule(num_steps)`` (released, table-quantised a_q);
                 ``schedule.diffusers_sampling_schedule(n)`` reproduces diffusers' CogVideoXDPMScheduler.
-  use_cfg:      False -> a single conditional call per step (w ignored).
+  use_guidance:      False -> a single conditional call per step (w ignored).
   progress:     report each finished step to the callback set with ``progress_hook``.
   """
   sched = schedule if schedule is not None else schedules.sampling_schedule(num_steps)
-  if cfg_weights is None:
+  if guidance_weights is None:
     # As the release: DynamicCFG(scale 6, exp 5, N = 50) with s = (sampler's num_steps) - t.
-    cfg_weights = schedules.dynamic_cfg_weights(sched.timesteps, sampler_steps=sched.num_steps)
+    guidance_weights = schedules.dynamic_guidance_weights(sched.timesteps, sampler_steps=sched.num_steps)
   if (key is None) == (step_noise is None):
     raise ValueError("pass exactly one of key (draw the step noise) or step_noise (inject it)")
   if step_noise is not None:
@@ -325,10 +325,19 @@ def sample_dpmpp2m_sde(
     if tuple(step_noise.shape) != expected:
       raise ValueError(f"step_noise must have shape {expected}, got {tuple(step_noise.shape)}")
     step_noise = jnp.asarray(step_noise, jnp.float32)
-  steps = _step_arrays(sched, cfg_weights, dpmpp2m_sde_coefficients(sched))
-  uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
+  steps = _step_arrays(sched, guidance_weights, dpmpp2m_sde_coefficients(sched))
+  uncond = unconditional_text(text_cond, text_uncond) if use_guidance else None
   return _dpmpp2m_sde_loop(
-    model_fn, params, noise, text_cond, uncond, steps, key, step_noise, use_cfg=use_cfg, progress=progress
+    model_fn,
+    params,
+    noise,
+    text_cond,
+    uncond,
+    steps,
+    key,
+    step_noise,
+    use_guidance=use_guidance,
+    progress=progress,
   )
 
 
@@ -339,25 +348,27 @@ def sample_ddim(
   text_uncond: jax.Array | None = None,
   *,
   num_steps: int = 50,
-  cfg_weights=None,
+  guidance_weights=None,
   timestep_spacing: str = "trailing",
   schedule: schedules.SamplingSchedule | None = None,
   params: Any = None,
-  use_cfg: bool = True,
+  use_guidance: bool = True,
   progress: bool = False,
 ) -> jax.Array:
   """Deterministic DDIM (eta = 0) as diffusers' CogVideoXDDIMScheduler + CogVideoXPipeline run it.
 
   Defaults follow the diffusers pipeline: ``diffusers_sampling_schedule(num_steps, timestep_spacing)``
   (rescale over all 1000 steps, then subsample; no table quantisation) and constant guidance 6.0
-  (pass ``schedule.dynamic_cfg_weights(timesteps)`` for ``use_dynamic_cfg=True``). Arguments as in
+  (pass ``schedule.dynamic_guidance_weights(timesteps)`` for ``use_dynamic_cfg=True``). Arguments as in
   ``sample_dpmpp2m_sde``. Returns the final latents (the last step's x0 estimate).
   """
   sched = (
     schedule if schedule is not None else schedules.diffusers_sampling_schedule(num_steps, timestep_spacing)
   )
-  if cfg_weights is None:
-    cfg_weights = schedules.constant_cfg_weights(sched.num_steps, 6.0)
-  steps = _step_arrays(sched, cfg_weights, ddim_coefficients(sched))
-  uncond = unconditional_text(text_cond, text_uncond) if use_cfg else None
-  return _ddim_loop(model_fn, params, noise, text_cond, uncond, steps, use_cfg=use_cfg, progress=progress)
+  if guidance_weights is None:
+    guidance_weights = schedules.constant_guidance_weights(sched.num_steps, 6.0)
+  steps = _step_arrays(sched, guidance_weights, ddim_coefficients(sched))
+  uncond = unconditional_text(text_cond, text_uncond) if use_guidance else None
+  return _ddim_loop(
+    model_fn, params, noise, text_cond, uncond, steps, use_guidance=use_guidance, progress=progress
+  )

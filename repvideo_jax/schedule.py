@@ -20,7 +20,7 @@ embedding still sees the raw t_i; for the 50-step schedule j = t_i - 1 on steps 
 
 Guidance (docs/sampling.md, 'Guidance'): the released ``DynamicCFG`` evaluates
   w = 1 + scale (1 - cos(pi ((N - t) / N) ** exp)) / 2
-with the *raw timestep* t (not the loop index), which scatters w over [1, 1 + scale]. ``smooth_cfg_weights``
+with the *raw timestep* t (not the loop index), which scatters w over [1, 1 + scale]. ``smooth_guidance_weights``
 is the presumably intended loop-index version, a documented deviation from the release.
 
 diffusers-compatible variants (``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler`` with
@@ -241,7 +241,7 @@ def diffusers_sampling_schedule(
 # Classifier-free guidance weights (docs/sampling.md, 'Guidance'). One float64 weight per sampling step.
 
 
-def dynamic_cfg_weights(
+def dynamic_guidance_weights(
   timesteps, scale: float = 6.0, exp: float = 5.0, num_steps: int = 50, sampler_steps: int | None = None
 ) -> np.ndarray:
   """The released ``DynamicCFG`` weights: w_i = 1 + scale (1 - cos(pi (s_i / N) ** exp)) / 2.
@@ -260,12 +260,12 @@ def dynamic_cfg_weights(
   )
 
 
-def constant_cfg_weights(num_steps: int, scale: float = 6.0) -> np.ndarray:
+def constant_guidance_weights(num_steps: int, scale: float = 6.0) -> np.ndarray:
   """Plain CFG (``VanillaCFG``): w_i = scale for every step."""
   return np.full((num_steps,), float(scale), dtype=np.float64)
 
 
-def smooth_cfg_weights(num_steps: int = 50, scale: float = 6.0, exp: float = 5.0) -> np.ndarray:
+def smooth_guidance_weights(num_steps: int = 50, scale: float = 6.0, exp: float = 5.0) -> np.ndarray:
   """Deviation from the release: the dynamic formula with s = loop index i, rising smoothly from 1.
 
   For 50 steps, w goes 1.0 -> 6.864 at i = 49.

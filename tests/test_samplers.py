@@ -121,7 +121,7 @@ def reference_dpmpp2m_sde(x, text_c, text_u, seq, timesteps, table, weights, z1,
 def test_dpmpp2m_sde_matches_spec_reference():
   n = 50
   sched = schedule.sampling_schedule(n)
-  weights = schedule.dynamic_cfg_weights(sched.timesteps)
+  weights = schedule.dynamic_guidance_weights(sched.timesteps)
   rng = np.random.default_rng(1)
   z1 = rng.standard_normal((n,) + SHAPE).astype(np.float32)
   z2 = rng.standard_normal((n,) + SHAPE).astype(np.float32)
@@ -190,14 +190,14 @@ def test_no_nan_and_infinite_first_steps():
 def test_seeding_and_single_compile():
   noise, text = jnp.asarray(NOISE), jnp.asarray(TEXT)
   run = lambda key, noise=noise, w=None: np.asarray(
-    samplers.sample_dpmpp2m_sde(stand_in, noise, text, params=jparams(), key=key, cfg_weights=w)
+    samplers.sample_dpmpp2m_sde(stand_in, noise, text, params=jparams(), key=key, guidance_weights=w)
   )
   first = run(jax.random.key(7))
   traces = TRACES["count"]
   np.testing.assert_array_equal(run(jax.random.key(7)), first)  # same key -> identical
   assert not np.allclose(run(jax.random.key(8)), first)  # different key -> different
   assert not np.allclose(run(jax.random.key(7), noise=noise + 1.0), first)
-  run(jax.random.key(9), w=schedule.smooth_cfg_weights(50))  # new weights, same shapes
+  run(jax.random.key(9), w=schedule.smooth_guidance_weights(50))  # new weights, same shapes
   assert TRACES["count"] == traces  # one compile per shape: no retrace for keys, noise or weights
   # Per-step noise is fold_in(key, i): injecting exactly those draws reproduces the keyed run.
   key = jax.random.key(7)
@@ -216,8 +216,8 @@ def test_guidance_options():
   np.testing.assert_array_equal(np.asarray(zeros), np.asarray(explicit))  # default uncond = zeros
   negative = samplers.sample_dpmpp2m_sde(stand_in, noise, text, jnp.asarray(NEG_TEXT), **kw)
   assert not np.allclose(np.asarray(negative), np.asarray(zeros))
-  w1 = samplers.sample_dpmpp2m_sde(stand_in, noise, text, cfg_weights=np.ones(50), **kw)
-  no_cfg = samplers.sample_dpmpp2m_sde(stand_in, noise, text, use_cfg=False, **kw)
+  w1 = samplers.sample_dpmpp2m_sde(stand_in, noise, text, guidance_weights=np.ones(50), **kw)
+  no_cfg = samplers.sample_dpmpp2m_sde(stand_in, noise, text, use_guidance=False, **kw)
   np.testing.assert_allclose(np.asarray(w1), np.asarray(no_cfg), rtol=0, atol=1e-5)
 
 
@@ -270,7 +270,7 @@ def diffusers_loop(scheduler, n, weights, generator=None):
 def test_ddim_matches_diffusers(spacing):
   n = 50
   sched = schedule.diffusers_sampling_schedule(n, spacing)
-  weights = schedule.dynamic_cfg_weights(sched.timesteps)
+  weights = schedule.dynamic_guidance_weights(sched.timesteps)
   ref = diffusers_loop(
     CogVideoXDDIMScheduler(**{**SCHEDULER_CONFIG, "timestep_spacing": spacing}), n, weights
   )
@@ -280,7 +280,7 @@ def test_ddim_matches_diffusers(spacing):
       jnp.asarray(NOISE),
       jnp.asarray(TEXT),
       params=jparams(),
-      cfg_weights=weights,
+      guidance_weights=weights,
       timestep_spacing=spacing,
     )
   )
@@ -293,7 +293,7 @@ def test_dpm_with_diffusers_schedule_matches_diffusers():
   """The DPM sampler on the diffusers tables equals CogVideoXDPMScheduler given the same draws."""
   n, seed = 50, 123
   sched = schedule.diffusers_sampling_schedule(n)
-  weights = schedule.dynamic_cfg_weights(sched.timesteps)
+  weights = schedule.dynamic_guidance_weights(sched.timesteps)
   ref = diffusers_loop(
     CogVideoXDPMScheduler(**SCHEDULER_CONFIG), n, weights, generator=torch.Generator().manual_seed(seed)
   )
@@ -311,7 +311,7 @@ def test_dpm_with_diffusers_schedule_matches_diffusers():
     jnp.asarray(TEXT),
     params=jparams(),
     schedule=sched,
-    cfg_weights=weights,
+    guidance_weights=weights,
     step_noise=jnp.asarray(np.stack(draws[: n - 1])),
   )
   err = np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max()

@@ -279,9 +279,9 @@ def test_quantisation_quirk():
   np.testing.assert_array_equal(q, table[idx])
 
 
-def test_dynamic_cfg_weights_match_spec():
+def test_dynamic_guidance_weights_match_the_release():
   s = schedule.sampling_schedule(50)
-  w = schedule.dynamic_cfg_weights(s.timesteps)
+  w = schedule.dynamic_guidance_weights(s.timesteps)
   assert w.dtype == np.float64 and w.shape == (50,)
   np.testing.assert_array_equal(np.round(w, 3), np.array(SPEC_CFG_50))
   # Same expression as the diffusers CogVideoX pipeline's use_dynamic_cfg branch, with t.item().
@@ -290,9 +290,9 @@ def test_dynamic_cfg_weights_match_spec():
   assert np.all((w >= 1.0) & (w <= 7.0))
 
 
-def test_constant_and_smooth_cfg_weights():
-  np.testing.assert_array_equal(schedule.constant_cfg_weights(50, 6.0), np.full(50, 6.0))
-  smooth = schedule.smooth_cfg_weights(50)
+def test_constant_and_smooth_guidance_weights():
+  np.testing.assert_array_equal(schedule.constant_guidance_weights(50, 6.0), np.full(50, 6.0))
+  smooth = schedule.smooth_guidance_weights(50)
   assert smooth[0] == 1.0 and round(smooth[-1], 2) == 6.86 and np.all(np.diff(smooth) >= 0)
 
 
