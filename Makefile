@@ -15,7 +15,7 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.runtime requirements-test.txt requirements-tpu.txt
+$(VENV)/.installed: $(VENV)/.runtime requirements-test.txt requirements-lint.txt requirements-tpu.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt -r requirements-tpu.txt
 	touch $@
 
@@ -30,11 +30,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-lint: install
+# lint needs only ruff, not the test stack: a venv with ruff alone is enough.
+$(VENV)/.lint: requirements-lint.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-lint.txt
+	touch $@
+
+lint: $(VENV)/.lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: install
+format: $(VENV)/.lint
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 

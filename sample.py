@@ -24,7 +24,7 @@ import re
 import sys
 import time
 
-from repvideo_jax.outputs import check_output
+from repvideo_jax.outputs import atomic_write, check_output
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -288,7 +288,7 @@ def run(args, written: list) -> int:
         "jax_backend": jax.default_backend(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
       }
-      stem.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+      atomic_write(stem.with_suffix(".json"), json.dumps(sidecar, indent=2))
       written.append(stem.with_suffix(".mp4"))
   print(
     f"wrote {len(written)} video(s) to {out} | {sampling_s / max(total_steps, 1):.3f} s/step "

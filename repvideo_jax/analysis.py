@@ -54,7 +54,7 @@ from repvideo_jax import pipeline, schedule, transformer_weights, video_io
 from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
 from repvideo_jax.demo import demo_model_dir
-from repvideo_jax.outputs import check_output
+from repvideo_jax.outputs import atomic_write, check_output
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +288,7 @@ def _write(out: pathlib.Path, result, arrays, inputs, frames, fps) -> None:
   np.savez(out / "analysis.npz", **arrays)
   video_io.write_mp4(out / "video.mp4", frames, fps=fps)
   plot(result, arrays, out)
-  tmp = out / "analysis.json.tmp"
-  tmp.write_text(json.dumps(result, indent=1))
-  tmp.replace(out / "analysis.json")
+  atomic_write(out / "analysis.json", json.dumps(result, indent=1))
 
 
 def _pick_layers(n: int, most: int = 12) -> list[int]:

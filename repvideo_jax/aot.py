@@ -40,7 +40,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from repvideo_jax import config as config_lib
-from repvideo_jax import pipeline, samplers, sharding
+from repvideo_jax import outputs, pipeline, samplers, sharding
 from repvideo_jax import text_encoder as TE
 from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
@@ -342,13 +342,15 @@ def compile_sample(
   devices = topology_devices(spec.topology)
   layout = spec.mesh or pipeline.default_sample_mesh(len(devices), spec.batch, spec.guidance)
   mesh = sharding.make_mesh(devices=devices, **layout)
-  check_head_split(tcfg.num_heads, mesh.shape["tensor"], mesh.shape["context"])
+  check_head_split(
+    tcfg.num_heads,
+    sharding.logical_size(mesh, "activation_heads"),
+    sharding.logical_size(mesh, "activation_length"),
+  )
   replicated = NamedSharding(mesh, PartitionSpec())
   b = spec.batch
   batch_sh = sharding.batch_sharding(mesh, b)
-  t = vcfg.latent_frames(spec.frames)
-  s = vcfg.spatial_compression
-  latent = (b, t, spec.height // s, spec.width // s, tcfg.in_channels)
+  latent = (b, *vcfg.latent_size(spec.frames, spec.height, spec.width), tcfg.in_channels)
   sizes = f"{spec.frames}x{spec.height}x{spec.width}, batch {b}"
   reports = []
   if "text_encoder" in stages:
@@ -495,7 +497,7 @@ def main(argv=None) -> int:
   for r in reports:
     print("\n".join(r.lines()))
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
+    outputs.atomic_write(args.json, json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
   return 0 if all(r.fits for r in reports) else 1
 
 

@@ -68,7 +68,9 @@ def valid_parallel_degrees(num_heads: int) -> list[int]:
 
 
 def check_head_split(num_heads: int, tensor: int, context: int) -> None:
-  """Raises a ValueError naming the valid degrees when tensor x context does not divide the heads."""
+  """Raises a ValueError naming the valid degrees when tensor x context does not divide the heads.
+  ``tensor`` and ``context`` are the split degrees of the ``activation_heads`` and
+  ``activation_length`` rules (the mesh axes of those names under the default rules)."""
   if num_heads % (tensor * context):
     raise ValueError(
       f"{num_heads} attention heads cannot be split over mesh tensor={tensor} x context={context} "

@@ -19,7 +19,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from repvideo_jax.outputs import atomic_write, replace_dir
+from repvideo_jax.outputs import atomic_write, staged_dir
 
 PathLike = str | os.PathLike
 
@@ -538,7 +537,7 @@ def save_params(
 
   directory = Path(directory).absolute()
   _check_keys(params)
-  meta = json.dumps(metadata or {}, indent=2, sort_keys=True).encode()  # fail early if not JSON-able
+  json.dumps(metadata or {})  # fail early if the metadata is not JSON-able
   replacing = (directory / "params").exists() or (directory / "metadata.json").exists()
   if replacing and not overwrite:
     raise FileExistsError(
@@ -546,27 +545,25 @@ def save_params(
       "(overwrite=True in Python) or write to a new folder"
     )
   # A replacement is written beside the old checkpoint and swapped in once complete: a failed or
-  # interrupted save never costs the checkpoint that was there.
-  target = directory
+  # interrupted save never costs the checkpoint that was there. A new checkpoint is written in place
+  # (the folder may hold other files); it is complete once metadata.json, written last, exists.
   if replacing:
-    target = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(target, ignore_errors=True)
-  target.mkdir(parents=True, exist_ok=True)
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(target / "params", params)
-      ckptr.wait_until_finished()
-    # A SHA-256 per file, checked on load: flipped bytes must not load silently.
-    meta = json.dumps(
-      {**(metadata or {}), "checksums": file_digests(target / "params")}, indent=2, sort_keys=True
-    ).encode()
-    atomic_write(target / "metadata.json", meta)
-  except BaseException:
-    if replacing:
-      shutil.rmtree(target, ignore_errors=True)
-    raise
-  if replacing:
-    replace_dir(target, directory)
+    with staged_dir(directory) as target:
+      _write_checkpoint(target, params, metadata)
+  else:
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_checkpoint(directory, params, metadata)
+
+
+def _write_checkpoint(target: Path, params: Any, metadata: dict | None) -> None:
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target / "params", params)
+    ckptr.wait_until_finished()
+  # A SHA-256 per file, checked on load: flipped bytes must not load silently.
+  meta = json.dumps(
+    {**(metadata or {}), "checksums": file_digests(target / "params")}, indent=2, sort_keys=True
+  ).encode()
+  atomic_write(target / "metadata.json", meta)
 
 
 def file_digests(folder: Path) -> dict[str, str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import pathlib
 import shutil
@@ -30,8 +29,9 @@ import time
 
 import jax
 
+from repvideo_jax import pipeline
 from repvideo_jax.config import load_section, parse_override
-from repvideo_jax.outputs import replace_dir
+from repvideo_jax.outputs import staged_dir
 from repvideo_jax.training import trainer
 from repvideo_jax.weights_common import nonfinite
 
@@ -104,28 +104,15 @@ def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_ov
     raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
   # The new folder is built beside the old one and swapped in only when complete: a bad source
   # fails before anything at --dst is touched.
-  tmp = dst.with_name(dst.name + ".partial")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
   t_src = repvideo or src / "transformer"
-  try:
+  with staged_dir(dst) as tmp:  # dst appears (or is replaced) only when complete
     convert_component("transformer", t_src, tmp / "transformer", overrides=transformer_overrides)
     convert_component("text_encoder", src / "text_encoder", tmp / "text_encoder")
     convert_component("vae", src / "vae", tmp / "vae")
     shutil.copytree(src / "tokenizer", tmp / "tokenizer")
     if (src / "scheduler").is_dir():
       shutil.copytree(src / "scheduler", tmp / "scheduler")
-    manifest = {
-      "format": "repvideo-jax-pipeline",
-      "version": 1,
-      "components": ["transformer", "text_encoder", "vae", "tokenizer"],
-      "source": {"pipeline": str(src), "transformer": str(t_src)},
-    }
-    (tmp / "pipeline.json").write_text(json.dumps(manifest, indent=2))
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  replace_dir(tmp, dst)  # the folder appears (or is replaced) only when complete
+    pipeline.write_manifest(tmp, source={"pipeline": str(src), "transformer": str(t_src)})
   _say(f"pipeline: wrote {dst}")
 
 

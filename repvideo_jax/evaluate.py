@@ -48,7 +48,7 @@ from repvideo_jax import analysis, pipeline, transformer_weights, video_io
 from repvideo_jax import vae as V
 from repvideo_jax.demo import demo_model_dir
 from repvideo_jax.demo import domain as D
-from repvideo_jax.outputs import check_output
+from repvideo_jax.outputs import atomic_write, check_output
 
 ATTRIBUTES = ("color", "shape", "motion")
 CHANCE = {
@@ -318,10 +318,7 @@ def main(argv=None) -> int:
     return 2
   result.update(split=args.split, split_seed=args.split_seed, transformer=args.transformer)
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_text(json.dumps(result, indent=1))
-  tmp.replace(out)
+  atomic_write(out, json.dumps(result, indent=1))
   print(format_table(result))
   print(f"wrote {out}", file=sys.stderr)
   return 0

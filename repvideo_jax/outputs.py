@@ -2,8 +2,8 @@
 replacement.
 
 Every file the package writes goes through :func:`atomic_path` (or :func:`atomic_write` on top of it):
-the data goes to a hidden temporary file beside the target, is flushed to disk, gets the permissions
-the umask gives an ordinary file, and only then is renamed over the target. A reader therefore sees
+the data goes to a hidden temporary file beside the target (created with the umask's permissions,
+like any ordinary file), is flushed to disk, and only then is renamed over the target. A reader therefore sees
 the old file or the new one, never half of one; a killed writer leaves at most a ``.<name>.*.tmp``.
 """
 
@@ -40,17 +40,12 @@ def check_output(path, flag: str, *, folder: bool) -> pathlib.Path:
   return path
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = "") -> Iterator[pathlib.Path]:
   """Yields a temporary path beside ``path`` (ending in ``suffix``, for writers that choose a format by
-  the file name); once the block ends without an error the file there is synced, given the umask's
-  permissions and renamed over ``path``. On an error (or Ctrl-C) the temporary file is removed and
+  the file name); once the block ends without an error the file there is synced and renamed over
+  ``path``. The temporary file is created by whoever writes it with a plain open, so it gets the
+  umask's permissions (no mkstemp, whose 0600 would carry over; no process-wide umask juggling). On an error (or Ctrl-C) the temporary file is removed and
   ``path`` is untouched. The parent folder is created if missing."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +54,6 @@ def atomic_path(path, suffix: str = "") -> Iterator[pathlib.Path]:
     yield tmp
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
@@ -73,6 +67,23 @@ def atomic_write(path, data: bytes | str | Iterable[bytes]) -> None:
       data = data.encode("utf-8")
     for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
       f.write(chunk)
+
+
+@contextlib.contextmanager
+def staged_dir(dst) -> Iterator[pathlib.Path]:
+  """Yields an empty staging folder beside ``dst`` (``.<name>.partial-<pid>``) to build a new version
+  in; when the block ends without an error it replaces ``dst`` (:func:`replace_dir`), on an error it
+  is removed and ``dst`` is untouched. A folder appears at ``dst`` only when complete."""
+  dst = pathlib.Path(dst)
+  tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  replace_dir(tmp, dst)
 
 
 def replace_dir(new, dst) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from repvideo_jax import config as config_lib
 from repvideo_jax import (
+  outputs,
   samplers,
   schedule,
   sharding,
@@ -66,6 +67,17 @@ class Pipeline:
       use_mask=use_mask,
       max_length=self.transformer_config.text_length,
     )
+
+
+MANIFEST_FORMAT = "repvideo-jax-pipeline"
+COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
+
+
+def write_manifest(folder: str | pathlib.Path, **fields: Any) -> None:
+  """Writes ``folder/pipeline.json`` (atomically): the format header, the component list and
+  ``fields`` (``source``, ``defaults`` for generation, ...)."""
+  manifest = {"format": MANIFEST_FORMAT, "version": 1, "components": list(COMPONENTS), **fields}
+  outputs.atomic_write(pathlib.Path(folder) / "pipeline.json", json.dumps(manifest, indent=2))
 
 
 def load_pipeline(

@@ -87,6 +87,18 @@ def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> dict[s
         f"logical_axis_rules.{name}: unknown mesh axis {bad[0]!r}; the mesh axes are {list(MESH_AXES)}"
       )
     table[name] = axes
+  # Attention's shard_map splits batch, sequence and heads by these three rules at once: a mesh axis
+  # may serve only one of them.
+  seen: dict[str, str] = {}
+  for name in ("activation_batch", "activation_length", "activation_heads"):
+    axes = table[name]
+    for a in (axes,) if isinstance(axes, str) else axes or ():
+      if a in seen:
+        raise ValueError(
+          f"logical_axis_rules: mesh axis {a!r} is in both {seen[a]} and {name}; attention splits "
+          "batch, sequence and heads at once, so these three rules need different mesh axes"
+        )
+      seen[a] = name
   return table
 
 
@@ -181,7 +193,9 @@ def logical_rules(rules: Mapping[str, MeshAxes] | None) -> Iterator[dict[str, Me
   """Makes ``rules`` (completed by ``rule_table``; None: the defaults) the active table within the
   block. Enter it where the mesh is set (``jax.set_mesh``), around tracing and lowering: a program
   takes the table active when it is *traced*, and jax reuses a trace for a function it has seen, so
-  a changed table needs a newly made function (``trainer.build_train_step`` makes one per call)."""
+  a changed table needs a newly made function (``trainer.build_train_step`` makes one per call).
+  Module-level jitted functions (the samplers' loops, the VAE, T5) keep the table of their first
+  trace for the life of the process: sampling with a non-default table belongs in a fresh process."""
   table = rule_table(rules)
   token = _ACTIVE_RULES.set(table)
   try:
@@ -266,6 +280,14 @@ def mesh_size(mesh, axes: str | Sequence[str] | None) -> int:
   """Number of devices along the named mesh axes (1 for None or an empty tuple)."""
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def logical_size(mesh, logical: str, rules: Mapping[str, MeshAxes] | None = None) -> int:
+  """Number of devices a ``logical`` axis is split over on ``mesh`` under ``rules`` (default the
+  active table): the product of its rule's mesh axes that the mesh has."""
+  axes = logical_to_spec((logical,), rules)[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return mesh_size(mesh, [a for a in axes if a in mesh.shape])
 
 
 def batch_sharding(mesh, batch: int, rules: Mapping[str, MeshAxes] | None = None) -> NamedSharding:

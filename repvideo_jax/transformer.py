@@ -431,7 +431,7 @@ class RepVideoTransformer(nnx.Module):
     if h % p or w % p:
       raise ValueError(
         f"latent height/width {h}x{w} must be divisible by the patch size {p} "
-        f"(video height/width divisible by {8 * p})"
+        f"(video height/width divisible by the VAE's spatial compression x {p})"
       )
     check_positional_table(cfg, t, h, w)
     if text.ndim != 3 or text.shape[-1] != cfg.text_embed_dim:

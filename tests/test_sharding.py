@@ -127,6 +127,36 @@ def test_logical_axis_rules_are_a_mesh_config_field():
     ("embed=fsd", "unknown mesh axis 'fsd'"),
     ("embed=[fsdp, fsdp]", "named twice"),
     ("embed=3", "expected a mesh axis"),
+    ("activation_heads=context", "'context' is in both activation_length and activation_heads"),
   ]:
     with pytest.raises(ValueError, match=words):
       trainer.load_config("train-tiny-cpu", [f"mesh.logical_axis_rules.{bad}"])
+
+
+CHECKS_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    from repvideo_jax import sharding
+    from repvideo_jax.training import trainer
+    base = ["mesh.data=2", "mesh.fsdp=4", "run.global_batch=2"]
+    cfg = trainer.load_config("train-tiny-cpu", base)
+    mesh = sharding.build_mesh(cfg.mesh, jax.devices())
+    try:
+        trainer.build_train_step(cfg, mesh)
+        raise SystemExit("a batch of 2 over data x fsdp = 8 was accepted")
+    except ValueError as e:
+        assert "global_batch 2 must be a multiple of the data-parallel size 8" in str(e), e
+    cfg = trainer.load_config("train-tiny-cpu", base + ["mesh.logical_axis_rules.activation_batch=data"])
+    assert sharding.logical_size(mesh, "activation_batch", cfg.mesh.logical_axis_rules) == 2
+    trainer.build_train_step(cfg, mesh)  # accepted: the batch is split over data only
+    print("OK")
+""")
+
+
+def test_batch_and_head_checks_follow_the_rule_table():
+  """The trainer's batch-divisibility check reads the rules, not the axis names: with the batch over
+  data only, fsdp no longer counts towards the data-parallel size (8 CPU devices, a subprocess)."""
+  proc = subprocess.run([sys.executable, "-c", CHECKS_SCRIPT], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

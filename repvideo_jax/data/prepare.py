@@ -212,8 +212,7 @@ class Encoders:
     )
 
   def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    s = self.vae_config.spatial_compression
-    return (self.vae_config.latent_frames(frames), height // s, width // s, self.vae_config.latent_channels)
+    return (*self.vae_config.latent_size(frames, height, width), self.vae_config.latent_channels)
 
   def text_shape(self) -> tuple[int, int]:
     return (self.text_length, self.text_config.d_model)

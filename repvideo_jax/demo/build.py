@@ -37,6 +37,7 @@ import pathlib
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -162,21 +163,6 @@ class Stage:
 
 def _say(msg: str) -> None:
   print(f"[demo.build] {msg}", file=sys.stderr, flush=True)
-
-
-def _write_pipeline(folder: pathlib.Path, manifest: dict) -> None:
-  outputs.atomic_write(
-    folder / "pipeline.json",
-    json.dumps(
-      {
-        "format": "repvideo-jax-pipeline",
-        "version": 1,
-        "components": ["transformer", "text_encoder", "vae", "tokenizer"],
-        **manifest,
-      },
-      indent=2,
-    ),
-  )
 
 
 @dataclasses.dataclass
@@ -339,7 +325,7 @@ def stage_encoders(b: Build) -> None:
       T.init(t_cfg, jax.random.key(0)),
       source="untrained (only its config is read by data.prepare)",
     )
-    _write_pipeline(stage.path, {"source": {"recipe": b.recipe_name, "note": "encoders only"}})
+    pipeline.write_manifest(stage.path, source={"recipe": b.recipe_name, "note": "encoders only"})
     stage.finish()
   b.encoders = stage
 
@@ -399,30 +385,27 @@ def stage_model(b: Build) -> None:
   """Assembles ``<name>/model`` next to its final place, then swaps it in."""
   encoders, recipe = b.encoders.path, b.recipe
   b.model = b.variant / "model"
-  tmp = b.variant / "model.partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  for part in ("tokenizer", "text_encoder", "vae"):
-    shutil.copytree(encoders / part, tmp / part)
-  tcfg = trainer.export_transformer(b.variant / "run", tmp / "transformer")
-  if recipe["storage_dtype"] != "float32":
-    for part in ("transformer", "text_encoder", "vae"):
-      _store_as(tmp / part, recipe["storage_dtype"])
-  _write_pipeline(
-    tmp,
-    {
-      "defaults": dict(recipe["generation"]),
-      "source": {
-        "recipe": b.recipe_name,
-        "config": recipe,
-        "command": "python -m repvideo_jax.demo.build",
-        "train_command": f"train.py --config {b.train_yaml.name}",
-        "feature_cache": tcfg.feature_cache,
-        "heldout": [D.caption(s) for s in b.heldout],
+  with outputs.staged_dir(b.model) as tmp:
+    for part in ("tokenizer", "text_encoder", "vae"):
+      shutil.copytree(encoders / part, tmp / part)
+    tcfg = trainer.export_transformer(b.variant / "run", tmp / "transformer")
+    if recipe["storage_dtype"] != "float32":
+      for part in ("transformer", "text_encoder", "vae"):
+        _store_as(tmp / part, recipe["storage_dtype"])
+    pipeline.write_manifest(
+      tmp,
+      **{
+        "defaults": dict(recipe["generation"]),
+        "source": {
+          "recipe": b.recipe_name,
+          "config": recipe,
+          "command": "python -m repvideo_jax.demo.build",
+          "train_command": f"train.py --config {b.train_yaml.name}",
+          "feature_cache": tcfg.feature_cache,
+          "heldout": [D.caption(s) for s in b.heldout],
+        },
       },
-    },
-  )
-  outputs.replace_dir(tmp, b.model)
+    )
   _say(f"wrote {b.model}")
 
 
@@ -436,13 +419,10 @@ def stage_install(b: Build) -> None:
     return
   # A variant shares the bundled encoders: only its transformer and recipe are kept.
   target = MODEL_DIR / "ablations" / b.name
-  tmp = target.with_name(target.name + ".partial")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  shutil.copytree(b.model / "transformer", tmp / "transformer")
-  manifest = json.loads((b.model / "pipeline.json").read_text())
-  outputs.atomic_write(tmp / "recipe.json", json.dumps(manifest["source"], indent=2))
-  outputs.replace_dir(tmp, target)
+  with outputs.staged_dir(target) as tmp:
+    shutil.copytree(b.model / "transformer", tmp / "transformer")
+    manifest = json.loads((b.model / "pipeline.json").read_text())
+    outputs.atomic_write(tmp / "recipe.json", json.dumps(manifest["source"], indent=2))
   _say(f"installed the {b.name} transformer as {target / 'transformer'}")
 
 
@@ -499,11 +479,27 @@ class _LogTee(io.TextIOBase):
 
 @contextlib.contextmanager
 def _train_log(path: pathlib.Path, echo: bool):
-  """While open, standard output (the trainer's step lines) is appended to ``path``."""
+  """While open, the trainer's output goes to ``path`` as ``train.py``'s did: its step lines
+  (standard output), its INFO log (resolved config, mesh, resume) and, if it fails, the traceback."""
   with open(path, "a") as file:
     file.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} training.trainer.train, resume=True\n")
-    with contextlib.redirect_stdout(_LogTee(file, echo)):
-      yield
+    handler = logging.StreamHandler(file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    package_log = logging.getLogger("repvideo_jax")
+    level, propagate = package_log.level, package_log.propagate
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False  # to the file only, as when train.py ran as a subprocess
+    try:
+      with contextlib.redirect_stdout(_LogTee(file, echo)):
+        yield
+    except BaseException:
+      file.write(traceback.format_exc())
+      raise
+    finally:
+      package_log.removeHandler(handler)
+      package_log.setLevel(level)
+      package_log.propagate = propagate
 
 
 def _store_as(folder: pathlib.Path, dtype: str) -> None:
@@ -528,13 +524,10 @@ def _finished_step(run_dir: pathlib.Path) -> int | None:
 
 def _install(model: pathlib.Path, target: pathlib.Path) -> None:
   """Copies a model folder over ``target`` (the bundled location), keeping ``target/ablations``."""
-  tmp = target.with_name(target.name + ".partial")
-  shutil.rmtree(tmp, ignore_errors=True)
-  shutil.copytree(model, tmp)
-  if (target / "ablations").is_dir():
-    shutil.copytree(target / "ablations", tmp / "ablations")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  outputs.replace_dir(tmp, target)
+  with outputs.staged_dir(target) as tmp:
+    shutil.copytree(model, tmp, dirs_exist_ok=True)
+    if (target / "ablations").is_dir():
+      shutil.copytree(target / "ablations", tmp / "ablations")
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvideo_jax import config as config_lib
-from repvideo_jax import pipeline, schedule, sharding, transformer_weights, video_io
+from repvideo_jax import outputs, pipeline, schedule, sharding, transformer_weights, video_io
 from repvideo_jax import transformer as T
 from repvideo_jax.attention import check_head_split
 from repvideo_jax.data.online import OnlineIterator
@@ -385,12 +385,17 @@ def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
   is traced, so the models' ``sharding.constrain`` calls follow it whoever calls or lowers the step.
   ``train`` runs it; ``aot`` and ``train.py --compile-only`` only compile it."""
   run, tcfg, rules = cfg.run, cfg.transformer, cfg.mesh.logical_axis_rules
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  dp = sharding.logical_size(mesh, "activation_batch", rules)  # data x fsdp under the default rules
   if run.global_batch % dp:
     raise ValueError(
-      f"global_batch {run.global_batch} must be a multiple of the data-parallel size {dp} (mesh data x fsdp)"
+      f"global_batch {run.global_batch} must be a multiple of the data-parallel size {dp} (the mesh "
+      f"axes of logical_axis_rules.activation_batch: {rules['activation_batch']})"
     )
-  check_head_split(tcfg.num_heads, mesh.shape["tensor"], mesh.shape["context"])
+  check_head_split(
+    tcfg.num_heads,
+    sharding.logical_size(mesh, "activation_heads", rules),
+    sharding.logical_size(mesh, "activation_length", rules),
+  )
   param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh, rules)
   optimizer, abstract_state = optimizer_and_abstract_state(cfg)
   state_sh = state_shardings(abstract_state, param_sh, mesh)
@@ -536,7 +541,7 @@ def set_up(cfg: TrainConfig, *, resume: bool = False, data_iterator=None) -> Ses
   config_dict = config_to_dict(cfg)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.resolved.json").write_text(json.dumps(config_dict, indent=2))
+    outputs.atomic_write(out / "config.resolved.json", json.dumps(config_dict, indent=2))
     log.info("resolved config:\n%s", json.dumps(config_dict, indent=2))
     log.info(
       "mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(), jax.process_count()
