@@ -94,6 +94,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     "pair over data, each video's sequence over context. Default: the preset's, else the "
     "batch over all devices when it divides them",
   )
+  p.add_argument(
+    "--lora",
+    action="append",
+    default=[],
+    metavar="PATH[:SCALE]",
+    help="a LoRA for the transformer (our folder or diffusers' pytorch_lora_weights.safetensors) "
+    "with its scale (default 1.0); repeatable",
+  )
+  p.add_argument(
+    "--lora-merge",
+    action="store_true",
+    help="fold the LoRAs into the weights once at load (default: apply them layer by layer)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.add_argument(
     "--no-verify", action="store_true", help="skip the SHA-256 check of the converted weight files on load"
@@ -117,6 +130,23 @@ def slug(text: str, n: int = 48) -> str:
   return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "video"
 
 
+def parse_lora(text: str) -> tuple[pathlib.Path, float]:
+  """``PATH[:SCALE]`` -> (path, scale); a path that itself holds ':' is taken whole when what follows
+  its last ':' is not a number. Raises ValueError naming the flag."""
+  path, scale = text, 1.0
+  head, sep, tail = text.rpartition(":")
+  if sep and head:
+    try:
+      path, scale = head, float(tail)
+    except ValueError:
+      path, scale = text, 1.0
+  if not math.isfinite(scale):
+    raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale}")
+  if not pathlib.Path(path).exists():
+    raise ValueError(f"--lora {text}: no LoRA at {path}")
+  return pathlib.Path(path), scale
+
+
 def check_args(args) -> None:
   """Each flag's own check, once, before any model is loaded: one clear error naming the flag (and
   the --out folder created). The settings they make up with the model folder's defaults are checked
@@ -136,6 +166,9 @@ def check_args(args) -> None:
   ):
     if value is not None and value < 1:
       raise ValueError(f"{flag} must be >= 1, got {value}")
+  args.loras = [parse_lora(text) for text in args.lora]
+  if args.lora_merge and not args.loras:
+    raise ValueError("--lora-merge needs at least one --lora")
   check_output(args.out, "--out", folder=True)
 
 
@@ -207,6 +240,8 @@ def run(args, written: list) -> int:
     text_encoder_overrides=overrides["text_encoder"],
     vae_overrides=overrides["vae"],
     verify=not args.no_verify,
+    loras=args.loras,
+    lora_merge=args.lora_merge,
   )
   fps = args.fps  # --fps was checked by check_args; the folder's default is checked here
   if fps is None:
@@ -285,6 +320,7 @@ def run(args, written: list) -> int:
           "feature_cache": pipe.transformer_config.feature_cache,
           "num_layers": pipe.transformer_config.num_layers,
         },
+        "loras": pipe.loras,  # path, scale, merged, format, rank, alpha, targets of each LoRA
         "jax_backend": jax.default_backend(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
       }

@@ -5,6 +5,7 @@
     python -m repvideo_jax.convert vae          --src PATH --dst DIR
     python -m repvideo_jax.convert pipeline     --src COGVIDEOX_DIR [--repvideo SAT_CKPT] --dst DIR
     python -m repvideo_jax.convert run          --src RUN_DIR --dst DIR [--step N] [--no-ema]
+    python -m repvideo_jax.convert lora         --src LORA --dst PATH [--to peft|ours] [--base MODEL]
 
 transformer: a diffusers folder (``config.json`` + safetensors, single or sharded, or a pipeline
 folder with ``transformer/``), an official SAT checkpoint (folder with ``latest`` or
@@ -15,6 +16,9 @@ text_encoder: a Hugging Face T5 folder (CogVideoX-2b's ``text_encoder/``). vae: 
 transformer replacing the CogVideoX one; writes one folder that ``repvideo_jax`` loads in one call.
 run: the transformer trained by ``train.py`` (its ``run.output_dir``), from the last checkpoint (or
 ``--step``), its EMA weights when the run kept them (``--no-ema`` for the raw ones).
+lora: a LoRA between our folder format and diffusers' ``pytorch_lora_weights.safetensors`` (default:
+to the other format); ``--base`` (a model or transformer folder) checks it against that transformer
+and records it in our ``adapter.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 
 import jax
 
-from repvideo_jax import pipeline
+from repvideo_jax import lora, pipeline, transformer_weights
 from repvideo_jax.config import load_section, parse_override
 from repvideo_jax.outputs import staged_dir
 from repvideo_jax.training import trainer
@@ -116,6 +120,27 @@ def convert_pipeline(src, dst, *, repvideo=None, overwrite=False, transformer_ov
   _say(f"pipeline: wrote {dst}")
 
 
+def convert_lora(src, dst, *, to: str | None = None, base=None, overwrite: bool = False) -> pathlib.Path:
+  """A LoRA from either format to ``to`` (default: the other one). Returns what was written."""
+  fmt, _ = lora.detect_format(src)
+  to = to or ("ours" if fmt == "peft" else "peft")
+  tcfg = None
+  if base is not None:
+    tcfg = transformer_weights.read_config(base)
+    if tcfg is None:  # a SAT checkpoint: its config comes from the weights
+      tcfg, _ = transformer_weights.load(base)
+  loaded = lora.load(src, tcfg)
+  described = loaded.base
+  if tcfg is not None:
+    described = lora.base_description(tcfg, base)
+  out = lora.save(dst, loaded.lora, loaded.config, fmt=to, base=described, overwrite=overwrite)
+  _say(
+    f"lora: wrote {out} ({to}; rank {loaded.config.rank}, alpha {loaded.config.lora_alpha:g}, "
+    f"targets {', '.join(loaded.config.targets)})"
+  )
+  return out
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="python -m repvideo_jax.convert",
@@ -166,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
   p.add_argument("--no-ema", dest="ema", action="store_false", help="the raw params, not the EMA")
   p.add_argument("--overwrite", action="store_true")
+  p = sub.add_parser("lora", help="a LoRA between our format and diffusers' (peft) safetensors")
+  p.add_argument(
+    "--src", required=True, help="our LoRA folder, or pytorch_lora_weights.safetensors (or its folder)"
+  )
+  p.add_argument("--dst", required=True, help="output folder (or a .safetensors path with --to peft)")
+  p.add_argument(
+    "--to", choices=["peft", "ours"], default=None, help="target format (default: the other one)"
+  )
+  p.add_argument("--base", help="model or transformer folder the LoRA is for: checked and recorded")
+  p.add_argument("--overwrite", action="store_true")
   return parser
 
 
@@ -178,6 +213,8 @@ def main(argv=None) -> int:
         args.src, args.dst, step=args.step, use_ema=None if args.ema else False, overwrite=args.overwrite
       )
       _say(f"run: wrote {args.dst}")
+    elif args.component == "lora":
+      convert_lora(args.src, args.dst, to=args.to, base=args.base, overwrite=args.overwrite)
     elif args.component == "pipeline":
       t_over = {} if args.feature_cache is None else {"feature_cache": args.feature_cache}
       convert_pipeline(

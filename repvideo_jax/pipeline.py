@@ -15,6 +15,7 @@ import logging
 import math
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 
 from repvideo_jax import config as config_lib
 from repvideo_jax import (
+  lora,
   outputs,
   samplers,
   schedule,
@@ -56,6 +58,10 @@ class Pipeline:
   tokenizer: Any
   path: pathlib.Path
   manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # LoRAs loaded with the model: (lora tree, scale) pairs applied unmerged by the sampler (empty when
+  # merged into transformer_params), and a description of every LoRA loaded (path, scale, ...).
+  transformer_loras: list[tuple[dict[str, Any], float]] = dataclasses.field(default_factory=list)
+  loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
   def encode_prompts(self, prompts, use_mask: bool = False):
     """Prompts -> T5 embeddings (B, text_length, d_model), as released (no mask, pads kept)."""
@@ -88,6 +94,8 @@ def load_pipeline(
   vae_overrides: dict | None = None,
   load_transformer: bool = True,
   verify: bool = True,
+  loras: Sequence[tuple[str | pathlib.Path, float]] = (),
+  lora_merge: bool = False,
 ) -> Pipeline:
   """Loads every component of a model folder; overrides replace config fields (e.g. dtype).
 
@@ -95,8 +103,13 @@ def load_pipeline(
   needs the VAE, T5 and the text length but not the multi-GB denoiser); SAT transformers, whose
   config comes from their weights' shapes, are still read in full. ``verify=False`` skips the
   SHA-256 check of converted weight files.
+
+  ``loras``: (path, scale) pairs of LoRAs for the transformer (``repvideo_jax.lora``, either file
+  format), checked against it. Unmerged (default) the sampler applies them layer by layer inside
+  the layer scan; ``lora_merge=True`` folds them into the transformer params once, here.
   """
   path = pathlib.Path(path)
+  loras = _check_loras(loras, load_transformer)
   if not path.is_dir():
     raise FileNotFoundError(
       f"no model folder at {path}: convert one with "
@@ -152,7 +165,41 @@ def load_pipeline(
       f"{t_cfg.in_channels}: the components come from different models"
     )
   tokenizer = TE.load_tokenizer(path / "tokenizer")
-  return Pipeline(t_cfg, t_params, e_cfg, e_params, v_cfg, v_params, tokenizer, path, manifest)
+  pipe = Pipeline(t_cfg, t_params, e_cfg, e_params, v_cfg, v_params, tokenizer, path, manifest)
+  for lora_path, scale in loras:
+    loaded = lora.load(lora_path, t_cfg)
+    if lora_merge:
+      pipe.transformer_params = lora.merge(pipe.transformer_params, loaded.lora, scale)
+    else:
+      pipe.transformer_loras.append((loaded.lora, scale))
+    pipe.loras.append(
+      {
+        "path": str(pathlib.Path(lora_path).resolve()),
+        "scale": scale,
+        "merged": lora_merge,
+        "format": loaded.format,
+        **config_lib.to_dict(loaded.config),
+      }
+    )
+  return pipe
+
+
+def _check_loras(loras, load_transformer: bool) -> list[tuple[pathlib.Path, float]]:
+  """``load_pipeline``'s LoRA arguments checked before any weights are read: each path holds a LoRA
+  and each scale is a finite number."""
+  out = []
+  for item in loras:
+    try:
+      lora_path, scale = item
+    except (TypeError, ValueError):
+      raise ValueError(f"loras must be (path, scale) pairs, got {item!r}") from None
+    lora.detect_format(lora_path)  # FileNotFoundError / ValueError naming what is there
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+      raise ValueError(f"LoRA scale must be a finite number, got {scale!r} for {lora_path}")
+    out.append((pathlib.Path(lora_path), float(scale)))
+  if out and not load_transformer:
+    raise ValueError("loras adapt the transformer: they need load_transformer=True")
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,6 +429,8 @@ def _sample(
   if noise is None:
     noise = initial_noise(settings, settings.latent_shape(tcfg, vcfg), b, first_index)
   params = pipe.transformer_params
+  if pipe.transformer_loras:  # unmerged LoRAs ride with the params (scales traced: no recompile)
+    params = (params, [(tree, jnp.float32(scale)) for tree, scale in pipe.transformer_loras])
   if mesh is not None:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = sharding.batch_sharding(mesh, b)
@@ -389,7 +438,7 @@ def _sample(
     if text_uncond is not None:
       text_uncond = jax.device_put(text_uncond, batch if text_uncond.shape[0] == b else replicated)
     params = jax.device_put(params, replicated)
-  model_fn = _model_fn(tcfg)
+  model_fn = _lora_model_fn(tcfg) if pipe.transformer_loras else _model_fn(tcfg)
   if settings.sampler == "ddim":
     sched = schedule.diffusers_sampling_schedule(settings.steps, "trailing")
   else:
@@ -418,6 +467,17 @@ def _sample(
 def _model_fn(tcfg: TransformerConfig):
   """One function object per config, so the compiled sampler is reused across calls."""
   return T.make_apply(tcfg)
+
+
+def _apply_with_loras(params_and_loras, latents, timesteps, text, *, config: TransformerConfig):
+  params, loras = params_and_loras
+  return T.apply(params, latents, timesteps, text, config=config, lora=loras)
+
+
+@functools.lru_cache(maxsize=8)
+def _lora_model_fn(tcfg: TransformerConfig):
+  """``_model_fn`` for params given as (base params, [(lora, scale), ...]): the unmerged LoRAs."""
+  return functools.partial(_apply_with_loras, config=tcfg)
 
 
 def decode_latents(pipe: Pipeline, latents, tiling: bool = False):

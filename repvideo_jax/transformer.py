@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -360,6 +360,58 @@ class NoCache:
 
 
 # ----------------------------------------------------------------------------------------------
+# The LoRA hook (repvideo_jax/lora.py owns the files and the training-side helpers). A LoRA is a
+# plain dict {"alpha": () array, "blocks": {name: {"a": (L, in, r), "b": (L, r, out)}}} over the
+# Block linears named in LORA_TARGETS; ``lora`` arguments below are a list of (lora, scale) pairs.
+# Unmerged, the factors ride in the layer scan's inputs and adapt one layer's kernels inside the
+# scan body, so the stacked base params stay shared and unmodified.
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff_in", "ff_out", "norm1_mod", "norm2_mod")
+
+
+def lora_multiplier(lora: dict[str, Any], name: str, scale: Any) -> jax.Array:
+  """scale * alpha / rank (peft's rule) of one adapted kernel; alpha is a constant, never trained."""
+  rank = lora["blocks"][name]["a"].shape[-1]
+  return scale * jax.lax.stop_gradient(jnp.asarray(lora["alpha"], jnp.float32)) / rank
+
+
+def lora_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, multiplier: jax.Array) -> jax.Array:
+  """kernel + multiplier * a @ b, summed in float32 and returned in the kernel's dtype. Works on one
+  layer (kernel (in, out), a (in, r), b (r, out)) or stacked layers (a leading layer axis)."""
+  if kernel.shape != a.shape[:-1] + b.shape[-1:] or a.shape[-1] != b.shape[-2]:
+    raise ValueError(
+      f"LoRA factors {a.shape} @ {b.shape} do not fit the kernel {kernel.shape}: the LoRA was made "
+      "for another model"
+    )
+  delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+  return (kernel.astype(jnp.float32) + multiplier * delta).astype(kernel.dtype)
+
+
+def _lora_scan_inputs(lora) -> tuple[Any, Any]:
+  """(factors scanned with the layers, multipliers closed over) of (lora, scale) pairs; (None, None)
+  without LoRA, so the layer scan is the plain model's."""
+  if not lora:
+    return None, None
+  for tree, _ in lora:
+    unknown = sorted(set(tree["blocks"]) - set(LORA_TARGETS))
+    if unknown:
+      raise ValueError(f"LoRA adapts {unknown}, which are not Block linears {LORA_TARGETS}")
+  factors = [tree["blocks"] for tree, _ in lora]
+  multipliers = [
+    {name: lora_multiplier(tree, name, scale) for name in tree["blocks"]} for tree, scale in lora
+  ]
+  return factors, multipliers
+
+
+def _adapt_block(block: Block, factors: list[dict], multipliers: list[dict]) -> None:
+  """Adds each LoRA's delta to this layer's kernels, in order (as ``lora.merge`` does, LoRA by LoRA)."""
+  for layer_factors, layer_multipliers in zip(factors, multipliers):
+    for name, ab in layer_factors.items():
+      kernel = getattr(block, name).kernel
+      kernel[...] = lora_kernel(kernel[...], ab["a"], ab["b"], layer_multipliers[name])
+
+
+# ----------------------------------------------------------------------------------------------
 # The model.
 
 
@@ -484,21 +536,26 @@ class RepVideoTransformer(nnx.Module):
     text_len: int,
     rope: Any,
     capture: Callable[[LayerView], Any] | None = None,
+    lora: Any = None,
   ) -> tuple[jax.Array, Any]:
     """The layer stack: a scan over the stacked layer params (or a Python loop), with the feature
     cache in the carry. Returns ``(h, captured)``: the last block's output and, when
     ``capture(LayerView) -> pytree`` is given, its per-layer results stacked over layers (else None).
+    ``lora``: (lora, scale) pairs whose factors are scanned with the layers (the LoRA hook above).
     """
     cfg = self.cfg
     graphdef, layer_state = nnx.split(self.blocks)
     cache, cache_gates, resets = self.start_cache(x)
+    lora_factors, lora_multipliers = _lora_scan_inputs(lora)
 
     def step(carry, xs):
       h, cache = carry
-      params, cache_gate, reset = xs
+      params, cache_gate, reset, layer_lora = xs
       inp = cache.mix(h, cache_gate)
       inp = sharding.constrain(inp, ("activation_batch", "activation_length", "activation_embed"))
       block = nnx.merge(graphdef, params)
+      if layer_lora is not None:
+        _adapt_block(block, layer_lora, lora_multipliers)
       out = block(inp, temb_act, text_len, rope)
       captured = None
       if capture is not None:
@@ -506,7 +563,7 @@ class RepVideoTransformer(nnx.Module):
       return (out, cache.push(out, reset)), captured
 
     step = remat(step, cfg.remat)
-    carry, xs = (x, cache), (layer_state, cache_gates, resets)
+    carry, xs = (x, cache), (layer_state, cache_gates, resets, lora_factors)
     if cfg.scan_layers:
       carry, captured = jax.lax.scan(step, carry, xs)
     else:
@@ -517,8 +574,11 @@ class RepVideoTransformer(nnx.Module):
       captured = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)  # None without capture
     return carry[0], captured
 
-  def __call__(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array) -> jax.Array:
-    return self._forward(latents, timesteps, text_embeddings, None)[0]
+  def __call__(
+    self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array, lora: Any = None
+  ) -> jax.Array:
+    """``lora``: None, or (lora, scale) pairs applied unmerged (the LoRA hook above)."""
+    return self._forward(latents, timesteps, text_embeddings, None, lora)[0]
 
   def intermediates(
     self,
@@ -538,6 +598,7 @@ class RepVideoTransformer(nnx.Module):
     timesteps: jax.Array,
     text_embeddings: jax.Array,
     capture: Callable[[LayerView], Any] | None,
+    lora: Any = None,
   ) -> tuple[jax.Array, Any]:
     """Embeddings, layers and output head -> ``(v_prediction, captured or None)``."""
     cfg = self.cfg
@@ -555,7 +616,7 @@ class RepVideoTransformer(nnx.Module):
     rope = None
     if cfg.positional_embedding == "rope":
       rope = tuple(jnp.asarray(a) for a in rope_3d(cfg, t, h // p, w // p))
-    x, captured = self.run_layers(x, temb_act, text_len, rope, capture)
+    x, captured = self.run_layers(x, temb_act, text_len, rope, capture, lora)
     video = self.norm_final(x[:, text_len:]).astype(x.dtype)
     shift, scale = jnp.split(self.norm_out_mod(temb_act), 2, axis=-1)
     video = self.norm_out(video).astype(x.dtype) * (1 + scale[:, None]) + shift[:, None]
@@ -585,13 +646,16 @@ def apply(
   text_embeddings: jax.Array,
   *,
   config: TransformerConfig,
+  lora: Sequence[tuple[dict[str, Any], Any]] | None = None,
 ) -> jax.Array:
-  """Pure forward: v-prediction (B, T, H, W, C) for channels-last latents. jit/grad/vmap friendly."""
-  return merge(config, params)(latents, timesteps, text_embeddings)
+  """Pure forward: v-prediction (B, T, H, W, C) for channels-last latents. jit/grad/vmap friendly.
+  ``lora``: None, or a list of (lora, scale) pairs (``repvideo_jax.lora``) applied unmerged, layer
+  by layer inside the scan; ``params`` stay the base model's."""
+  return merge(config, params)(latents, timesteps, text_embeddings, lora)
 
 
 def make_apply(config: TransformerConfig):
-  """``apply`` with the config bound: ``fn(params, latents, timesteps, text_embeddings)``."""
+  """``apply`` with the config bound: ``fn(params, latents, timesteps, text_embeddings, lora=None)``."""
   return functools.partial(apply, config=config)
 
 
