@@ -57,25 +57,29 @@ def _leaf_rules(prefix_src: str, path: tuple, kind: str, layer: int | None = Non
 # layer index.
 
 
+def _initial_gates(cfg: TransformerConfig, allow_missing: bool, where: str) -> np.ndarray:
+  """The RepVideo gates for a checkpoint without them (every CogVideoX one): ``gate_init`` with a
+  warning, or an error when ``allow_missing`` is off. One rule for every format."""
+  if not allow_missing:
+    raise CheckpointKeyError(
+      f"{where} has no RepVideo gates but the config has feature_cache=True; pass "
+      f"allow_missing_gates=True to start them at {cfg.gate_init}, or use a config with feature_cache=False"
+    )
+  log.warning(
+    "%s has no RepVideo gates: initialising all %d gates to %s (the feature cache is not an identity "
+    "at this value; fine-tune before sampling)",
+    where,
+    cfg.num_layers,
+    cfg.gate_init,
+  )
+  return np.full((cfg.num_layers,), cfg.gate_init, np.float32)
+
+
 def _gates_rule(src: str, cfg: TransformerConfig, allow_missing: bool, transform=same) -> Rule:
   """The RepVideo gates: absent from CogVideoX checkpoints, then started at ``gate_init``."""
-
-  def fallback() -> np.ndarray:
-    if not allow_missing:
-      raise CheckpointKeyError(
-        f"checkpoint has no RepVideo gates ({src}) but the config has "
-        "feature_cache=True; pass allow_missing_gates=True to start them at "
-        f"{cfg.gate_init}, or use a config with feature_cache=False"
-      )
-    log.warning(
-      "checkpoint has no RepVideo gates: initialising all %d gates to %s (the feature cache "
-      "is not an identity at this value; fine-tune before sampling)",
-      cfg.num_layers,
-      cfg.gate_init,
-    )
-    return np.full((cfg.num_layers,), cfg.gate_init, np.float32)
-
-  return Rule(src, ("gates",), transform, fallback=fallback)
+  return Rule(
+    src, ("gates",), transform, fallback=lambda: _initial_gates(cfg, allow_missing, f"checkpoint ({src})")
+  )
 
 
 def diffusers_rules(cfg: TransformerConfig, *, allow_missing_gates: bool = True) -> list[Rule]:
@@ -398,10 +402,7 @@ def load(
 
     def fit_gates(cfg: TransformerConfig, params: dict[str, Any]) -> dict[str, Any]:
       if cfg.feature_cache and "gates" not in params:
-        if not allow_missing_gates:
-          raise CheckpointKeyError(f"{path} has no RepVideo gates but feature_cache=True")
-        log.warning("converted checkpoint has no RepVideo gates: initialising them to %s", cfg.gate_init)
-        return {**params, "gates": np.full((cfg.num_layers,), cfg.gate_init, np.float32)}
+        return {**params, "gates": _initial_gates(cfg, allow_missing_gates, f"converted checkpoint {path}")}
       if not cfg.feature_cache and "gates" in params:
         return {k: v for k, v in params.items() if k != "gates"}
       return params
