@@ -24,7 +24,6 @@ and records it in our ``adapter.json``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import pathlib
 import shutil
@@ -33,16 +32,16 @@ import time
 
 import jax
 
-from repvideo_jax import lora, pipeline, transformer_weights
+from repvideo_jax import lora, pipeline, text_encoder_weights, transformer_weights, vae_weights
 from repvideo_jax.config import load_section, parse_override
 from repvideo_jax.outputs import staged_dir
 from repvideo_jax.training import trainer
 from repvideo_jax.weights_common import nonfinite
 
-COMPONENT_MODULES = {
-  "transformer": "repvideo_jax.transformer_weights",
-  "text_encoder": "repvideo_jax.text_encoder_weights",
-  "vae": "repvideo_jax.vae_weights",
+COMPONENT_MODULES = {  # each weights module's COMPONENT names its config class
+  "transformer": transformer_weights,
+  "text_encoder": text_encoder_weights,
+  "vae": vae_weights,
 }
 
 
@@ -62,20 +61,12 @@ def convert_component(
   component: str, src, dst, *, overrides=None, overwrite=False, config_preset: str | None = None
 ):
   """Loads ``component`` from any supported source and writes it in our format. Returns its config."""
-  weights = importlib.import_module(COMPONENT_MODULES[component])
+  weights = COMPONENT_MODULES[component]
   overrides = dict(overrides or {})
   config = None
   if config_preset:
-    cls = {"transformer": "TransformerConfig", "text_encoder": "T5Config", "vae": "VAEConfig"}[component]
-    module = importlib.import_module(
-      {
-        "transformer": "repvideo_jax.transformer",
-        "text_encoder": "repvideo_jax.text_encoder",
-        "vae": "repvideo_jax.vae",
-      }[component]
-    )
     config = load_section(
-      getattr(module, cls), component, config_preset, [f"{k}={v}" for k, v in overrides.items()]
+      weights.COMPONENT.config_cls, component, config_preset, [f"{k}={v}" for k, v in overrides.items()]
     )
     overrides = {}
   start = time.time()
@@ -190,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dst", required=True)
   p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
   p.add_argument("--no-ema", dest="ema", action="store_false", help="the raw params, not the EMA")
+  p.add_argument(
+    "--lora",
+    choices=["ours", "peft"],
+    help="an optim.train=lora run: write its LoRA in this format (for sample.py --lora) instead of "
+    "the transformer with the LoRA merged in",
+  )
   p.add_argument("--overwrite", action="store_true")
   p = sub.add_parser("lora", help="a LoRA between our format and diffusers' (peft) safetensors")
   p.add_argument(
@@ -208,7 +205,17 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
   args = build_parser().parse_args(argv)
   try:
-    if args.component == "run":
+    if args.component == "run" and args.lora:
+      written = trainer.export_lora(
+        args.src,
+        args.dst,
+        fmt=args.lora,
+        step=args.step,
+        use_ema=None if args.ema else False,
+        overwrite=args.overwrite,
+      )
+      _say(f"run: wrote the LoRA {written}")
+    elif args.component == "run":
       trainer.export_transformer(
         args.src, args.dst, step=args.step, use_ema=None if args.ema else False, overwrite=args.overwrite
       )
