@@ -78,6 +78,8 @@ def to_dict(config: Any) -> dict[str, Any]:
   def plain(v):
     if isinstance(v, tuple):
       return [plain(x) for x in v]
+    if isinstance(v, Mapping):
+      return {k: plain(x) for k, x in v.items()}
     return v
 
   return {k: plain(v) for k, v in dataclasses.asdict(config).items()}

@@ -63,7 +63,30 @@ DEFAULT_LOGICAL_RULES: Mapping[str, MeshAxes] = types.MappingProxyType(
 )
 
 
-def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> dict[str, MeshAxes]:
+class RuleTable(Mapping):
+  """A complete, read-only rule table (logical axis -> mesh axes). Hashable, so configs holding one
+  stay hashable and usable as static arguments; compares equal to a dict with the same entries."""
+
+  def __init__(self, rules: Mapping[str, MeshAxes]):
+    self._rules = dict(rules)
+
+  def __getitem__(self, name: str) -> MeshAxes:
+    return self._rules[name]
+
+  def __iter__(self):
+    return iter(self._rules)
+
+  def __len__(self) -> int:
+    return len(self._rules)
+
+  def __hash__(self) -> int:
+    return hash(tuple(sorted(self._rules.items())))
+
+  def __repr__(self) -> str:
+    return f"RuleTable({self._rules!r})"
+
+
+def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> RuleTable:
   """The complete rule table: ``DEFAULT_LOGICAL_RULES`` with ``overrides`` (a full or partial
   mapping, e.g. from YAML, where lists stand for tuples) laid over it. Unknown logical names, unknown
   mesh axes and a mesh axis named twice in one rule are ValueErrors."""
@@ -99,7 +122,7 @@ def rule_table(overrides: Mapping[str, MeshAxes | list] | None = None) -> dict[s
           "batch, sequence and heads at once, so these three rules need different mesh axes"
         )
       seen[a] = name
-  return table
+  return RuleTable(table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +139,7 @@ class MeshConfig:
   topology: str | None = None
   # logical axis -> mesh axes (a name, a list of names, or null to replicate). Entries a preset gives
   # replace those of DEFAULT_LOGICAL_RULES; the field always holds the complete table.
-  logical_axis_rules: dict[str, MeshAxes] = dataclasses.field(default_factory=rule_table)
+  logical_axis_rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=rule_table)
 
   def __post_init__(self):
     object.__setattr__(self, "logical_axis_rules", rule_table(self.logical_axis_rules))
@@ -183,13 +206,13 @@ def parse_mesh(text: str) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------
 # Logical axes -> PartitionSpecs, under the active rule table.
 
-_ACTIVE_RULES: contextvars.ContextVar[dict[str, MeshAxes] | None] = contextvars.ContextVar(
+_ACTIVE_RULES: contextvars.ContextVar[RuleTable | None] = contextvars.ContextVar(
   "repvideo_logical_rules", default=None
 )
 
 
 @contextlib.contextmanager
-def logical_rules(rules: Mapping[str, MeshAxes] | None) -> Iterator[dict[str, MeshAxes]]:
+def logical_rules(rules: Mapping[str, MeshAxes] | None) -> Iterator[RuleTable]:
   """Makes ``rules`` (completed by ``rule_table``; None: the defaults) the active table within the
   block. Enter it where the mesh is set (``jax.set_mesh``), around tracing and lowering: a program
   takes the table active when it is *traced*, and jax reuses a trace for a function it has seen, so

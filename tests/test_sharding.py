@@ -122,6 +122,7 @@ def test_logical_axis_rules_are_a_mesh_config_field():
   }
   again = trainer.config_from_dict(json.loads(json.dumps(trainer.config_to_dict(cfg))))
   assert again.mesh == cfg.mesh
+  assert hash(again) == hash(cfg)  # configs stay hashable (static arguments, caches)
   for bad, words in [
     ("embd=fsdp", "unknown logical axis 'embd'"),
     ("embed=fsd", "unknown mesh axis 'fsd'"),
