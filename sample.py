@@ -223,7 +223,7 @@ def run(args, written: list) -> int:
   if args.mesh:
     layout = sharding.parse_mesh(args.mesh)
   elif preset is not None and n_dev > 1:
-    layout = preset.mesh or pipeline.default_sample_mesh(n_dev, args.batch_size, preset.guidance)
+    layout = preset.mesh or pipeline.default_sample_mesh(n_dev, args.batch_size, preset.use_guidance)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   model = args.model or str(demo_model_dir())
   t0 = time.perf_counter()

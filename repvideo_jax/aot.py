@@ -340,7 +340,7 @@ def compile_sample(
     raise ValueError("no topology: pass --topology (e.g. v5e:2x2) or a preset that names one")
   tcfg, t5, vcfg = _sample_configs(spec)
   devices = topology_devices(spec.topology)
-  layout = spec.mesh or pipeline.default_sample_mesh(len(devices), spec.batch, spec.guidance)
+  layout = spec.mesh or pipeline.default_sample_mesh(len(devices), spec.batch, spec.use_guidance)
   mesh = sharding.make_mesh(devices=devices, **layout)
   check_head_split(
     tcfg.num_heads,
@@ -371,16 +371,16 @@ def compile_sample(
     x = jax.ShapeDtypeStruct(latent, jnp.float32, sharding=batch_sh)
     text = jax.ShapeDtypeStruct((b, tcfg.text_length, tcfg.text_embed_dim), jnp.float32, sharding=batch_sh)
     apply = T.make_apply(tcfg)
-    uncond = samplers.unconditional_text if spec.guidance else (lambda tx: None)
+    uncond = samplers.unconditional_text if spec.use_guidance else (lambda tx: None)
 
     def step(params, x, text):  # the sampler's loop body: one network call on [uncond | cond]
       return samplers.guided_denoise(apply, x, 0.5, 0.8, 500.0, text, uncond(text), 6.0, params=params)
 
-    calls = b * (2 if spec.guidance else 1)
+    calls = b * (2 if spec.use_guidance else 1)
     flops = model_flops_per_sample(tcfg, latent[1:], tcfg.text_length) / 3.0 * calls
     reports.append(
       compile_report(
-        f"{name}: denoising step with{'' if spec.guidance else 'out'} CFG ({tcfg.dtype}, params "
+        f"{name}: denoising step with{'' if spec.use_guidance else 'out'} CFG ({tcfg.dtype}, params "
         f"{tcfg.param_dtype}, attention {tcfg.attention_backend}; {sizes})",
         spec.topology,
         mesh,

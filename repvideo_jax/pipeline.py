@@ -361,7 +361,7 @@ class SamplingPreset:
   frames: int = 49
   height: int = 480
   width: int = 720
-  guidance: bool = True
+  use_guidance: bool = True  # plan for the CFG pair (2 network calls per step)
   transformer: dict | None = None  # TransformerConfig overrides (dtype, param_dtype, attention_backend)
   text_encoder: dict | None = None  # T5Config overrides
   vae: dict | None = None  # VAEConfig overrides
@@ -383,10 +383,10 @@ def load_sampling_preset(name_or_path, overrides=()) -> SamplingPreset:
   return config_lib.from_dict(SamplingPreset, tree["sample"] or {}, where=f"{name_or_path}:sample")
 
 
-def default_sample_mesh(devices: int, batch: int, guidance: bool = True) -> dict[str, int]:
+def default_sample_mesh(devices: int, batch: int, use_guidance: bool = True) -> dict[str, int]:
   """The batch and its CFG pair over ``data`` as far as they divide the devices, the remaining
   devices over ``context`` (each video's sequence), so one video's latency falls with devices."""
-  data = math.gcd(batch * (2 if guidance else 1), devices)
+  data = math.gcd(batch * (2 if use_guidance else 1), devices)
   return {"data": data, "fsdp": 1, "tensor": 1, "context": devices // data}
 
 
