@@ -2,7 +2,8 @@
 
 The release publishes no training recipe, so what is trained is configurable: the whole
 DiT including the gates (``train='all'``, what SAT's default freezing implies) or only the
-per-layer gates (``train='gates'``). Gates start at 0.5, so fine-tuning is needed either way.
+per-layer gates (``train='gates'``), or a LoRA (``train='lora'``, ``repvideo_jax.lora``) on the frozen
+base with, optionally, the gates. Gates start at 0.5, so fine-tuning is needed either way.
 
 Learning-rate schedule, for the n-th optimizer update (n = 0, 1, ...; W = warmup_steps, N = total_steps):
   warmup(n) = min(1, (n + 1) / W)                           (1 if W = 0; the first update is not wasted)
@@ -24,10 +25,16 @@ The gradient transformation, outermost first (labels from ``param_labels``):
 Adam is elementwise, so separate AdamW instances per partition equal one AdamW with a decay mask.
 Frozen params get no Adam moments and no accumulator (gates-only training keeps ~no optimizer state).
 
+LoRA training (``train='lora'``): the state also holds ``lora`` (the LoRA tree, float32); the optimizer and
+the EMA cover only the trainable tree ``{"lora": state["lora"], "gates": state["params"]["gates"]}``
+(``lora_trainable``): the factors are labelled 'decay', alpha 'frozen', the gates 'gates' (or 'frozen'
+with ``train_gates=False``). The base params are never differentiated nor updated (only the gates are
+written back), and the loss runs ``apply_fn(base, ..., lora=[(lora, 1.0)])`` (unmerged, in the scan).
+
 EMA (float32):  ema <- decay ema + (1 - decay) params, applied only on steps that changed the params
 (not on accumulation micro-steps nor on skipped non-finite steps).
 
-``TrainState`` is a plain dict {step, params, opt_state, ema, rng} of arrays (rng as raw uint32 key
+``TrainState`` is a plain dict {step, params, opt_state, ema, rng} (+ lora) of arrays (rng as raw uint32 key
 data), so orbax can save it; ``train_step`` is pure and jittable (the caller jits with shardings).
 """
 
@@ -64,7 +71,7 @@ class OptimConfig:
   weight_decay: float = 1e-4  # decoupled (AdamW), kernels only
   clip_norm: float | None = 1.0  # global grad-norm clip; None / 0 = off
   gate_lr: float | None = None  # None = lr
-  train: Literal["all", "gates"] = "all"
+  train: Literal["all", "gates", "lora"] = "all"  # lora: the TrainConfig's lora section
   grad_accum_steps: int = 1
   ema_decay: float | None = None  # None / 0 = no EMA
   max_nonfinite_in_a_row: int | None = 5  # check_nonfinite raises at this many; None / 0 = never
@@ -86,8 +93,8 @@ class OptimConfig:
         raise ValueError(f"optim.{name} must be a finite number, got {value}")
     if self.schedule not in ("constant", "cosine"):
       raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-    if self.train not in ("all", "gates"):
-      raise ValueError(f"train must be 'all' or 'gates', got {self.train!r}")
+    if self.train not in ("all", "gates", "lora"):
+      raise ValueError(f"train must be 'all', 'gates' or 'lora', got {self.train!r}")
     if self.lr < 0 or (self.gate_lr is not None and self.gate_lr < 0):
       raise ValueError(f"learning rates must be >= 0, got lr={self.lr}, gate_lr={self.gate_lr}")
     if self.warmup_steps < 0:
@@ -139,8 +146,14 @@ def _is_norm_module(name: str) -> bool:
   return name.startswith("norm") and not name.endswith("_mod")
 
 
+def _is_lora_factor(names: list[str]) -> bool:
+  return len(names) > 1 and names[0] == "lora" and names[-1] in ("a", "b")
+
+
 def _decays(path) -> bool:
   names = [_key_name(e) for e in path]
+  if _is_lora_factor(names):
+    return True
   if names[-1] in _NO_DECAY_NAMES or any(_is_norm_module(n) for n in names[:-1]):
     return False
   return names[-1].endswith("kernel")
@@ -155,15 +168,33 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: _decays(path), params)
 
 
-def trainable_mask(params: Any, train: str = "all") -> Any:
-  """True for trained params: everything (``'all'``) or only the RepVideo gates (``'gates'``)."""
+def lora_trainable(params: Any, lora: Any) -> dict[str, Any]:
+  """The tree a LoRA run differentiates and optimizes: {"lora": the LoRA tree, "gates": the model's
+  gates (when it has them)}."""
+  out = {"lora": lora}
+  if "gates" in params:
+    out["gates"] = params["gates"]
+  return out
+
+
+def trainable_mask(params: Any, train: str = "all", train_gates: bool = True) -> Any:
+  """True for trained params: everything (``'all'``), only the RepVideo gates (``'gates'``), or, for
+  ``'lora'`` (``params`` is then ``lora_trainable``'s tree), the LoRA factors and the gates when
+  ``train_gates`` (never the LoRA's constant alpha)."""
+  if train == "lora":
+    if set(params) - {"lora", "gates"} or "lora" not in params:
+      raise ValueError(f"train='lora' expects the tree of lora_trainable, got keys {sorted(params)}")
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: _is_lora_factor([_key_name(e) for e in path]) or (train_gates and _is_gate(path)),
+      params,
+    )
   if train == "all":
     return jax.tree.map(lambda _: True, params)
   if train == "gates":
     if "gates" not in params:
       raise ValueError("train='gates' but the params have no 'gates' (a model with feature_cache=False)")
     return jax.tree_util.tree_map_with_path(lambda path, _: _is_gate(path), params)
-  raise ValueError(f"train must be 'all' or 'gates', got {train!r}")
+  raise ValueError(f"train must be 'all', 'gates' or 'lora', got {train!r}")
 
 
 def _trained_label(path, _) -> str:
@@ -172,11 +203,11 @@ def _trained_label(path, _) -> str:
   return "decay" if _decays(path) else "no_decay"
 
 
-def param_labels(params: Any, train: str = "all") -> Any:
+def param_labels(params: Any, train: str = "all", train_gates: bool = True) -> Any:
   """Each leaf's partition: 'frozen', 'decay', 'no_decay' or 'gates'."""
   return jax.tree.map(
     lambda trained, label: label if trained else "frozen",
-    trainable_mask(params, train),
+    trainable_mask(params, train, train_gates),
     jax.tree_util.tree_map_with_path(_trained_label, params),
   )
 
@@ -218,9 +249,12 @@ def _adamw(config: OptimConfig, peak: float, weight_decay: float) -> optax.Gradi
   )
 
 
-def make_optimizer(config: OptimConfig, params: Any) -> optax.GradientTransformation:
-  """The full gradient transformation (module docstring). ``params`` may be abstract (shapes only)."""
-  labels = param_labels(params, config.train)
+def make_optimizer(
+  config: OptimConfig, params: Any, train_gates: bool = True
+) -> optax.GradientTransformation:
+  """The full gradient transformation (module docstring). ``params`` may be abstract (shapes only);
+  for ``train='lora'`` it is ``lora_trainable``'s tree, whose gates train when ``train_gates``."""
+  labels = param_labels(params, config.train, train_gates)
   present = set(jax.tree.leaves(labels))
   inner = {
     "decay": _adamw(config, config.lr, config.weight_decay),
@@ -350,16 +384,25 @@ def _key_data(key: int | jax.Array) -> jax.Array:
 
 
 def init_train_state(
-  params: Any, optimizer: optax.GradientTransformation, key: int | jax.Array, ema: bool | float | None = None
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  key: int | jax.Array,
+  ema: bool | float | None = None,
+  lora: Any = None,
 ) -> dict[str, Any]:
-  """{step, params, opt_state, ema, rng}; ``ema`` truthy (True or a decay) allocates a float32 EMA."""
-  return {
+  """{step, params, opt_state, ema, rng}; ``ema`` truthy (True or a decay) allocates a float32 EMA.
+  With ``lora`` (a LoRA tree) also {lora}; the optimizer state and EMA then cover ``lora_trainable``."""
+  trained = params if lora is None else lora_trainable(params, lora)
+  state = {
     "step": jnp.zeros((), jnp.int32),
     "params": params,
-    "opt_state": optimizer.init(params),
-    "ema": ema_init(params) if ema else None,
+    "opt_state": optimizer.init(trained),
+    "ema": ema_init(trained) if ema else None,
     "rng": _key_data(key),
   }
+  if lora is not None:
+    state["lora"] = lora
+  return state
 
 
 def train_step(
@@ -381,11 +424,20 @@ def train_step(
   host), updated (the params changed on this micro-step).
   """
   rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-  params = state["params"]
+  lora_run = "lora" in state
+  base = state["params"]
+  if lora_run:  # differentiate the LoRA (and gates) only; the base rides along as a constant
+    params = lora_trainable(base, state["lora"])
+
+    def loss_apply(trained, x_t, timesteps, text):
+      return apply_fn(_with_gates(base, trained), x_t, timesteps, text, lora=[(trained["lora"], 1.0)])
+
+  else:
+    params, loss_apply = base, apply_fn
   grad_fn = jax.value_and_grad(objective.diffusion_loss, has_aux=True)
   (_, metrics), grads = grad_fn(
     params,
-    apply_fn,
+    loss_apply,
     batch["latents"],
     batch["text"],
     step_key,
@@ -414,6 +466,8 @@ def train_step(
     nonfinite_count=nonfinite_count(opt_state),
     updated=updated,
   )
+  if lora_run:
+    new_lora, new_params = new_params["lora"], _with_gates(base, new_params)
   new_state = {
     "step": state["step"] + 1,
     "params": new_params,
@@ -421,4 +475,11 @@ def train_step(
     "ema": ema,
     "rng": jax.random.key_data(rng),
   }
+  if lora_run:
+    new_state["lora"] = new_lora
   return new_state, metrics
+
+
+def _with_gates(base: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+  """The base params with the trained gates (when the LoRA run has gates)."""
+  return {**base, "gates": trained["gates"]} if "gates" in trained else base

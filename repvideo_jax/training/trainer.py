@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvideo_jax import config as config_lib
+from repvideo_jax import lora as lora_lib
 from repvideo_jax import outputs, pipeline, schedule, sharding, transformer_weights, video_io
 from repvideo_jax import transformer as T
 from repvideo_jax.attention import check_head_split
@@ -89,12 +90,46 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraTrainConfig:
+  """The LoRA a run with ``optim.train: lora`` trains (``repvideo_jax.lora``); ignored otherwise.
+  The base params are frozen; the factors train at ``optim.lr`` with ``optim.weight_decay``, the
+  RepVideo gates (``train_gates``) at ``optim.gate_lr``."""
+
+  rank: int = 64
+  alpha: float | None = None  # None: alpha = rank (scaling 1)
+  targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")  # lora.LORA_TARGETS names
+  dropout: float = 0.0  # not implemented for training: > 0 is refused
+  train_gates: bool = True
+  base_dtype: str = "float32"  # the frozen base params' storage dtype: float32 or bfloat16
+  seed: int | None = None  # the factors' init key; None = run.seed
+
+  def __post_init__(self):
+    if isinstance(self.targets, list):
+      object.__setattr__(self, "targets", tuple(self.targets))
+    self.lora_config()  # validates rank, alpha, targets, dropout
+    if self.base_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"lora.base_dtype must be 'float32' or 'bfloat16', got {self.base_dtype!r}")
+    if self.dropout:
+      raise ValueError(
+        f"lora.dropout={self.dropout}: LoRA dropout is not implemented for training yet; set it to 0"
+      )
+
+  def lora_config(self) -> lora_lib.LoraConfig:
+    return lora_lib.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   transformer: T.TransformerConfig
   optim: OptimConfig
   mesh: sharding.MeshConfig
   data: DataConfig
   run: RunConfig
+  lora: LoraTrainConfig = LoraTrainConfig()
+
+  @property
+  def trains_lora(self) -> bool:
+    return self.optim.train == "lora"
 
 
 def load_config(preset: str, overrides=()) -> TrainConfig:
@@ -103,7 +138,9 @@ def load_config(preset: str, overrides=()) -> TrainConfig:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-  return {k: config_lib.to_dict(getattr(cfg, k)) for k in ("transformer", "optim", "mesh", "data", "run")}
+  return {
+    k: config_lib.to_dict(getattr(cfg, k)) for k in ("transformer", "optim", "mesh", "data", "run", "lora")
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,11 +247,27 @@ class Logger:
 # The loop.
 
 
+def _base_cast(cfg: TrainConfig, params):
+  """A LoRA run's frozen base in ``lora.base_dtype`` (the trained gates stay in their dtype)."""
+  if not cfg.trains_lora or cfg.lora.base_dtype == "float32":
+    return params
+  dtype = jnp.dtype(cfg.lora.base_dtype)
+  cast = {k: v if k == "gates" else jax.tree.map(lambda x: x.astype(dtype), v) for k, v in params.items()}
+  return cast
+
+
 def optimizer_and_abstract_state(cfg: TrainConfig):
   """(optimizer, train state as ShapeDtypeStructs) for a config: what a checkpoint holds."""
-  abstract_params = T.abstract_params(cfg.transformer)
-  optimizer = optim.make_optimizer(cfg.optim, abstract_params)
+  abstract_params = jax.eval_shape(lambda p: _base_cast(cfg, p), T.abstract_params(cfg.transformer))
   ema = bool(cfg.optim.ema_decay)
+  if cfg.trains_lora:
+    abstract_lora = jax.eval_shape(lambda: lora_lib.init(cfg.transformer, cfg.lora.lora_config(), 0))
+    trainable = optim.lora_trainable(abstract_params, abstract_lora)
+    optimizer = optim.make_optimizer(cfg.optim, trainable, cfg.lora.train_gates)
+    return optimizer, jax.eval_shape(
+      lambda p, lo: optim.init_train_state(p, optimizer, 0, ema, lora=lo), abstract_params, abstract_lora
+    )
+  optimizer = optim.make_optimizer(cfg.optim, abstract_params)
   return optimizer, jax.eval_shape(lambda p: optim.init_train_state(p, optimizer, 0, ema), abstract_params)
 
 
@@ -226,6 +279,7 @@ def config_from_dict(tree: dict[str, Any], where: str = "config") -> TrainConfig
     "mesh": sharding.MeshConfig,
     "data": DataConfig,
     "run": RunConfig,
+    "lora": LoraTrainConfig,
   }
   unknown = set(tree) - set(sections)
   if unknown:
@@ -274,7 +328,7 @@ def export_transformer(
   if use_ema and state.get("ema") is None:
     raise ValueError(f"{run_dir} kept no EMA (optim.ema_decay unset); export without use_ema")
   ema = state.get("ema") is not None and use_ema is not False
-  params = state["ema"] if ema else state["params"]
+  params = trained_params(state, use_ema=ema)
   transformer_weights.save(
     dst,
     cfg.transformer,
@@ -283,6 +337,54 @@ def export_transformer(
     source=f"train.py run {pathlib.Path(run_dir).resolve()} step {step}{' (EMA)' if ema else ''}",
   )
   return cfg.transformer
+
+
+def trained_params(state: dict, use_ema: bool = False) -> dict:
+  """The model a train state holds as plain params: its params (or EMA), and for a LoRA run the
+  base with the trained gates and the LoRA merged in (scale 1)."""
+  if "lora" not in state:
+    return state["ema"] if use_ema else state["params"]
+  trained = state["ema"] if use_ema else optim.lora_trainable(state["params"], state["lora"])
+  base = {**state["params"], **{k: v for k, v in trained.items() if k == "gates"}}
+  return lora_lib.merge(base, trained["lora"])
+
+
+def export_lora(
+  run_dir: str | pathlib.Path,
+  dst: str | pathlib.Path,
+  *,
+  fmt: str = "ours",
+  step: int | None = None,
+  use_ema: bool | None = None,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes the LoRA a ``optim.train: lora`` run trained (its EMA when kept, unless ``use_ema=False``)
+  as ``lora.save`` does (``fmt`` "ours" or "peft"), for ``sample.py --lora``. Returns what was
+  written. A LoRA file holds no gates: when the run also trained the gates, ``export_transformer``
+  (the base with gates and LoRA merged) is the complete result."""
+  cfg, state, step = load_run(run_dir, step)
+  if "lora" not in state:
+    raise ValueError(
+      f"{run_dir} did not train a LoRA (optim.train={cfg.optim.train!r}); use export_transformer"
+    )
+  if use_ema and state.get("ema") is None:
+    raise ValueError(f"{run_dir} kept no EMA (optim.ema_decay unset); export without use_ema")
+  ema = state.get("ema") is not None and use_ema is not False
+  tree = state["ema"]["lora"] if ema else state["lora"]
+  if cfg.lora.train_gates and "gates" in state["params"]:
+    log.warning(
+      "%s also trained the RepVideo gates, which a LoRA file cannot hold: the exported LoRA runs with "
+      "the base model's gates (export_transformer writes the model with both)",
+      run_dir,
+    )
+  return lora_lib.save(
+    dst,
+    jax.tree.map(np.asarray, tree),
+    cfg.lora.lora_config(),
+    fmt=fmt,
+    base=lora_lib.base_description(cfg.transformer, cfg.run.init_from),
+    overwrite=overwrite,
+  )
 
 
 def _transformer_source(path: str) -> pathlib.Path:
@@ -398,7 +500,11 @@ def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
   )
   param_sh = sharding.tree_shardings(T.logical_axes(tcfg), mesh, rules)
   optimizer, abstract_state = optimizer_and_abstract_state(cfg)
-  state_sh = state_shardings(abstract_state, param_sh, mesh)
+  by_path = param_sh
+  if cfg.trains_lora:  # the factors (and their moments / EMA) by lora.logical_axes under the same rules
+    lora_axes = lora_lib.logical_axes(tcfg, cfg.lora.lora_config())
+    by_path = {**param_sh, "lora": sharding.tree_shardings(lora_axes, mesh, rules)}
+  state_sh = state_shardings(abstract_state, by_path, mesh)
   batch_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("activation_batch",), rules))
   table = jnp.asarray(schedule.sqrt_alpha_table(), jnp.float32)
 
@@ -583,6 +689,20 @@ def _restore_or_init_state(cfg: TrainConfig, built: TrainStep, ckpt: Checkpointe
     log.info("--resume: no checkpoint in %s yet, starting fresh", ckpt.directory)
   params = jax.device_put(initial_params(cfg), built.param_shardings)
   ema = bool(cfg.optim.ema_decay)
+  if cfg.trains_lora:
+    lcfg = cfg.lora
+    seed = cfg.run.seed if lcfg.seed is None else lcfg.seed
+    init = jax.jit(
+      lambda p: optim.init_train_state(
+        _base_cast(cfg, p),
+        built.optimizer,
+        jax.random.key(cfg.run.seed),
+        ema,
+        lora=lora_lib.init(cfg.transformer, lcfg.lora_config(), jax.random.key(seed + 1)),
+      ),
+      out_shardings=built.state_shardings,
+    )
+    return init(params)
   init = jax.jit(
     lambda p: optim.init_train_state(p, built.optimizer, jax.random.key(cfg.run.seed), ema),
     out_shardings=built.state_shardings,
@@ -701,7 +821,7 @@ def _write_samples(cfg: TrainConfig, state, step: int, out: pathlib.Path, cache:
     return
   if "pipe" not in cache:
     cache["pipe"] = pipeline.load_pipeline(d.model)
-  weights = state["ema"] if state.get("ema") is not None else state["params"]
+  weights = trained_params(state, use_ema=state.get("ema") is not None)
   pipe = dataclasses.replace(
     cache["pipe"], transformer_config=cfg.transformer, transformer_params=jax.device_get(weights)
   )
