@@ -103,6 +103,13 @@ def parse_args(argv=None):
     "not grow with depth under lax.scan; 0 = skip",
   )
   ap.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per 2B compile")
+  ap.add_argument(
+    "--lora-rank",
+    type=int,
+    default=64,
+    help="also time (part 1) and compile (part 2, remat full) LoRA training of this rank on the "
+    "attention projections, gates trained (optim.train=lora); 0 = skip",
+  )
   ap.add_argument("--mem-child", metavar="JSON", help=argparse.SUPPRESS)  # internal: one compile
   args = ap.parse_args(argv)
   if args.quick:
@@ -159,6 +166,7 @@ def run_timing(a, results: dict) -> None:
   import numpy as np
   import torch
 
+  from repvideo_jax import lora as L
   from repvideo_jax import schedule
   from repvideo_jax import transformer as T
   from repvideo_jax import transformer_weights as W
@@ -298,11 +306,18 @@ def run_timing(a, results: dict) -> None:
   model = None  # frees the reference model (the closures above no longer run)
 
   # -- ours ----------------------------------------------------------------------------------------
-  def ours(remat: str, cache: bool):
+  def ours(remat: str, cache: bool, lora_rank: int = 0):
     c = dataclasses.replace(cfg, remat=remat, feature_cache=cache)
     prm = W.from_diffusers(state_dict, c, allow_missing_gates=True)
-    optimizer = optim.make_optimizer(ocfg, prm)
-    state = optim.init_train_state(jax.device_put(prm), optimizer, jax.random.key(a.seed))
+    adapter = None
+    if lora_rank:  # the frozen base; optimizer state for the factors and gates only
+      adapter = L.init(c, L.LoraConfig(rank=lora_rank), a.seed)
+      optimizer = optim.make_optimizer(
+        dataclasses.replace(ocfg, train="lora"), optim.lora_trainable(prm, adapter)
+      )
+    else:
+      optimizer = optim.make_optimizer(ocfg, prm)
+    state = optim.init_train_state(jax.device_put(prm), optimizer, jax.random.key(a.seed), lora=adapter)
     fn = jax.jit(
       lambda s, b: optim.train_step(
         s, b, apply_fn=T.make_apply(c), optimizer=optimizer, table=table, ucg_rate=a.ucg_rate
@@ -328,6 +343,11 @@ def run_timing(a, results: dict) -> None:
     add_row(f"ours train_step (remat={remat})", remat, False, timing, compile_s, loss)
   timing, compile_s, loss = ours("none", True)
   add_row("ours train_step (remat=none, feature cache)", "none", True, timing, compile_s, loss)
+  if a.lora_rank:
+    timing, compile_s, loss = ours("none", True, a.lora_rank)
+    add_row(
+      f"ours LoRA r={a.lora_rank} train_step (remat=none, cache)", "none", True, timing, compile_s, loss
+    )
   if not a.skip_grad_only:  # the same loss and gradients without the optimizer update
     prm = jax.device_put(params)
     grad_fn = jax.jit(
@@ -380,6 +400,7 @@ def mem_child(spec: dict) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from repvideo_jax import lora as L
   from repvideo_jax import schedule
   from repvideo_jax import transformer as T
   from repvideo_jax.training import optim
@@ -394,8 +415,17 @@ def mem_child(spec: dict) -> dict:
   )
   ocfg = optim.OptimConfig()
   abstract_params = T.abstract_params(cfg)
-  optimizer = optim.make_optimizer(ocfg, abstract_params)
-  state = jax.eval_shape(lambda p: optim.init_train_state(p, optimizer, 0, ema=False), abstract_params)
+  adapter = None
+  if spec.get("lora_rank"):  # LoRA training: the optimizer sees only the factors and gates
+    adapter = jax.eval_shape(lambda: L.init(cfg, L.LoraConfig(rank=spec["lora_rank"]), 0))
+    optimizer = optim.make_optimizer(
+      dataclasses.replace(ocfg, train="lora"), optim.lora_trainable(abstract_params, adapter)
+    )
+  else:
+    optimizer = optim.make_optimizer(ocfg, abstract_params)
+  state = jax.eval_shape(
+    lambda p, lo: optim.init_train_state(p, optimizer, 0, ema=False, lora=lo), abstract_params, adapter
+  )
   batch = {
     "latents": jax.ShapeDtypeStruct(tuple(spec["latents"]), jnp.float32),
     "text": jax.ShapeDtypeStruct(tuple(spec["text"]), jnp.float32),
@@ -425,6 +455,7 @@ def mem_child(spec: dict) -> dict:
   state_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state))
   return dict(
     remat=spec["remat"],
+    lora_rank=spec.get("lora_rank") or 0,
     layers=cfg.num_layers,
     lower_s=t1 - t0,
     compile_s=t2 - t1,
@@ -458,11 +489,17 @@ def run_memory(a, results: dict) -> None:
   jobs = [dict(remat=p.strip(), layers=None) for p in a.mem_policies.split(",") if p.strip()]
   if a.mem_shallow_layers:
     jobs.append(dict(remat="none", layers=a.mem_shallow_layers))
+  if a.lora_rank:
+    jobs.append(dict(remat="full", layers=None, lora_rank=a.lora_rank))
   rows = results["memory"] = []
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   for job in jobs:
     spec = dict(job, latents=latents, text=text)
-    label = f"remat={job['remat']}" + (f" layers={job['layers']}" if job["layers"] else "")
+    label = (
+      f"remat={job['remat']}"
+      + (f" layers={job['layers']}" if job["layers"] else "")
+      + (f" LoRA r={job['lora_rank']}" if job.get("lora_rank") else "")
+    )
     log(f"2B train step memory analysis: {label} (compiling, limit {a.compile_timeout:.0f} s)")
     t0 = time.perf_counter()
     try:
@@ -570,8 +607,8 @@ def report(a, results: dict, busy_before: float, t_start: float) -> str:
     )
     p("")
     hdr = (
-      f"{'remat':<10} {'layers':>6} {'compile s':>9} {'argument':>9} {'output':>9} {'alias':>9} "
-      f"{'temp':>9} {'code':>6} {'peak est':>9}  status"
+      f"{'remat':<10} {'train':<8} {'layers':>6} {'compile s':>9} {'state':>9} {'argument':>9} {'output':>9} "
+      f"{'alias':>9} {'temp':>9} {'code':>6} {'peak est':>9}  status"
     )
     p(hdr + "   (sizes in GiB)")
     p("-" * len(hdr))
@@ -589,11 +626,16 @@ def report(a, results: dict, busy_before: float, t_start: float) -> str:
       peak = None if None in (arg, out, temp) else arg + temp + out - (alias or 0)
       r["peak_estimate_bytes"] = peak
       comp = f"{r['compile_s']:.1f}" if "compile_s" in r else f">{r['wall_s']:.0f}"
+      train = f"lora r{r['lora_rank']}" if r.get("lora_rank") else "all"
       p(
-        f"{r['remat']:<10} {r['layers']:>6} {comp:>9} {_fmt_gib(arg):>9} {_fmt_gib(out):>9} "
+        f"{r['remat']:<10} {train:<8} {r['layers']:>6} {comp:>9} {_fmt_gib(r.get('state_bytes')):>9} "
+        f"{_fmt_gib(arg):>9} {_fmt_gib(out):>9} "
         f"{_fmt_gib(alias):>9} {_fmt_gib(temp):>9} {_fmt_gib(m.get('generated_code_size_in_bytes')):>6} "
         f"{_fmt_gib(peak):>9}  {r['status']}"
       )
+    p(
+      "   state = the train state (params, AdamW moments; for LoRA the frozen base, factors and their moments)."
+    )
     p("   peak est = argument + temp + output - alias. These are CPU XLA numbers: they approximate what a")
     p("   GPU/TPU compile would need (other fusion, layouts and scheduling; CPU reports code size 0).")
     p(
