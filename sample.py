@@ -24,6 +24,7 @@ import re
 import sys
 import time
 
+from repvideo_jax.config import parse_lora_arg
 from repvideo_jax.outputs import atomic_write, check_output
 
 
@@ -130,23 +131,6 @@ def slug(text: str, n: int = 48) -> str:
   return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "video"
 
 
-def parse_lora(text: str) -> tuple[pathlib.Path, float]:
-  """``PATH[:SCALE]`` -> (path, scale); a path that itself holds ':' is taken whole when what follows
-  its last ':' is not a number. Raises ValueError naming the flag."""
-  path, scale = text, 1.0
-  head, sep, tail = text.rpartition(":")
-  if sep and head:
-    try:
-      path, scale = head, float(tail)
-    except ValueError:
-      path, scale = text, 1.0
-  if not math.isfinite(scale):
-    raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale}")
-  if not pathlib.Path(path).exists():
-    raise ValueError(f"--lora {text}: no LoRA at {path}")
-  return pathlib.Path(path), scale
-
-
 def check_args(args) -> None:
   """Each flag's own check, once, before any model is loaded: one clear error naming the flag (and
   the --out folder created). The settings they make up with the model folder's defaults are checked
@@ -166,7 +150,7 @@ def check_args(args) -> None:
   ):
     if value is not None and value < 1:
       raise ValueError(f"{flag} must be >= 1, got {value}")
-  args.loras = [parse_lora(text) for text in args.lora]
+  args.loras = [parse_lora_arg(text) for text in args.lora]
   if args.lora_merge and not args.loras:
     raise ValueError("--lora-merge needs at least one --lora")
   check_output(args.out, "--out", folder=True)

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repvideo_jax import config as config_lib
 from repvideo_jax import pipeline, schedule, transformer_weights, video_io
 from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
@@ -196,7 +197,7 @@ def variant(pipe, spec: str) -> tuple[str, T.TransformerConfig, dict]:
   label, what = spec.split("=", 1)
   if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
     raise ValueError(f"--compare label {label!r} may only use letters, digits, '_', '.' and '-'")
-  cfg, params = pipe.transformer_config, pipe.transformer_params
+  cfg, params = pipe.transformer_config, pipe.merged_transformer_params()
   if what in ("off", "on"):
     on = what == "on"
     if on and not cfg.feature_cache:
@@ -240,13 +241,14 @@ def analyse(
     raise ValueError(
       f"--frame {frame} is out of range: the clip has {grid[0]} latent frames (0..{grid[0] - 1})"
     )
-  runs = [("model", cfg, pipe.transformer_params)] + [variant(pipe, v) for v in variants]
+  runs = [("model", cfg, pipe.merged_transformer_params())] + [variant(pipe, v) for v in variants]
   labels = [r[0] for r in runs]
   if len(set(labels)) != len(labels):
     raise ValueError(f"--compare labels must be distinct and not 'model', got {labels[1:]}")
   result = {
     "prompt": prompt,
     "model": str(pipe.path),
+    "loras": pipe.loras,
     "source": video or "generated",
     "timestep": timestep,
     "seed": seed,
@@ -404,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--model", help="model folder (default: the bundled demo model)")
   p.add_argument("--prompt", required=True)
+  p.add_argument(
+    "--lora",
+    action="append",
+    default=[],
+    metavar="PATH[:SCALE]",
+    help="a LoRA for the model's transformer, with its scale (default 1.0); repeatable, as in sample.py",
+  )
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--frame", type=int, default=1, help="latent frame of the attention maps (default 1)")
   p.add_argument("--timestep", type=int, default=500, help="DDPM timestep of the analysed pass (0..999)")
@@ -432,7 +441,8 @@ def main(argv=None) -> int:
     for spec in args.compare:
       if "=" not in spec:
         raise ValueError(f"--compare {spec!r} must look like LABEL=off, LABEL=on or LABEL=TRANSFORMER_DIR")
-    pipe = pipeline.load_pipeline(args.model or demo_model_dir())
+    loras = [config_lib.parse_lora_arg(text) for text in args.lora]
+    pipe = pipeline.load_pipeline(args.model or demo_model_dir(), loras=loras)
     settings = pipeline.settings_for(pipe, steps=args.steps, seed=args.seed)
     fps = pipeline.model_defaults(pipe).get("fps", 8.0)
     result = analyse(

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import importlib.resources
 import importlib.resources.abc
+import math
 import pathlib
 import typing
 from collections.abc import Mapping, Sequence
@@ -150,3 +151,21 @@ def load_section(
   if section not in tree:
     raise ValueError(f"preset {str(name_or_path)!r} has no {section!r} section (has {sorted(tree)})")
   return from_dict(cls, tree[section] or {}, where=f"{name_or_path}:{section}")
+
+
+def parse_lora_arg(text: str, flag: str = "--lora") -> tuple[pathlib.Path, float]:
+  """``PATH[:SCALE]``, a command line's ``--lora`` (``repvideo_jax.lora``) -> (path, scale), the scale
+  1.0 when not given. A path that itself holds ':' is taken whole when what follows its last ':' is
+  not a number. Raises ValueError naming ``flag``."""
+  path, scale = text, 1.0
+  head, sep, tail = text.rpartition(":")
+  if sep and head:
+    try:
+      path, scale = head, float(tail)
+    except ValueError:
+      path, scale = text, 1.0
+  if not math.isfinite(scale):
+    raise ValueError(f"{flag} {text}: the scale must be a finite number, got {scale}")
+  if not pathlib.Path(path).exists():
+    raise ValueError(f"{flag} {text}: no LoRA at {path}")
+  return pathlib.Path(path), scale

@@ -1,8 +1,8 @@
 """Evaluate a model on the demo domain: prompt following and temporal consistency.
 
     python -m repvideo_jax.evaluate                               # the bundled demo model, held-out prompts
-    python -m repvideo_jax.evaluate --model DIR [--transformer DIR] [--split heldout|train|all]
-        [--seeds 2] [--steps N] [--guidance G] [--out eval.json]
+    python -m repvideo_jax.evaluate --model DIR [--transformer DIR | --lora PATH[:SCALE]]
+        [--split heldout|train|all] [--seeds 2] [--steps N] [--guidance G] [--out eval.json]
 
 For every prompt of the split (the demo captions, ``demo.split_specs``) and each of ``--seeds``
 starting noises, a video is generated and scored:
@@ -45,6 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from repvideo_jax import analysis, pipeline, transformer_weights, video_io
+from repvideo_jax import config as config_lib
 from repvideo_jax import vae as V
 from repvideo_jax.demo import demo_model_dir
 from repvideo_jax.demo import domain as D
@@ -129,8 +130,10 @@ def evaluate(
   feature_timestep: int = 500,
   features: bool = True,
   progress: bool = True,
+  palette: dict[str, tuple[int, int, int]] | None = None,
 ) -> dict[str, Any]:
-  """Generates ``seeds`` videos per spec and scores them (module docstring). Returns the JSON dict."""
+  """Generates ``seeds`` videos per spec and scores them (module docstring). Returns the JSON dict.
+  ``palette``: the colours the detector chooses from (default ``demo.PALETTE``, the base domain's)."""
 
   settings.validate(pipe.transformer_config, pipe.vae_config)
   jobs = [(spec, r) for r in range(seeds) for spec in specs]
@@ -140,6 +143,7 @@ def evaluate(
   if progress:
     bar = tqdm(total=len(jobs), desc="evaluate", unit="video", leave=False)
   videos, feature_sims = [], []
+  feature_params = pipe.merged_transformer_params() if features else None
   t0 = time.perf_counter()
   for start in range(0, len(jobs), batch_size):
     batch = jobs[start : start + batch_size]
@@ -148,7 +152,7 @@ def evaluate(
     latents = pipeline.sample_latents(pipe, text, settings, first_index=start)
     frames = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, latents)))
     for k, ((spec, rep), clip) in enumerate(zip(batch, frames)):
-      detected = D.detect(clip)
+      detected = D.detect(clip, palette)
       row = {
         "prompt": D.caption(spec),
         "repeat": rep,
@@ -162,7 +166,7 @@ def evaluate(
           np.asarray(latents[k : k + 1]), feature_timestep, settings.seed + start + k
         )
         rec = analysis.record(
-          pipe.transformer_params, pipe.transformer_config, xt, feature_timestep, np.asarray(text[k : k + 1])
+          feature_params, pipe.transformer_config, xt, feature_timestep, np.asarray(text[k : k + 1])
         )
         sims = rec["adjacent_similarity"].mean(axis=1)  # per layer
         feature_sims.append(sims)
@@ -187,7 +191,9 @@ def evaluate(
     chunk = np.stack(renders[i : i + batch_size])
     z = encode(pipe.vae_params, jnp.asarray(video_io.from_uint8(chunk)))
     recon = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, z)))
-    roundtrip_scores += [D.score(spec, D.detect(r)) for (spec, _), r in zip(jobs[i : i + batch_size], recon)]
+    roundtrip_scores += [
+      D.score(spec, D.detect(r, palette)) for (spec, _), r in zip(jobs[i : i + batch_size], recon)
+    ]
 
   job_specs = [spec for spec, _ in jobs]
   detections = [v["detected"] for v in videos]
@@ -248,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", help="model folder (default: the bundled demo model)")
   p.add_argument("--transformer", help="use this transformer instead of the folder's (e.g. an ablation)")
   p.add_argument(
+    "--lora",
+    action="append",
+    default=[],
+    metavar="PATH[:SCALE]",
+    help="a LoRA for the folder's transformer, with its scale (default 1.0); repeatable, as in sample.py",
+  )
+  p.add_argument(
     "--split",
     default="heldout",
     choices=["heldout", "train", "all"],
@@ -269,9 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def load(model: str | None, transformer: str | None):
-  """The model folder (default: bundled demo), optionally with another transformer swapped in."""
-  pipe = pipeline.load_pipeline(model or demo_model_dir())
+def load(model: str | None, transformer: str | None, loras=()):
+  """The model folder (default: bundled demo), optionally with another transformer swapped in, or
+  with LoRAs ((path, scale) pairs) on its own transformer."""
+  if transformer and loras:
+    raise ValueError("--lora adapts the folder's transformer: it cannot be combined with --transformer")
+  pipe = pipeline.load_pipeline(model or demo_model_dir(), loras=loras)
   if transformer:
     cfg, params = transformer_weights.load(transformer)
     if (cfg.text_embed_dim, cfg.in_channels) != (
@@ -293,7 +309,8 @@ def main(argv=None) -> int:
     if args.seeds < 1 or args.batch_size < 1:
       raise ValueError("--seeds and --batch-size must be >= 1")
     check_output(args.out, "--out", folder=False)  # before the work, not after it
-    pipe = load(args.model, args.transformer)
+    loras = [config_lib.parse_lora_arg(text) for text in args.lora]
+    pipe = load(args.model, args.transformer, loras)
     settings = pipeline.settings_for(
       pipe,
       steps=args.steps,
@@ -316,7 +333,7 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  result.update(split=args.split, split_seed=args.split_seed, transformer=args.transformer)
+  result.update(split=args.split, split_seed=args.split_seed, transformer=args.transformer, loras=pipe.loras)
   out = pathlib.Path(args.out)
   atomic_write(out, json.dumps(result, indent=1))
   print(format_table(result))

@@ -8,13 +8,16 @@ over layers like the kernels it adapts:
     {"alpha": () float32,                                 # a constant: apply / merge stop its gradient
      "blocks": {"to_q": {"a": (num_layers, in, r),        # for blocks/to_q/kernel (num_layers, in, out)
                          "b": (num_layers, r, out)},
-                ...}}
+                ...},
+     "gates": (num_layers,) float32}                      # optional: RepVideo gate offsets
 
 Two ways to use one (both take any number of LoRAs, each with its own scale):
   merged     ``merge(params, lora, scale)`` once: plain params, the model runs at its usual cost;
   unmerged   ``transformer.apply(params, ..., lora=[(lora, scale), ...])``: the factors ride in the
              layer scan and adapt one layer's kernels at a time; the base params stay unmodified.
 The math of both is ``transformer.lora_kernel`` / ``lora_multiplier`` (the scan hook's), so they agree.
+A LoRA trained with the RepVideo gates (``lora.train_gates``) carries the gates it learned as offsets
+from the base model's ("gates"), added times the scale, merged or not (``transformer.lora_gate_offsets``).
 ``dropout`` is recorded for training (peft drops the LoRA branch's input); apply and merge ignore it.
 
 Files (``load`` tells them apart, ``save`` writes either):
@@ -179,8 +182,23 @@ def config_of(lora: dict[str, Any], dropout: float = 0.0) -> LoraConfig:
 
 def check(lora: dict[str, Any], config: TransformerConfig, where: str = "LoRA") -> None:
   """Raises ValueError naming the mismatch when ``lora`` was made for another model than ``config``."""
-  if set(lora) != {"alpha", "blocks"} or not isinstance(lora["blocks"], Mapping) or not lora["blocks"]:
-    raise ValueError(f"{where}: not a LoRA tree (expected keys alpha, blocks; got {sorted(lora)})")
+  keys = set(lora)
+  if not {"alpha", "blocks"} <= keys <= {"alpha", "blocks", "gates"} or not isinstance(
+    lora["blocks"], Mapping
+  ):
+    raise ValueError(f"{where}: not a LoRA tree (expected keys alpha, blocks[, gates]; got {sorted(lora)})")
+  if not lora["blocks"]:
+    raise ValueError(f"{where}: the LoRA adapts no kernel (empty blocks)")
+  if "gates" in lora:
+    if not config.feature_cache:
+      raise ValueError(
+        f"{where}: holds RepVideo gate offsets, but this transformer has the feature cache off"
+      )
+    if tuple(np.shape(lora["gates"])) != (config.num_layers,):
+      raise ValueError(
+        f"{where}: gate offsets of shape {tuple(np.shape(lora['gates']))}, this transformer has "
+        f"num_layers={config.num_layers} gates"
+      )
   for name, ab in lora["blocks"].items():
     if name not in LORA_TARGETS:
       raise ValueError(f"{where}: adapts {name!r}, which is not one of the Block linears {LORA_TARGETS}")
@@ -201,7 +219,8 @@ def check(lora: dict[str, Any], config: TransformerConfig, where: str = "LoRA") 
 
 
 def merge(params: dict[str, Any], lora: dict[str, Any], scale: float | jax.Array = 1.0) -> dict[str, Any]:
-  """Params with the LoRA folded into its kernels: kernel + scale * alpha / rank * A @ B per layer.
+  """Params with the LoRA folded into its kernels: kernel + scale * alpha / rank * A @ B per layer
+  (and its gate offsets, when it has them, into the gates: gates + scale * offsets).
   Pure (``params`` is not modified; untouched subtrees are shared), jit and grad friendly. Several
   LoRAs: merge each in turn with its own scale."""
   blocks = dict(params["blocks"])
@@ -209,7 +228,15 @@ def merge(params: dict[str, Any], lora: dict[str, Any], scale: float | jax.Array
     module = dict(blocks[name])
     module["kernel"] = lora_kernel(module["kernel"], ab["a"], ab["b"], lora_multiplier(lora, name, scale))
     blocks[name] = module
-  return {**params, "blocks": blocks}
+  out = {**params, "blocks": blocks}
+  if "gates" in lora:
+    if "gates" not in params:
+      raise ValueError(
+        "the LoRA holds RepVideo gate offsets but the params have no gates (feature cache off)"
+      )
+    gates = params["gates"].astype(jnp.float32) + scale * jnp.asarray(lora["gates"], jnp.float32)
+    out["gates"] = gates.astype(params["gates"].dtype)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,10 +461,16 @@ def load(path: str | pathlib.Path, config: TransformerConfig | None = None) -> L
       raise ValueError(f"{src / MANIFEST} is not a {FORMAT} manifest")
     lora_cfg = from_dict(LoraConfig, manifest["lora"], where=str(src / MANIFEST))
     blocks: dict[str, dict[str, np.ndarray]] = {}
+    gates = None
     for key, value in checkpoint_io.read_safetensors(src / WEIGHTS, mmap=False).items():
+      if key == "gates":
+        gates = value.astype(np.float32)
+        continue
       parts = key.split(".")
       if len(parts) != 3 or parts[0] != "blocks" or parts[2] not in ("a", "b"):
-        raise CheckpointKeyError(f"{src / WEIGHTS}: unexpected key {key!r} (expected blocks.<name>.a / .b)")
+        raise CheckpointKeyError(
+          f"{src / WEIGHTS}: unexpected key {key!r} (expected blocks.<name>.a / .b, and gates)"
+        )
       blocks.setdefault(parts[1], {})[parts[2]] = value
     if set(blocks) != set(lora_cfg.targets) or any(set(ab) != {"a", "b"} for ab in blocks.values()):
       raise CheckpointKeyError(
@@ -445,6 +478,8 @@ def load(path: str | pathlib.Path, config: TransformerConfig | None = None) -> L
       )
     blocks = {name: blocks[name] for name in lora_cfg.targets}  # the config's order
     lora = {"alpha": np.asarray(lora_cfg.lora_alpha, np.float32), "blocks": blocks}
+    if gates is not None:
+      lora["gates"] = gates
     base = manifest.get("base")
   if config is not None:
     check(lora, config, where=str(path))
@@ -481,6 +516,12 @@ def save(
     target = path if path.suffix == ".safetensors" else path / PEFT_WEIGHTS
     if target.exists() and not overwrite:
       raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    if "gates" in lora:
+      log.warning(
+        "%s: diffusers' LoRA format has no place for RepVideo gate offsets; written without them "
+        "(our format keeps them)",
+        target,
+      )
     state, adapter_metadata = to_peft(lora, lora_cfg)
     metadata = {"format": "pt", PEFT_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True)}
     checkpoint_io.write_safetensors(target, state, metadata)
@@ -494,6 +535,8 @@ def save(
   tensors = {
     f"blocks.{name}.{k}": np.asarray(v) for name, ab in lora["blocks"].items() for k, v in ab.items()
   }
+  if "gates" in lora:
+    tensors["gates"] = np.asarray(lora["gates"], np.float32)
   layers = int(np.shape(next(iter(lora["blocks"].values()))["a"])[0])
   manifest = {
     "format": FORMAT,

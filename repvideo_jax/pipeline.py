@@ -63,6 +63,15 @@ class Pipeline:
   transformer_loras: list[tuple[dict[str, Any], float]] = dataclasses.field(default_factory=list)
   loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
+  def merged_transformer_params(self) -> dict[str, Any]:
+    """``transformer_params`` with the unmerged LoRAs folded in: what the sampler applies layer by
+    layer, for code that runs the transformer outside the sampler (evaluate's and analysis' feature
+    passes)."""
+    params = self.transformer_params
+    for tree, scale in self.transformer_loras:
+      params = lora.merge(params, tree, scale)
+    return params
+
   def encode_prompts(self, prompts, use_mask: bool = False):
     """Prompts -> T5 embeddings (B, text_length, d_model), as released (no mask, pads kept)."""
     return TE.encode_prompts(

@@ -364,7 +364,9 @@ class NoCache:
 # plain dict {"alpha": () array, "blocks": {name: {"a": (L, in, r), "b": (L, r, out)}}} over the
 # Block linears named in LORA_TARGETS; ``lora`` arguments below are a list of (lora, scale) pairs.
 # Unmerged, the factors ride in the layer scan's inputs and adapt one layer's kernels inside the
-# scan body, so the stacked base params stay shared and unmodified.
+# scan body, so the stacked base params stay shared and unmodified. A LoRA trained together with the
+# RepVideo gates also holds "gates": (L,) offsets (trained gates minus the base model's), added to
+# the cache gates times the LoRA's scale.
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff_in", "ff_out", "norm1_mod", "norm2_mod")
 
@@ -401,6 +403,64 @@ def _lora_scan_inputs(lora) -> tuple[Any, Any]:
     {name: lora_multiplier(tree, name, scale) for name in tree["blocks"]} for tree, scale in lora
   ]
   return factors, multipliers
+
+
+def lora_gate_offsets(lora, config: TransformerConfig) -> jax.Array | None:
+  """The sum of scale * "gates" over the (lora, scale) pairs that hold gate offsets (float32,
+  (num_layers,)), or None when none does."""
+  offsets = [(tree["gates"], scale) for tree, scale in lora or () if "gates" in tree]
+  if not offsets:
+    return None
+  if not config.feature_cache:
+    raise ValueError(
+      "the LoRA holds RepVideo gate offsets but this transformer has the feature cache off (no gates)"
+    )
+  total = jnp.zeros((config.num_layers,), jnp.float32)
+  for gates, scale in offsets:
+    if jnp.shape(gates) != (config.num_layers,):
+      raise ValueError(
+        f"LoRA gate offsets have shape {jnp.shape(gates)}, the model has {config.num_layers} gates"
+      )
+    total = total + scale * jnp.asarray(gates, jnp.float32)
+  return total
+
+
+class LoraDropout(NamedTuple):
+  """Training-time LoRA dropout (peft's): each adapted linear computes base(x) + multiplier *
+  (dropout(x) @ A) @ B, with dropout at ``rate`` (kept inputs scaled by 1 / (1 - rate)) drawn from
+  ``key`` (one mask per layer, target and LoRA). Inference and ``lora.merge`` have no dropout."""
+
+  rate: float
+  key: jax.Array
+
+
+class _LoraBranches:
+  """A Block linear with LoRA branches beside it (the unmerged form that dropout needs; the
+  kernel-adapting hook cannot drop the branch's input alone)."""
+
+  def __init__(self, base: nnx.Linear, branches: list[tuple[jax.Array, jax.Array, jax.Array]], rate, key):
+    self.base, self.branches, self.rate, self.key = base, branches, rate, key
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.base(x)
+    keep = 1.0 - self.rate
+    x32 = x.astype(jnp.float32)
+    for i, (a, b, multiplier) in enumerate(self.branches):
+      mask = jax.random.bernoulli(jax.random.fold_in(self.key, i), keep, x.shape)
+      dropped = jnp.where(mask, x32 / keep, 0.0)
+      delta = jnp.matmul(jnp.matmul(dropped, a.astype(jnp.float32)), b.astype(jnp.float32))
+      y = (y.astype(jnp.float32) + multiplier * delta).astype(y.dtype)
+    return y
+
+
+def _branch_block(block: Block, factors: list[dict], multipliers: list[dict], dropout: LoraDropout) -> None:
+  """``_adapt_block`` with LoRA dropout: each adapted linear is wrapped in ``_LoraBranches`` (its
+  own dropout key per target); this block object is thrown away after the layer."""
+  names = [name for name in LORA_TARGETS if any(name in f for f in factors)]
+  for index, name in enumerate(names):
+    branches = [(f[name]["a"], f[name]["b"], m[name]) for f, m in zip(factors, multipliers) if name in f]
+    key = jax.random.fold_in(dropout.key, index)
+    setattr(block, name, _LoraBranches(getattr(block, name), branches, dropout.rate, key))
 
 
 def _adapt_block(block: Block, factors: list[dict], multipliers: list[dict]) -> None:
@@ -537,24 +597,34 @@ class RepVideoTransformer(nnx.Module):
     rope: Any,
     capture: Callable[[LayerView], Any] | None = None,
     lora: Any = None,
+    lora_dropout: LoraDropout | None = None,
   ) -> tuple[jax.Array, Any]:
     """The layer stack: a scan over the stacked layer params (or a Python loop), with the feature
     cache in the carry. Returns ``(h, captured)``: the last block's output and, when
     ``capture(LayerView) -> pytree`` is given, its per-layer results stacked over layers (else None).
-    ``lora``: (lora, scale) pairs whose factors are scanned with the layers (the LoRA hook above).
+    ``lora``: (lora, scale) pairs whose factors are scanned with the layers (the LoRA hook above),
+    with ``lora_dropout`` (training) as branches beside the linears instead of adapted kernels.
     """
     cfg = self.cfg
     graphdef, layer_state = nnx.split(self.blocks)
     cache, cache_gates, resets = self.start_cache(x)
     lora_factors, lora_multipliers = _lora_scan_inputs(lora)
+    gate_offsets = lora_gate_offsets(lora, cfg)
+    if gate_offsets is not None:
+      cache_gates = cache_gates + gate_offsets
+    drop_keys = None
+    if lora_factors is not None and lora_dropout is not None and lora_dropout.rate > 0:
+      drop_keys = jax.random.split(lora_dropout.key, cfg.num_layers)
 
     def step(carry, xs):
       h, cache = carry
-      params, cache_gate, reset, layer_lora = xs
+      params, cache_gate, reset, layer_lora, drop_key = xs
       inp = cache.mix(h, cache_gate)
       inp = sharding.constrain(inp, ("activation_batch", "activation_length", "activation_embed"))
       block = nnx.merge(graphdef, params)
-      if layer_lora is not None:
+      if drop_key is not None:
+        _branch_block(block, layer_lora, lora_multipliers, LoraDropout(lora_dropout.rate, drop_key))
+      elif layer_lora is not None:
         _adapt_block(block, layer_lora, lora_multipliers)
       out = block(inp, temb_act, text_len, rope)
       captured = None
@@ -563,7 +633,7 @@ class RepVideoTransformer(nnx.Module):
       return (out, cache.push(out, reset)), captured
 
     step = remat(step, cfg.remat)
-    carry, xs = (x, cache), (layer_state, cache_gates, resets, lora_factors)
+    carry, xs = (x, cache), (layer_state, cache_gates, resets, lora_factors, drop_keys)
     if cfg.scan_layers:
       carry, captured = jax.lax.scan(step, carry, xs)
     else:
@@ -575,10 +645,16 @@ class RepVideoTransformer(nnx.Module):
     return carry[0], captured
 
   def __call__(
-    self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array, lora: Any = None
+    self,
+    latents: jax.Array,
+    timesteps: jax.Array,
+    text_embeddings: jax.Array,
+    lora: Any = None,
+    lora_dropout: LoraDropout | None = None,
   ) -> jax.Array:
-    """``lora``: None, or (lora, scale) pairs applied unmerged (the LoRA hook above)."""
-    return self._forward(latents, timesteps, text_embeddings, None, lora)[0]
+    """``lora``: None, or (lora, scale) pairs applied unmerged (the LoRA hook above);
+    ``lora_dropout``: a ``LoraDropout`` while training them."""
+    return self._forward(latents, timesteps, text_embeddings, None, lora, lora_dropout)[0]
 
   def intermediates(
     self,
@@ -599,6 +675,7 @@ class RepVideoTransformer(nnx.Module):
     text_embeddings: jax.Array,
     capture: Callable[[LayerView], Any] | None,
     lora: Any = None,
+    lora_dropout: LoraDropout | None = None,
   ) -> tuple[jax.Array, Any]:
     """Embeddings, layers and output head -> ``(v_prediction, captured or None)``."""
     cfg = self.cfg
@@ -616,7 +693,7 @@ class RepVideoTransformer(nnx.Module):
     rope = None
     if cfg.positional_embedding == "rope":
       rope = tuple(jnp.asarray(a) for a in rope_3d(cfg, t, h // p, w // p))
-    x, captured = self.run_layers(x, temb_act, text_len, rope, capture, lora)
+    x, captured = self.run_layers(x, temb_act, text_len, rope, capture, lora, lora_dropout)
     video = self.norm_final(x[:, text_len:]).astype(x.dtype)
     shift, scale = jnp.split(self.norm_out_mod(temb_act), 2, axis=-1)
     video = self.norm_out(video).astype(x.dtype) * (1 + scale[:, None]) + shift[:, None]
@@ -647,11 +724,13 @@ def apply(
   *,
   config: TransformerConfig,
   lora: Sequence[tuple[dict[str, Any], Any]] | None = None,
+  lora_dropout: LoraDropout | None = None,
 ) -> jax.Array:
   """Pure forward: v-prediction (B, T, H, W, C) for channels-last latents. jit/grad/vmap friendly.
   ``lora``: None, or a list of (lora, scale) pairs (``repvideo_jax.lora``) applied unmerged, layer
-  by layer inside the scan; ``params`` stay the base model's."""
-  return merge(config, params)(latents, timesteps, text_embeddings, lora)
+  by layer inside the scan; ``params`` stay the base model's. ``lora_dropout``: ``LoraDropout(rate,
+  key)`` while training a LoRA (peft's dropout of the LoRA branch's input)."""
+  return merge(config, params)(latents, timesteps, text_embeddings, lora, lora_dropout)
 
 
 def make_apply(config: TransformerConfig):

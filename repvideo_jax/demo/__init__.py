@@ -1,7 +1,8 @@
 """The demo: a procedural captioned-video domain, and the tiny model trained on it that ships with the
 package (``demo_model_dir()``; the default model of ``sample.py``, ``evaluate`` and ``analysis``).
 
-Rebuild the bundled model with ``python -m repvideo_jax.demo.build`` (recipe: ``configs/demo.yaml``).
+Rebuild the bundled model with ``python -m repvideo_jax.demo.build`` (recipe: ``configs/demo.yaml``);
+teach it a new colour with a LoRA with ``python -m repvideo_jax.demo.lesson``.
 """
 
 import pathlib

@@ -368,11 +368,11 @@ def stage_transformer(b: Build) -> None:
     )
   outputs.atomic_write(b.train_yaml, yaml.safe_dump(train_tree, sort_keys=False))
   cfg = trainer.config_from_dict(train_tree, str(b.train_yaml))
-  done = _finished_step(variant / "run")
+  done = finished_step(variant / "run")
   if done is not None and done >= cfg.run.steps:
     return
   _say(f"transformer: training {b.train_yaml} from step {done or 0} (log: {variant / 'train.log'})")
-  with _train_log(variant / "train.log", echo=b.progress):
+  with train_log(variant / "train.log", echo=b.progress):
     result = trainer.train(cfg, resume=True)
   if result["final_step"] < cfg.run.steps:
     raise RuntimeError(
@@ -478,7 +478,7 @@ class _LogTee(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _train_log(path: pathlib.Path, echo: bool):
+def train_log(path: pathlib.Path, echo: bool):
   """While open, the trainer's output goes to ``path`` as ``train.py``'s did: its step lines
   (standard output), its INFO log (resolved config, mesh, resume) and, if it fails, the traceback."""
   with open(path, "a") as file:
@@ -511,7 +511,7 @@ def _store_as(folder: pathlib.Path, dtype: str) -> None:
   checkpoint_io.save_params(folder, params, metadata={**meta, "storage_dtype": dtype}, overwrite=True)
 
 
-def _finished_step(run_dir: pathlib.Path) -> int | None:
+def finished_step(run_dir: pathlib.Path) -> int | None:
   """The step of the run's last complete checkpoint (None before the first)."""
   if not (run_dir / "checkpoints").is_dir():
     return None

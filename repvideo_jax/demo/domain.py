@@ -25,6 +25,7 @@ __all__ = [
   "COLORS",
   "MOTIONS",
   "PALETTE",
+  "NEW_PALETTE",
   "Spec",
   "caption",
   "parse_caption",
@@ -45,6 +46,12 @@ PALETTE = {
   "white": (255, 255, 255),
 }
 COLORS = tuple(PALETTE)
+# Colours outside the base domain: no caption or clip of the bundled model's training has them (its
+# tokenizer reads the word as unknown). The LoRA lesson (repvideo_jax.demo.lesson) teaches one.
+# Orange, between red and yellow, is one the demo VAE reproduces (detected right on every round trip);
+# purple is not (red + blue never occur together in its training), so it cannot serve.
+NEW_PALETTE = {"orange": (255, 128, 0)}
+_ALL_COLORS = COLORS + tuple(NEW_PALETTE)
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
 BACKGROUND = "black"
 
@@ -58,7 +65,7 @@ _MIN_HALF = 6.0  # pixels: below this the shapes' fill ratios start to overlap
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """What one clip shows: ``shape`` in SHAPES, ``color`` in COLORS, ``motion`` in MOTIONS."""
+  """What one clip shows: ``shape`` in SHAPES, ``color`` in COLORS (or NEW_PALETTE), ``motion`` in MOTIONS."""
 
   shape: str
   color: str
@@ -67,15 +74,17 @@ class Spec:
   def __post_init__(self):
     if self.shape not in SHAPES:
       raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
-    if self.color not in COLORS:
-      raise ValueError(f"color must be one of {COLORS}, got {self.color!r}")
+    if self.color not in _ALL_COLORS:
+      raise ValueError(f"color must be one of {_ALL_COLORS}, got {self.color!r}")
     if self.motion not in MOTIONS:
       raise ValueError(f"motion must be one of {MOTIONS}, got {self.motion!r}")
 
 
 def caption(spec: Spec) -> str:
-  """E.g. "a red circle moving left on a black background"."""
-  return f"a {spec.color} {spec.shape} {spec.motion} on a {BACKGROUND} background"
+  """E.g. "a red circle moving left on a black background" ("an orange ...": no base colour starts with
+  a vowel)."""
+  article = "an" if spec.color[0] in "aeiou" else "a"
+  return f"{article} {spec.color} {spec.shape} {spec.motion} on a {BACKGROUND} background"
 
 
 def parse_caption(text: str) -> Spec | None:
@@ -156,12 +165,12 @@ def render(
     raise ValueError(f"frames must be at least 32x32, got {height}x{width}")
   rng = np.random.default_rng(
     np.random.SeedSequence(
-      [int(seed), SHAPES.index(spec.shape), COLORS.index(spec.color), MOTIONS.index(spec.motion)]
+      [int(seed), SHAPES.index(spec.shape), _ALL_COLORS.index(spec.color), MOTIONS.index(spec.motion)]
     )
   )
   cxs, cys, rs = _trajectory(spec.motion, num_frames, height, width, rng)
   frames = np.zeros((num_frames, height, width, 3), np.uint8)
-  color = np.array(PALETTE[spec.color], np.uint8)
+  color = np.array({**PALETTE, **NEW_PALETTE}[spec.color], np.uint8)
   for i in range(num_frames):
     frames[i][_mask(spec.shape, cxs[i], cys[i], rs[i], height, width)] = color
   return frames
@@ -260,10 +269,10 @@ def _foreground(frames: np.ndarray) -> np.ndarray:
   return frames.max(axis=-1) > _FG_THRESHOLD
 
 
-def detect(frames: np.ndarray) -> dict:
+def detect(frames: np.ndarray, palette: dict[str, tuple[int, int, int]] | None = None) -> dict:
   """Guesses (color, shape, motion) from uint8 frames (T, H, W, 3) of one shape on black.
 
-  color:  palette colour nearest to the mean of all foreground pixels
+  color:  the colour of ``palette`` (default PALETTE) nearest to the mean of all foreground pixels
   shape:  from the median fill ratio of the shape's bounding box (square ~1, circle ~0.79,
           triangle ~0.5)
   motion: growing / shrinking when the foreground area changes by more than 1.5x between the first
@@ -278,8 +287,9 @@ def detect(frames: np.ndarray) -> dict:
   if not fg.any():
     return result
   mean = frames[fg].astype(np.float64).mean(axis=0)
-  names = list(PALETTE)
-  dists = [np.sum((mean - np.array(PALETTE[n], np.float64)) ** 2) for n in names]
+  palette = PALETTE if palette is None else palette
+  names = list(palette)
+  dists = [np.sum((mean - np.array(palette[n], np.float64)) ** 2) for n in names]
   result["color"] = names[int(np.argmin(dists))]
 
   fills, centroids, areas = [], [], []

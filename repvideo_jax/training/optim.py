@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from repvideo_jax import transformer as T
 from repvideo_jax.training import objective
 
 LABELS = ("frozen", "decay", "no_decay", "gates")
@@ -415,8 +416,11 @@ def train_step(
   world_size: int = 1,
   ucg_rate: float = 0.1,
   ema_decay: float | None = None,
+  lora_dropout: float = 0.0,
 ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One micro-step on ``batch`` = {'latents': (B,T,H,W,C) x0, 'text': (B,L,D)}. Pure, jittable.
+  ``lora_dropout`` (LoRA runs): the rate of peft's dropout on the LoRA branch's input, passed to
+  ``apply_fn`` as ``lora_dropout=transformer.LoraDropout(rate, key)`` with a key of this step's.
 
   metrics: loss, timestep (batch mean), grad_norm (trainable params, pre-clip), lr and gate_lr (of the
   last applied update; lr is the gate lr when only the gates train), skipped (non-finite grads: the
@@ -429,8 +433,13 @@ def train_step(
   if lora_run:  # differentiate the LoRA (and gates) only; the base rides along as a constant
     params = lora_trainable(base, state["lora"])
 
+    dropout = {}
+    if lora_dropout > 0:  # a key of its own; timesteps and noise stay those of a run without dropout
+      dropout = {"lora_dropout": T.LoraDropout(lora_dropout, jax.random.fold_in(step_key, 0x10DA))}
+
     def loss_apply(trained, x_t, timesteps, text):
-      return apply_fn(_with_gates(base, trained), x_t, timesteps, text, lora=[(trained["lora"], 1.0)])
+      lora = [(trained["lora"], 1.0)]
+      return apply_fn(_with_gates(base, trained), x_t, timesteps, text, lora=lora, **dropout)
 
   else:
     params, loss_apply = base, apply_fn

@@ -98,7 +98,7 @@ class LoraTrainConfig:
   rank: int = 64
   alpha: float | None = None  # None: alpha = rank (scaling 1)
   targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")  # lora.LORA_TARGETS names
-  dropout: float = 0.0  # not implemented for training: > 0 is refused
+  dropout: float = 0.0  # peft's: dropout on the LoRA branch's input while training (0: none)
   train_gates: bool = True
   base_dtype: str = "float32"  # the frozen base params' storage dtype: float32 or bfloat16
   seed: int | None = None  # the factors' init key; None = run.seed
@@ -109,10 +109,6 @@ class LoraTrainConfig:
     self.lora_config()  # validates rank, alpha, targets, dropout
     if self.base_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"lora.base_dtype must be 'float32' or 'bfloat16', got {self.base_dtype!r}")
-    if self.dropout:
-      raise ValueError(
-        f"lora.dropout={self.dropout}: LoRA dropout is not implemented for training yet; set it to 0"
-      )
 
   def lora_config(self) -> lora_lib.LoraConfig:
     return lora_lib.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout)
@@ -360,8 +356,8 @@ def export_lora(
 ) -> pathlib.Path:
   """Writes the LoRA a ``optim.train: lora`` run trained (its EMA when kept, unless ``use_ema=False``)
   as ``lora.save`` does (``fmt`` "ours" or "peft"), for ``sample.py --lora``. Returns what was
-  written. A LoRA file holds no gates: when the run also trained the gates, ``export_transformer``
-  (the base with gates and LoRA merged) is the complete result."""
+  written. When the run also trained the gates, the LoRA holds them as offsets from the base
+  model's (our format; diffusers' has no place for them and is written without, with a warning)."""
   cfg, state, step = load_run(run_dir, step)
   if "lora" not in state:
     raise ValueError(
@@ -370,13 +366,11 @@ def export_lora(
   if use_ema and state.get("ema") is None:
     raise ValueError(f"{run_dir} kept no EMA (optim.ema_decay unset); export without use_ema")
   ema = state.get("ema") is not None and use_ema is not False
-  tree = state["ema"]["lora"] if ema else state["lora"]
-  if cfg.lora.train_gates and "gates" in state["params"]:
-    log.warning(
-      "%s also trained the RepVideo gates, which a LoRA file cannot hold: the exported LoRA runs with "
-      "the base model's gates (export_transformer writes the model with both)",
-      run_dir,
-    )
+  trained = state["ema"] if ema else optim.lora_trainable(state["params"], state["lora"])
+  tree = dict(trained["lora"])
+  if cfg.lora.train_gates and "gates" in trained:
+    base_gates = np.asarray(initial_params(cfg)["gates"], np.float32)
+    tree["gates"] = np.asarray(trained["gates"], np.float32) - base_gates
   return lora_lib.save(
     dst,
     jax.tree.map(np.asarray, tree),
@@ -519,6 +513,7 @@ def build_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> TrainStep:
         world_size=run.timestep_strata or dp,
         ucg_rate=run.ucg_rate,
         ema_decay=cfg.optim.ema_decay,
+        lora_dropout=cfg.lora.dropout if cfg.trains_lora else 0.0,
       )
 
   fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
