@@ -70,6 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     "formula over the step index (a deviation from the release)",
   )
   p.add_argument("--sampler", choices=["dpmpp2m", "ddim"], default=None, help="default dpmpp2m")
+  p.add_argument(
+    "--step-cache",
+    default=None,
+    metavar="METHOD[:VALUE]",
+    help="skip transformer work on some steps: residual[:THRESHOLD] (reuse the layer stack's residual; "
+    "needs the folder's calibration, python -m repvideo_jax.step_cache calibrate), cfg[:K] (the "
+    "unconditional branch every K steps), or both joined by '+'; default none",
+  )
   p.add_argument("--frames", type=int, default=None, help="video frames, 8k+1 (default 49)")
   p.add_argument("--height", type=int, default=None, help="default 480")
   p.add_argument("--width", type=int, default=None, help="default 720")
@@ -187,7 +195,7 @@ def run(args, written: list) -> int:
   # takes ~3.5 s (measured), which `--help` and a mistyped flag should not wait for.
   import jax  # noqa: PLC0415
 
-  from repvideo_jax import pipeline, sharding, video_io  # noqa: PLC0415
+  from repvideo_jax import pipeline, sharding, step_cache, video_io  # noqa: PLC0415
   from repvideo_jax.demo import demo_model_dir  # noqa: PLC0415
 
   prompts = read_prompts(args)
@@ -243,7 +251,9 @@ def run(args, written: list) -> int:
     sampler=args.sampler,
     seed=args.seed,
     negative_prompt=args.negative_prompt,
+    step_cache=args.step_cache,
   )
+  plan = pipeline.step_cache_plan(pipe, settings)  # before any sampling: a missing calibration fails now
   load_s = time.perf_counter() - t0
   out = pathlib.Path(args.out)  # created by check_args
   first_number = 0 if args.overwrite else next_number(out)
@@ -305,6 +315,13 @@ def run(args, written: list) -> int:
           "num_layers": pipe.transformer_config.num_layers,
         },
         "loras": pipe.loras,  # path, scale, merged, format, rank, alpha, targets of each LoRA
+        "step_cache": None
+        if plan is None
+        else {
+          "plan": plan.tolist(),  # per step: 0 full, 1 conditional branch only, 2 residual reused
+          "transformer_calls": step_cache.transformer_calls(plan, settings.uses_guidance),
+          "uncached_calls": step_cache.transformer_calls(plan * 0, settings.uses_guidance),
+        },
         "jax_backend": jax.default_backend(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
       }

@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--cfg-schedule", choices=["released", "constant", "smooth"], default=None)
   p.add_argument("--sampler", choices=["dpmpp2m", "ddim"], default=None)
+  p.add_argument("--step-cache", default=None, help="as sample.py --step-cache (default none)")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--feature-timestep", type=int, default=500)
   p.add_argument("--no-features", action="store_true", help="skip the transformer-feature similarity")
@@ -318,6 +319,7 @@ def main(argv=None) -> int:
       seed=args.seed,
       cfg_schedule=args.cfg_schedule,
       sampler=args.sampler,
+      step_cache=args.step_cache,
     )
     specs = split_prompts(args.split, args.split_seed)[: args.limit]
     result = evaluate(

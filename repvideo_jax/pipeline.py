@@ -29,6 +29,7 @@ from repvideo_jax import (
   samplers,
   schedule,
   sharding,
+  step_cache,
   text_encoder_weights,
   transformer_weights,
   vae_weights,
@@ -240,9 +241,13 @@ class GenerationSettings:
   sampler: str = "dpmpp2m"  # dpmpp2m (released SDE sampler) | ddim (diffusers' deterministic)
   seed: int = 0
   negative_prompt: str | None = None  # None: zero uncond embedding as released; str: encode it
+  step_cache: str | None = (
+    None  # None: every step in full; e.g. "residual:0.3+cfg:2" (repvideo_jax.step_cache)
+  )
 
   def __post_init__(self):
     """The checks that need no model; the video size is checked against one by ``validate``."""
+    step_cache.parse(self.step_cache)
     if self.steps < 1:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
     if not math.isfinite(self.guidance) or self.guidance < 1:
@@ -418,19 +423,51 @@ def sample_latents(
   mesh=None,
   progress=None,
   first_index: int = 0,
+  return_changes: bool = False,
 ):
   """Runs the sampler on prompt embeddings (B, L, D); returns latents (B, T, h, w, C), scaled.
-  ``text_uncond`` None: the settings' unconditional text (``unconditional_text``)."""
+  ``text_uncond`` None: the settings' unconditional text (``unconditional_text``).
+  ``return_changes``: run every step in full through the step cache's residual path and also return
+  the residual's relative change per step (``step_cache.calibrate``): ``(latents, changes)``."""
   settings.validate(pipe.transformer_config, pipe.vae_config)
   if text_uncond is None:
     text_uncond = unconditional_text(pipe, settings, text)
   return _sample(
-    pipe, text, text_uncond, settings, noise=noise, mesh=mesh, progress=progress, first_index=first_index
+    pipe,
+    text,
+    text_uncond,
+    settings,
+    noise=noise,
+    mesh=mesh,
+    progress=progress,
+    first_index=first_index,
+    return_changes=return_changes,
   )
 
 
+def step_cache_plan(pipe: Pipeline, settings: GenerationSettings) -> np.ndarray | None:
+  """The per-step plan of ``settings.step_cache`` for this model (None without a step cache); the
+  residual method reads the folder's calibration (a clear error naming the command when missing)."""
+  cache = step_cache.parse(settings.step_cache)
+  if cache is None:
+    return None
+  changes = None
+  if cache.residual is not None:
+    changes = step_cache.calibration_for(pipe.path, settings.sampler, settings.steps)
+  return step_cache.plan(cache, settings.steps, use_guidance=settings.uses_guidance, changes=changes)
+
+
 def _sample(
-  pipe: Pipeline, text, text_uncond, settings: GenerationSettings, *, noise, mesh, progress, first_index: int
+  pipe: Pipeline,
+  text,
+  text_uncond,
+  settings: GenerationSettings,
+  *,
+  noise,
+  mesh,
+  progress,
+  first_index: int,
+  return_changes: bool = False,
 ):
   """``sample_latents`` on settings already validated for ``pipe``."""
   tcfg, vcfg = pipe.transformer_config, pipe.vae_config
@@ -448,6 +485,11 @@ def _sample(
       text_uncond = jax.device_put(text_uncond, batch if text_uncond.shape[0] == b else replicated)
     params = jax.device_put(params, replicated)
   model_fn = _lora_model_fn(tcfg) if pipe.transformer_loras else _model_fn(tcfg)
+  plan = step_cache_plan(pipe, settings)
+  if return_changes:
+    plan = np.full(settings.steps, samplers.FULL, np.int32)
+  if plan is not None:
+    model_fn = _cached_model(tcfg, bool(pipe.transformer_loras))
   if settings.sampler == "ddim":
     sched = schedule.diffusers_sampling_schedule(settings.steps, "trailing")
   else:
@@ -459,6 +501,8 @@ def _sample(
     params=params,
     use_guidance=settings.uses_guidance,
     progress=progress is not None,
+    step_cache_plan=plan,
+    return_changes=return_changes,
   )
   # On a mesh the model's sharding hints and attention's shard_map read it from the context.
   with samplers.progress_hook(progress), jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -470,6 +514,31 @@ def _sample(
       out = samplers.sample_dpmpp2m_sde(model_fn, noise, text, text_uncond, key=key, **kwargs)
     out = jax.block_until_ready(out)
   return out
+
+
+def _residual_with_loras(params_and_loras, latents, timesteps, text, *, config: TransformerConfig):
+  params, loras = params_and_loras
+  return T.apply_with_residual(params, latents, timesteps, text, config=config, lora=loras)
+
+
+def _from_residual_with_loras(params_and_loras, latents, timesteps, text, residual, *, config):
+  return T.apply_from_residual(params_and_loras[0], latents, timesteps, text, residual, config=config)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_model(tcfg: TransformerConfig, loras: bool) -> samplers.CachedModel:
+  """The model as the step cache calls it (one object per config, so the compiled loop is reused);
+  ``loras``: params come as (base params, [(lora, scale), ...]). The output head is never adapted by
+  a LoRA, so a reused residual needs only the base params."""
+  if loras:
+    return samplers.CachedModel(
+      functools.partial(_residual_with_loras, config=tcfg),
+      functools.partial(_from_residual_with_loras, config=tcfg),
+    )
+  return samplers.CachedModel(
+    functools.partial(T.apply_with_residual, config=tcfg),
+    functools.partial(T.apply_from_residual, config=tcfg),
+  )
 
 
 @functools.lru_cache(maxsize=8)

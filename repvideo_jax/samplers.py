@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,23 @@ import numpy as np
 from repvideo_jax import schedule as schedules
 
 ModelFn = Callable[..., jax.Array]
+
+
+class CachedModel(NamedTuple):
+  """A model as the step cache calls it (``repvideo_jax.step_cache``; pass it as ``model_fn`` with a
+  ``step_cache_plan``): ``with_residual(params, x, t, text) -> (v, residual)`` runs the layer stack and
+  returns its residual (``transformer.apply_with_residual``); ``from_residual(params, x, t, text,
+  residual) -> v`` reuses one instead (``transformer.apply_from_residual``). Use the same object every
+  call (it is a static argument of the compiled loop)."""
+
+  with_residual: Callable[..., tuple[jax.Array, jax.Array]]
+  from_residual: Callable[..., jax.Array]
+
+
+# Step-cache plan codes, one per step (``step_cache.plan``): what the step runs.
+FULL = 0  # the layer stack on the whole batch ([uncond | cond] with guidance)
+COND_ONLY = 1  # the layer stack on the conditional half; D_c - D_u of the last FULL step reused
+REUSE = 2  # no layer stack: the residuals of the last computed step reused (embeddings + head only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +155,84 @@ def guided_denoise(
   return guidance_combine(x0_uncond, x0_cond, w)
 
 
+def _relative_change(new: jax.Array, old: jax.Array) -> jax.Array:
+  """mean |new - old| / mean |old| (0 when old is all zeros: the first computed step)."""
+  new, old = new.astype(jnp.float32), old.astype(jnp.float32)
+  den = jnp.mean(jnp.abs(old))
+  return jnp.where(den > 0, jnp.mean(jnp.abs(new - old)) / jnp.maximum(den, 1e-30), 0.0)
+
+
+def _denoiser(model_fn, params, x, text_cond: jax.Array, uncond: jax.Array | None):
+  """(initial cache, ``fn(x, s, cache) -> (x0, cache, residual_change)``) for a loop body: plain
+  ``guided_denoise`` (cache None), or for a ``CachedModel`` the step cache following ``s["plan"]``.
+  The cache holds the last computed residual of the (2B or B) batch and D_c - D_u of the last FULL
+  step; ``residual_change`` is the relative change of the residual on a FULL step (0 otherwise), what
+  ``step_cache.calibrate`` measures."""
+  if not isinstance(model_fn, CachedModel):
+
+    def plain(x, s, cache):
+      d = guided_denoise(
+        model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"], params=params
+      )
+      return d, cache, jnp.float32(0)
+
+    return None, plain
+
+  b = x.shape[0]
+  if uncond is None:
+    batch_x, text = (lambda x: x), text_cond
+  else:
+    batch_x = lambda x: jnp.concatenate([x, x], axis=0)  # noqa: E731
+    text = jnp.concatenate([uncond.astype(text_cond.dtype), text_cond], axis=0)
+
+  def times(n, s):
+    return jnp.full((n,), s["t"], jnp.float32)
+
+  probe = batch_x(x.astype(jnp.float32))
+  residual = jax.eval_shape(
+    lambda: model_fn.with_residual(params, probe, times(probe.shape[0], {"t": 0.0}), text)
+  )[1]
+  cache0 = (jnp.zeros(residual.shape, residual.dtype), jnp.zeros(x.shape, jnp.float32))
+
+  def x0_of(xx, v, s):
+    return v_to_x0(xx, v.astype(jnp.float32), s["c_skip"], s["c_out"])
+
+  def combine(x0, s):
+    if uncond is None:
+      return x0
+    x0_uncond, x0_cond = jnp.split(x0, 2, axis=0)
+    return guidance_combine(x0_uncond, x0_cond, s["w"]), x0_cond - x0_uncond
+
+  def denoise(x, s, cache):
+    x = x.astype(jnp.float32)
+    xx = batch_x(x)
+    residual, delta = cache
+
+    def full(_):
+      v, r = model_fn.with_residual(params, xx, times(xx.shape[0], s), text)
+      out = combine(x0_of(xx, v, s), s)
+      d, new_delta = (out, delta) if uncond is None else out
+      return d, (r.astype(residual.dtype), new_delta), _relative_change(r, residual)
+
+    def reuse(_):
+      v = model_fn.from_residual(params, xx, times(xx.shape[0], s), text, residual)
+      out = combine(x0_of(xx, v, s), s)
+      return (out if uncond is None else out[0]), cache, jnp.float32(0)
+
+    if uncond is None:
+      return jax.lax.cond(s["plan"] == REUSE, reuse, full, None)
+
+    def cond_only(_):
+      v, r_cond = model_fn.with_residual(params, x, times(b, s), text_cond)
+      x0_cond = x0_of(x, v, s)
+      r = residual.at[b:].set(r_cond.astype(residual.dtype))
+      return x0_cond + (s["w"] - 1.0) * delta, (r, delta), jnp.float32(0)
+
+    return jax.lax.switch(s["plan"], [full, cond_only, reuse], None)
+
+  return cache0, denoise
+
+
 # ----------------------------------------------------------------------------------------------
 # Host-side per-step arrays (float64, then float32 for the device).
 
@@ -187,7 +282,9 @@ def ddim_coefficients(sched: schedules.SamplingSchedule) -> dict[str, np.ndarray
   return {"c_x": c_x, "c_d": np.sqrt(abar_prev) - np.sqrt(abar) * c_x}
 
 
-def _step_arrays(sched: schedules.SamplingSchedule, guidance_weights, coefs: dict[str, np.ndarray]):
+def _step_arrays(
+  sched: schedules.SamplingSchedule, guidance_weights, coefs: dict[str, np.ndarray], plan=None
+):
   n = sched.num_steps
   weights = np.asarray(guidance_weights, np.float64).reshape(-1)
   if weights.shape != (n,):
@@ -201,6 +298,11 @@ def _step_arrays(sched: schedules.SamplingSchedule, guidance_weights, coefs: dic
     "w": weights,
     **coefs,
   }
+  if plan is not None:
+    plan = np.asarray(plan)
+    if plan.shape != (n,) or not np.isin(plan, (FULL, COND_ONLY, REUSE)).all():
+      raise ValueError(f"a step-cache plan is one code in (0, 1, 2) per step ({n}), got {plan!r}")
+    steps["plan"] = plan.astype(np.int32)
   return {k: jnp.asarray(v if v.dtype == np.int32 else v.astype(np.float32)) for k, v in steps.items()}
 
 
@@ -257,29 +359,33 @@ def _dpmpp2m_sde_loop(
   x = noise.astype(jnp.float32)
   uncond = text_uncond if use_guidance else None
   draw = _step_noise_fn(key, step_noise, x.shape)
+  cache, denoise = _denoiser(model_fn, params, x, text_cond, uncond)
 
   def body(carry, s):
-    x, d_prev = carry
-    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"], params=params)
+    x, d_prev, cache = carry
+    d, cache, change = denoise(x, s, cache)
     x = s["c_x"] * x + s["c_d"] * d + s["c_prev"] * d_prev + s["c_z"] * draw(s["i"])
     _maybe_report(progress, s["i"], d)
-    return (x, d), None
+    return (x, d, cache), change
 
-  (_, d_last), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), steps)
-  return d_last
+  (_, d_last, _), changes = jax.lax.scan(body, (x, jnp.zeros_like(x), cache), steps)
+  return d_last, changes
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "use_guidance", "progress"))
 def _ddim_loop(model_fn, params, noise, text_cond, text_uncond, steps, use_guidance, progress=False):
   uncond = text_uncond if use_guidance else None
+  x = noise.astype(jnp.float32)
+  cache, denoise = _denoiser(model_fn, params, x, text_cond, uncond)
 
-  def body(x, s):
-    d = guided_denoise(model_fn, x, s["c_skip"], s["c_out"], s["t"], text_cond, uncond, s["w"], params=params)
+  def body(carry, s):
+    x, cache = carry
+    d, cache, change = denoise(x, s, cache)
     _maybe_report(progress, s["i"], d)
-    return s["c_x"] * x + s["c_d"] * d, None
+    return (s["c_x"] * x + s["c_d"] * d, cache), change
 
-  x, _ = jax.lax.scan(body, noise.astype(jnp.float32), steps)
-  return x
+  (x, _), changes = jax.lax.scan(body, (x, cache), steps)
+  return x, changes
 
 
 def sample_dpmpp2m_sde(
@@ -296,6 +402,8 @@ def sample_dpmpp2m_sde(
   params: Any = None,
   use_guidance: bool = True,
   progress: bool = False,
+  step_cache_plan=None,
+  return_changes: bool = False,
 ) -> jax.Array:
   """The released DPM-Solver++(2M) SDE sampler; returns D_{n-1}, the x0 estimate at t_{n-1}.
 
@@ -313,6 +421,10 @@ def sample_dpmpp2m_sde(
                 ``schedule.diffusers_sampling_schedule(n)`` reproduces diffusers' CogVideoXDPMScheduler.
   use_guidance:      False -> a single conditional call per step (w ignored).
   progress:     report each finished step to the callback set with ``progress_hook``.
+  step_cache_plan:  with a ``CachedModel`` as ``model_fn``: one code per step (FULL, COND_ONLY, REUSE;
+                ``step_cache.plan``), data to the compiled loop (no recompilation per plan).
+  return_changes:   also return the per-step relative change of the residual on FULL steps, (n,)
+                (``step_cache.calibrate``): ``(out, changes)``.
   """
   sched = schedule if schedule is not None else schedules.sampling_schedule(num_steps)
   if guidance_weights is None:
@@ -325,9 +437,10 @@ def sample_dpmpp2m_sde(
     if tuple(step_noise.shape) != expected:
       raise ValueError(f"step_noise must have shape {expected}, got {tuple(step_noise.shape)}")
     step_noise = jnp.asarray(step_noise, jnp.float32)
-  steps = _step_arrays(sched, guidance_weights, dpmpp2m_sde_coefficients(sched))
+  _check_cache_args(model_fn, step_cache_plan)
+  steps = _step_arrays(sched, guidance_weights, dpmpp2m_sde_coefficients(sched), step_cache_plan)
   uncond = unconditional_text(text_cond, text_uncond) if use_guidance else None
-  return _dpmpp2m_sde_loop(
+  out, changes = _dpmpp2m_sde_loop(
     model_fn,
     params,
     noise,
@@ -339,6 +452,12 @@ def sample_dpmpp2m_sde(
     use_guidance=use_guidance,
     progress=progress,
   )
+  return (out, changes) if return_changes else out
+
+
+def _check_cache_args(model_fn, plan) -> None:
+  if isinstance(model_fn, CachedModel) != (plan is not None):
+    raise ValueError("a step cache needs both a CachedModel as model_fn and a step_cache_plan (or neither)")
 
 
 def sample_ddim(
@@ -354,6 +473,8 @@ def sample_ddim(
   params: Any = None,
   use_guidance: bool = True,
   progress: bool = False,
+  step_cache_plan=None,
+  return_changes: bool = False,
 ) -> jax.Array:
   """Deterministic DDIM (eta = 0) as diffusers' CogVideoXDDIMScheduler + CogVideoXPipeline run it.
 
@@ -367,8 +488,10 @@ def sample_ddim(
   )
   if guidance_weights is None:
     guidance_weights = schedules.constant_guidance_weights(sched.num_steps, 6.0)
-  steps = _step_arrays(sched, guidance_weights, ddim_coefficients(sched))
+  _check_cache_args(model_fn, step_cache_plan)
+  steps = _step_arrays(sched, guidance_weights, ddim_coefficients(sched), step_cache_plan)
   uncond = unconditional_text(text_cond, text_uncond) if use_guidance else None
-  return _ddim_loop(
+  out, changes = _ddim_loop(
     model_fn, params, noise, text_cond, uncond, steps, use_guidance=use_guidance, progress=progress
   )
+  return (out, changes) if return_changes else out

@@ -668,6 +668,26 @@ class RepVideoTransformer(nnx.Module):
     input, its output, its cache gate, ...); keep what ``capture`` returns small (reduce inside it)."""
     return self._forward(latents, timesteps, text_embeddings, capture)
 
+  def with_residual(
+    self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array, lora: Any = None
+  ) -> tuple[jax.Array, jax.Array]:
+    """The forward pass, also returning the layer stack's residual: ``(v_prediction, h_out - h_in)``,
+    the residual on the joint text + video sequence (B, L + N, D). What a step cache keeps
+    (``repvideo_jax.step_cache``)."""
+    x, temb_act, text_len, rope = self._prologue(latents, timesteps, text_embeddings)
+    h, _ = self.run_layers(x, temb_act, text_len, rope, None, lora)
+    return self._head(h, temb_act, text_len, latents.shape), h - x
+
+  def from_residual(
+    self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array, residual: jax.Array
+  ) -> jax.Array:
+    """The forward pass with the layer stack replaced by a residual kept from an earlier call
+    (``with_residual``): embeddings + residual -> output head. Costs the embeddings and the head."""
+    x, temb_act, text_len, _ = self._prologue(latents, timesteps, text_embeddings)
+    if residual.shape != x.shape:
+      raise ValueError(f"a cached residual of shape {residual.shape} does not fit this call's {x.shape}")
+    return self._head(x + residual.astype(x.dtype), temb_act, text_len, latents.shape)
+
   def _forward(
     self,
     latents: jax.Array,
@@ -678,6 +698,13 @@ class RepVideoTransformer(nnx.Module):
     lora_dropout: LoraDropout | None = None,
   ) -> tuple[jax.Array, Any]:
     """Embeddings, layers and output head -> ``(v_prediction, captured or None)``."""
+    x, temb_act, text_len, rope = self._prologue(latents, timesteps, text_embeddings)
+    x, captured = self.run_layers(x, temb_act, text_len, rope, capture, lora, lora_dropout)
+    return self._head(x, temb_act, text_len, jnp.shape(latents)), captured
+
+  def _prologue(self, latents: jax.Array, timesteps: jax.Array, text_embeddings: jax.Array):
+    """Checked inputs -> (joint sequence (B, L + N, D), activated timestep embedding, text length,
+    rotary tables or None): everything before the layer stack."""
     cfg = self.cfg
     latents, timesteps = jnp.asarray(latents), jnp.asarray(timesteps)
     text_embeddings = jnp.asarray(text_embeddings)
@@ -685,22 +712,26 @@ class RepVideoTransformer(nnx.Module):
       timesteps = jnp.broadcast_to(timesteps, (latents.shape[0],))
     self.check_inputs(latents, timesteps, text_embeddings)
     resolve_backend(cfg.attention_backend)
-    b, t, h, w, _ = latents.shape
-    p, text_len = cfg.patch_size, text_embeddings.shape[1]
-    temb = self.time_embedding(timesteps)
-    temb_act = jax.nn.silu(temb)
+    _, t, h, w, _ = latents.shape
+    p = cfg.patch_size
+    temb_act = jax.nn.silu(self.time_embedding(timesteps))
     x = self.embed(latents, text_embeddings)
     rope = None
     if cfg.positional_embedding == "rope":
       rope = tuple(jnp.asarray(a) for a in rope_3d(cfg, t, h // p, w // p))
-    x, captured = self.run_layers(x, temb_act, text_len, rope, capture, lora, lora_dropout)
+    return x, temb_act, text_embeddings.shape[1], rope
+
+  def _head(self, x: jax.Array, temb_act: jax.Array, text_len: int, latent_shape) -> jax.Array:
+    """The layer stack's output (B, L + N, D) -> v-prediction (B, T, H, W, C)."""
+    cfg = self.cfg
+    b, t, h, w, _ = latent_shape
+    p = cfg.patch_size
     video = self.norm_final(x[:, text_len:]).astype(x.dtype)
     shift, scale = jnp.split(self.norm_out_mod(temb_act), 2, axis=-1)
     video = self.norm_out(video).astype(x.dtype) * (1 + scale[:, None]) + shift[:, None]
     out = self.proj_out(video)  # (B, T*h*w, p*p*C), features ordered (py, px, c)
     out = out.reshape(b, t, h // p, w // p, p, p, cfg.out_channels)
-    out = out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h, w, cfg.out_channels)
-    return out, captured
+    return out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h, w, cfg.out_channels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -736,6 +767,33 @@ def apply(
 def make_apply(config: TransformerConfig):
   """``apply`` with the config bound: ``fn(params, latents, timesteps, text_embeddings, lora=None)``."""
   return functools.partial(apply, config=config)
+
+
+def apply_with_residual(
+  params: dict[str, Any],
+  latents: jax.Array,
+  timesteps: jax.Array,
+  text_embeddings: jax.Array,
+  *,
+  config: TransformerConfig,
+  lora: Sequence[tuple[dict[str, Any], Any]] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """``apply`` that also returns the layer stack's residual (B, L + N, D) for a step cache."""
+  return merge(config, params).with_residual(latents, timesteps, text_embeddings, lora)
+
+
+def apply_from_residual(
+  params: dict[str, Any],
+  latents: jax.Array,
+  timesteps: jax.Array,
+  text_embeddings: jax.Array,
+  residual: jax.Array,
+  *,
+  config: TransformerConfig,
+) -> jax.Array:
+  """``apply`` with the layer stack replaced by a residual from ``apply_with_residual`` (a step cache's
+  skipped step: the embeddings and the output head only)."""
+  return merge(config, params).from_residual(latents, timesteps, text_embeddings, residual)
 
 
 def apply_with_intermediates(
