@@ -320,7 +320,9 @@ def run(args, written: list) -> int:
         else {
           "plan": plan.tolist(),  # per step: 0 full, 1 conditional branch only, 2 residual reused
           "transformer_calls": step_cache.transformer_calls(plan, settings.uses_guidance),
-          "uncached_calls": step_cache.transformer_calls(plan * 0, settings.uses_guidance),
+          "uncached_calls": step_cache.transformer_calls(
+            [step_cache.FULL] * len(plan), settings.uses_guidance
+          ),
         },
         "jax_backend": jax.default_backend(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

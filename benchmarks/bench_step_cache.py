@@ -34,7 +34,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import numpy as np  # noqa: E402
+from bench_sampling import CONFIGS  # noqa: E402
 from benchutil import OtherLoad, log  # noqa: E402
+
+SMALL_CONFIG = CONFIGS["small"]  # (transformer overrides, frames, height, width)
 
 DEFAULT_SETTINGS = "none,residual:0.1,residual:0.2,residual:0.3,residual:0.5,cfg:2,cfg:3,residual:0.2+cfg:2"
 
@@ -53,14 +56,14 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
   x = a.astype(np.float64).reshape(-1, *a.shape[-3:])
   y = b.astype(np.float64).reshape(-1, *b.shape[-3:])
   c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+  def blur(z):
+    return gaussian_filter(z, 1.5, truncate=3.5)
+
   values = []
   for f in range(x.shape[0]):
     for c in range(3):
       p, q = x[f, ..., c], y[f, ..., c]
-
-      def blur(z):
-        return gaussian_filter(z, 1.5, truncate=3.5)
-
       mp, mq = blur(p), blur(q)
       vp, vq, cov = blur(p * p) - mp * mp, blur(q * q) - mq * mq, blur(p * q) - mp * mq
       s = ((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp * mp + mq * mq + c1) * (vp + vq + c2))
@@ -170,19 +173,15 @@ def small_part(settings_list, steps):
   from repvideo_jax import pipeline, step_cache
   from repvideo_jax.demo import demo_model_dir
 
-  overrides = dict(
-    num_layers=8,
-    num_attention_heads=4,
-    attention_head_dim=64,
-    sample_frames=49,
-    sample_height=16,
-    sample_width=16,
-  )
+  overrides = SMALL_CONFIG[0]  # bench_sampling's "small" CogVideoX: 8 layers, width 256
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     root, _ = tiny_cogvideox_folder(pathlib.Path(tmp), seed=0, **overrides)
     pipe = pipeline.load_pipeline(root)
-    plain = pipeline.GenerationSettings(num_frames=25, height=128, width=128, steps=steps, guidance=6.0)
+    _, frames, height, width = SMALL_CONFIG
+    plain = pipeline.GenerationSettings(
+      num_frames=frames, height=height, width=width, steps=steps, guidance=6.0
+    )
     # Random weights change their residual by 50-100% per step, so their own calibration would skip
     # nothing: use the demo model's (trained weights), so the plans, and hence the work skipped, are
     # the demo model's. The quality column means little here; time and calls are the point.

@@ -232,6 +232,7 @@ def fixed_noise_loss(base, adapted, records: pathlib.Path, color: str, timesteps
 
     return objective.v_mse(params, apply_fn, x, c, ts, noise, table=table)[0]
 
+  loras = [(tree, jnp.float32(scale)) for tree, scale in adapted.transformer_loras]
   sums: dict[str, dict[str, list[float]]] = {
     "new": {"base": [], "lora": []},
     "prior": {"base": [], "lora": []},
@@ -241,7 +242,6 @@ def fixed_noise_loss(base, adapted, records: pathlib.Path, color: str, timesteps
     latents, text = jnp.asarray(ex["latents"], jnp.float32), jnp.asarray(ex["text_emb"], jnp.float32)
     key = jax.random.key(i)
     sums[group]["base"].append(float(loss(base.transformer_params, None, latents, text, key)))
-    loras = [(tree, jnp.float32(scale)) for tree, scale in adapted.transformer_loras]
     sums[group]["lora"].append(float(loss(adapted.transformer_params, loras, latents, text, key)))
   return {g: {k: float(np.mean(v)) for k, v in d.items()} for g, d in sums.items() if d["base"]}
 
