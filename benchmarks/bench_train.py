@@ -20,7 +20,8 @@ Part 1, step time (median of --repeats steps after --warmup untimed steps, compi
   fixed timesteps and noise is printed.
   GFLOP/s = model_flops_per_sample(cfg, latent_shape, text_len) x batch / step time, the analytic
   training FLOPs of ``training.trainer`` (3 x forward matmuls; remat recomputation and the optimizer
-  are not counted). "% peak" is relative to --peak-gflops (170 GFLOP/s, a practical CPU peak).
+  are not counted). "% peak" is relative to the float32 matmul peak measured in the same run
+  (``benchutil.matmul_peak``), or to --peak-gflops.
 
 Part 2, compiled memory of one released-size (2B) training step: ``TransformerConfig()`` (30 layers,
 hidden 1920, feature cache on, scanned layers) with bf16 compute and f32 params, AdamW state, no EMA,
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import time
 
-from benchutil import OtherLoad, busy_fraction, log, time_it
+from benchutil import OtherLoad, busy_fraction, cpu_model, log, matmul_peak, time_it
 
 GIB = 1024**3
 REMATS = ("none", "full", "save_dots")
@@ -74,7 +75,9 @@ def parse_args(argv=None):
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--ucg-rate", type=float, default=0.1)
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
-  ap.add_argument("--peak-gflops", type=float, default=170.0)
+  ap.add_argument(
+    "--peak-gflops", type=float, default=None, help="GFLOP/s of '%% peak' (default: measured in this run)"
+  )
   ap.add_argument(
     "--skip-torch-checkpointing",
     action="store_true",
@@ -673,11 +676,17 @@ def main(argv=None) -> dict:
     args=vars(a),
     jax=jax.__version__,
     cpus=os.cpu_count(),
+    cpu_model=cpu_model(),
+    date=time.strftime("%Y-%m-%d"),
     omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
     other_load_before=busy_before,
   )
   if not a.skip_timing:
     import torch
+
+    if a.peak_gflops is None:
+      results["matmul_peak"] = matmul_peak(a.threads)
+      a.peak_gflops = results["matmul_peak"]["peak_gflops_per_s"]
 
     results["torch"] = torch.__version__
     run_timing(a, results)

@@ -37,7 +37,8 @@ XLA's own count (``compiled.cost_analysis()['flops']``) is printed next to it; X
 iteration of a while loop (lax.scan) body only, so it is read from the unrolled (scan_layers=False)
 program as well.
 
-GFLOP/s is also given as a fraction of a practical CPU peak (--peak-gflops, default 170 GFLOP/s).
+GFLOP/s is also given as a fraction of the matmul peak measured in the same run (``benchutil.matmul_peak``:
+the best of torch and XLA on a float32 matmul of the MLP's shape and a 2048^3 one), or of --peak-gflops.
 """
 
 from __future__ import annotations
@@ -46,10 +47,9 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 
-from benchutil import OtherLoad, log, time_it, wait_idle
+from benchutil import OtherLoad, cpu_model, log, matmul_peak, time_it, wait_idle
 
 
 def parse_args(argv=None):
@@ -71,7 +71,12 @@ def parse_args(argv=None):
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (after compile)")
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
-  ap.add_argument("--peak-gflops", type=float, default=170.0)
+  ap.add_argument(
+    "--peak-gflops",
+    type=float,
+    default=None,
+    help="GFLOP/s that '%% peak' is relative to (default: measured in this run, benchutil.matmul_peak)",
+  )
   ap.add_argument("--shallow-layers", type=int, default=2, help="compile-time benchmark: shallow depth")
   ap.add_argument("--deep-layers", type=int, default=30, help="compile-time benchmark: deep depth")
   ap.add_argument(
@@ -221,6 +226,11 @@ def main(argv=None) -> dict:
   from repvideo_jax import transformer_weights as W
 
   torch.set_num_threads(a.threads)
+  peak = None
+  if a.peak_gflops is None:
+    peak = matmul_peak(a.threads)
+    a.peak_gflops = peak["peak_gflops_per_s"]
+    log(f"measured float32 matmul peak: {a.peak_gflops:.0f} GFLOP/s")
   flops = forward_flops(a)
   fwd_gflop = flops["total"] / 1e9
   log(
@@ -399,7 +409,7 @@ def main(argv=None) -> dict:
   busy_run = run_load.value()
   p(
     f"RepVideo transformer CPU benchmark  (jax {jax.__version__}, torch {torch.__version__}, "
-    f"{os.cpu_count()} CPUs, torch threads {a.threads}, {platform.processor() or platform.machine()})"
+    f"{os.cpu_count()} CPUs, torch threads {a.threads}, {cpu_model()}, {time.strftime('%Y-%m-%d')})"
   )
   p(
     f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  OMP_WAIT_POLICY="
@@ -428,6 +438,7 @@ def main(argv=None) -> dict:
   p(
     f"timings: median of {a.repeats} after {a.warmup} warm-up; fwd+bwd GFLOP = 3 x forward "
     f"(remat recompute not counted); peak = {a.peak_gflops:.0f} GFLOP/s"
+    + (" (measured float32 matmul peak, best of torch and XLA)" if peak else " (--peak-gflops)")
   )
   p()
   hdr = (
@@ -472,6 +483,9 @@ def main(argv=None) -> dict:
     jax=jax.__version__,
     torch=torch.__version__,
     cpus=os.cpu_count(),
+    cpu_model=cpu_model(),
+    date=time.strftime("%Y-%m-%d"),
+    matmul_peak=peak,
     xla_flags=os.environ.get("XLA_FLAGS", ""),
     omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
     other_load_before=busy_before,

@@ -81,3 +81,53 @@ def time_it(fn, repeats: int, warmup: int) -> dict:
     repeats=repeats,
     other_load=load.value(),
   )
+
+
+# The matmul shapes of the peak measurement: the benchmark transformer's MLP (tokens x hidden @
+# hidden x 4 hidden) and one large square product.
+PEAK_SHAPES = ((896, 512, 2048), (2048, 2048, 2048))
+
+
+def matmul_peak(threads: int, repeats: int = 7) -> dict:
+  """The measured float32 matmul peak of this machine: GFLOP/s of torch (MKL/oneDNN) and of XLA:CPU
+  on ``PEAK_SHAPES``, best of the two per shape; ``peak_gflops_per_s`` is the best overall. Taken in
+  the benchmark's own run, so "% of peak" compares against the same machine state."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  torch.set_num_threads(threads)
+  rows = []
+  for m, k, n in PEAK_SHAPES:
+    flop = 2.0 * m * k * n
+    a, b = np.random.default_rng(0).standard_normal((2, max(m, k), max(k, n)), dtype=np.float32)
+    ta, tb = torch.from_numpy(a[:m, :k].copy()), torch.from_numpy(b[:k, :n].copy())
+    ja, jb = jnp.asarray(a[:m, :k]), jnp.asarray(b[:k, :n])
+    dot = jax.jit(jnp.matmul)
+    t_torch = time_it(lambda x=ta, y=tb: torch.mm(x, y), repeats, 2)
+    t_xla = time_it(lambda x=ja, y=jb, f=dot: f(x, y).block_until_ready(), repeats, 2)
+    rows.append(
+      dict(
+        shape=(m, k, n),
+        torch_gflops_per_s=flop / t_torch["median_s"] / 1e9,
+        xla_gflops_per_s=flop / t_xla["median_s"] / 1e9,
+        other_load=max(t_torch["other_load"], t_xla["other_load"]),
+      )
+    )
+  best = max(max(r["torch_gflops_per_s"], r["xla_gflops_per_s"]) for r in rows)
+  return dict(peak_gflops_per_s=best, shapes=rows)
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (or platform.processor())."""
+  try:
+    with open("/proc/cpuinfo") as fh:
+      for line in fh:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+
+  return platform.processor() or platform.machine()

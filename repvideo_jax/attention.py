@@ -1,9 +1,10 @@
 """Full (non-causal) multi-head attention behind one function with selectable backends.
 
 Backends:
-  * ``xla``    -- plain XLA: heads-major einsums with a float32 softmax; runs everywhere. (On CPU
-                  this fuses into one attention loop and measured ~2.5x faster per layer than
-                  ``jax.nn.dot_product_attention(implementation="xla")``; see benchmarks/README.md.)
+  * ``xla``    -- plain XLA: heads-major einsums with a float32 softmax; runs everywhere. Its custom
+                  backward recomputes the probabilities from the saved log-sum-exp; on CPU both
+                  directions work through the query rows in blocks (``CPU_QUERY_BLOCK``), so the
+                  S x S scores are never held whole (docs/model.md#attention).
   * ``cudnn``  -- cuDNN flash attention through ``jax.nn.dot_product_attention``; NVIDIA GPUs only,
                   bfloat16/float16 inputs.
   * ``splash`` -- the Pallas splash-attention kernel; TPUs only (or ``interpret=True`` anywhere, slowly,
@@ -83,16 +84,19 @@ def attention(
   q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla", interpret: bool = False
 ) -> jax.Array:
   """Softmax(q k^T / sqrt(d)) v over the full sequence, no mask. Shapes (B, S, H, D) -> (B, S, H, D)."""
+  platform = sharding.target_platform(q)
   if not (interpret and backend == "splash"):
-    backend = resolve_backend(backend, sharding.target_platform(q))
-  local = functools.partial(_local_attention, backend=backend, interpret=interpret)
+    backend = resolve_backend(backend, platform)
+  local = functools.partial(
+    _local_attention, backend=backend, interpret=interpret, block=query_block_for(platform)
+  )
   mesh = sharding.active_mesh()
   if mesh is None:
     return local(q, k, v, kv_len=q.shape[1])
   return _sharded(local, q, k, v, mesh)
 
 
-def _local_attention(q, k, v, *, kv_len: int, backend: str, interpret: bool):
+def _local_attention(q, k, v, *, kv_len: int, backend: str, interpret: bool, block: int | None = None):
   """One device's attention over the whole sequence; keys at positions >= kv_len are masked."""
   if backend == "splash":
     return _splash(q, k, v, interpret=interpret, kv_len=kv_len)
@@ -106,7 +110,7 @@ def _local_attention(q, k, v, *, kv_len: int, backend: str, interpret: bool):
     if kv_len < k.shape[1]:
       lengths = jnp.full((q.shape[0],), kv_len, jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
-  return _xla_attention(q, k, v, kv_len)
+  return _xla_attention(q, k, v, kv_len, block)
 
 
 def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
@@ -145,13 +149,26 @@ def _sharded(local, q, k, v, mesh):
 # ----------------------------------------------------------------------------------------------
 # XLA backend.
 
+# Query rows per block on CPU (docs/model.md#attention): a block's scores (block x S per head) stay
+# in cache between the two matmuls, and the scores are never held whole, forward or backward. At
+# S = 896 on 2 cores (benchmarks/README.md), 224 and 448 took the benchmark transformer's
+# forward+backward 3-6% below one unblocked program, 128 and 64 less.
+CPU_QUERY_BLOCK = 224
 
-def _xla_attention(q, k, v, kv_len: int | None = None):
-  """softmax(q k^T / sqrt(d)) v in (B, H, S, D) layout; see ``_attention_hm`` for the gradient."""
+
+def query_block_for(platform: str) -> int | None:
+  """Query rows per block of the xla backend on ``platform`` (None: one block, as on GPU/TPU, where
+  XLA's own fusions schedule the whole attention better than a sequential loop)."""
+  return CPU_QUERY_BLOCK if platform == "cpu" else None
+
+
+def _xla_attention(q, k, v, kv_len: int | None = None, block: int | None = None):
+  """softmax(q k^T / sqrt(d)) v for (B, S, H, D) inputs, computed heads-major; see ``_attention_hm``
+  for ``block`` and the gradient."""
   kv_len = None if kv_len is None or kv_len >= k.shape[1] else int(kv_len)
   qh = (q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  return _attention_hm(qh, kh, vh, kv_len).transpose(0, 2, 1, 3)
+  return _attention_hm(qh, kh, vh, kv_len, block).transpose(0, 2, 1, 3)
 
 
 def _scores(q, k, kv_len):
@@ -162,7 +179,25 @@ def _scores(q, k, kv_len):
   return scores
 
 
-def _attention_fwd(q, k, v, kv_len):
+def _split_rows(x, block):
+  """(B, H, S, ...) -> (S_padded / block, B, H, block, ...): query rows in blocks, the last padded
+  with zeros (padded query rows are computed and dropped; they touch no key's gradient)."""
+  seq = x.shape[2]
+  padded = -(-seq // block) * block
+  if padded != seq:
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 3))
+  x = x.reshape(*x.shape[:2], padded // block, block, *x.shape[3:])
+  return jnp.moveaxis(x, 2, 0)
+
+
+def _join_rows(x, seq):
+  """Inverse of ``_split_rows``."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :seq]
+
+
+def _rows_fwd(q, k, v, kv_len):
+  """Attention of some query rows over all keys: (output, log-sum-exp of each row's scores)."""
   scores = _scores(q, k, kv_len)
   peak = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
   e = jnp.exp(scores - peak)
@@ -170,13 +205,12 @@ def _attention_fwd(q, k, v, kv_len):
   out = (
     jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
   ).astype(v.dtype)
-  return out, (q, k, v, out, peak + jnp.log(total))
+  return out, peak + jnp.log(total)
 
 
-def _attention_bwd(kv_len, res, d_out):
-  # The S x S probabilities are recomputed from q, k and the log-sum-exp instead of being saved:
-  # the backward keeps O(S) per head, like a flash kernel's (and is faster on CPU than saving them).
-  q, k, v, out, lse = res
+def _rows_bwd(q, k, v, out, lse, d_out, kv_len):
+  """The gradients from some query rows: (dq of those rows, their dk and dv contributions), float32.
+  The rows' probabilities are recomputed from q, k and the log-sum-exp instead of being saved."""
   probs = jnp.exp(_scores(q, k, kv_len) - lse)
   d_out32 = d_out.astype(jnp.float32)
   dv = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out32)
@@ -185,14 +219,45 @@ def _attention_bwd(kv_len, res, d_out):
   ds = probs * (dp - delta)
   dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k.astype(jnp.float32))
   dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q.astype(jnp.float32))
+  return dq, dk, dv
+
+
+def _attention_fwd(q, k, v, kv_len, block):
+  seq = q.shape[2]
+  if block is None or block >= seq:
+    out, lse = _rows_fwd(q, k, v, kv_len)
+  else:
+    out, lse = jax.lax.map(lambda rows: _rows_fwd(rows, k, v, kv_len), _split_rows(q, block))
+    out, lse = _join_rows(out, seq), _join_rows(lse, seq)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(kv_len, block, res, d_out):
+  # Like a flash kernel's backward, it keeps O(S) per head besides one block's scores (and is faster
+  # on CPU than saving the probabilities).
+  q, k, v, out, lse = res
+  seq = q.shape[2]
+  if block is None or block >= seq:
+    dq, dk, dv = _rows_bwd(q, k, v, out, lse, d_out, kv_len)
+  else:
+
+    def step(acc, rows):
+      dq, dk, dv = _rows_bwd(rows[0], k, v, rows[1], rows[2], rows[3], kv_len)
+      return (acc[0] + dk, acc[1] + dv), dq
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    blocks = tuple(_split_rows(x, block) for x in (q, out, lse, d_out))
+    (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), blocks)
+    dq = _join_rows(dq, seq)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention_hm(q, k, v, kv_len=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention_hm(q, k, v, kv_len=None, block=None):
   """Heads-major attention on pre-scaled q: (B, H, S, D) -> (B, H, S, D), float32 softmax; keys at
-  positions >= kv_len (a static int, or None for none) are masked."""
-  return _attention_fwd(q, k, v, kv_len)[0]
+  positions >= kv_len (a static int, or None for none) are masked; ``block`` (static) query rows at
+  a time (None: all at once)."""
+  return _attention_fwd(q, k, v, kv_len, block)[0]
 
 
 _attention_hm.defvjp(_attention_fwd, _attention_bwd)

@@ -223,18 +223,78 @@ def _linear(
   )
 
 
-def _layer_norm(cfg: TransformerConfig, dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  # Statistics in float32 with the two-pass variance, like torch.
-  return nnx.LayerNorm(
-    dim,
-    epsilon=eps,
-    dtype=jnp.float32,
-    param_dtype=DTYPES[cfg.param_dtype],
-    use_fast_variance=False,
-    scale_init=annotate(nnx.initializers.ones_init(), ("norm",)),
-    bias_init=annotate(nnx.initializers.zeros_init(), ("norm",)),
-    rngs=rngs,
-  )
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis in float32 with the two-pass variance, the values of
+  ``nnx.LayerNorm(use_fast_variance=False)`` (and torch's): (x - mean) * (rsqrt(var + eps) * scale)
+  + bias. Its gradient keeps x, the mean and 1/std and is computed in one closed form, where
+  autodiff would save and reduce several (tokens, width) intermediates per layer."""
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  centred = x32 - mean
+  inv_std = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
+  y = centred * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return y, (x, mean, inv_std, scale, bias)
+
+
+def _layer_norm_bwd(eps, res, dy):
+  x, mean, inv_std, scale, bias = res
+  dy = dy.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * inv_std
+  g = dy * scale.astype(jnp.float32)
+  dx = inv_std * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  return dx.astype(x.dtype), (dy * xhat).sum(rows).astype(scale.dtype), dy.sum(rows).astype(bias.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with a (dim,) ``scale`` and ``bias`` (the param names of
+  ``nnx.LayerNorm``); float32 output, statistics as ``layer_norm``."""
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+def _layer_norm(cfg: TransformerConfig, dim: int, eps: float, rngs: nnx.Rngs) -> LayerNorm:
+  return LayerNorm(dim, eps, DTYPES[cfg.param_dtype])
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU with the tanh approximation (``jax.nn.gelu(x, approximate=True)``, same values), whose
+  gradient keeps only ``x`` for the backward and recomputes the rest: plain autodiff saves several
+  (tokens, mlp_dim) intermediates per layer, which the layer scan stacks over layers."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+_GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+def _gelu_tanh_fwd(x):
+  return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_tanh_bwd(x, dy):
+  # d/dx [x/2 (1 + tanh(u))], u = c (x + 0.044715 x^3): (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2)
+  xf = x.astype(jnp.float32)
+  t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
+  grad = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
+  return ((dy.astype(jnp.float32) * grad).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 def _per_token(text_val: jax.Array, video_val: jax.Array, text_len: int, seq_len: int) -> jax.Array:
@@ -304,7 +364,7 @@ class Block(nnx.Module):
     o = attention(q, k, v, backend=cfg.attention_backend).reshape(b, s, d)
     x = x + adaln_gate * self.to_out(o)
     f, adaln_gate = self._modulated(self.norm2, self.norm2_mod(temb), x, text_len)
-    f = self.ff_out(jax.nn.gelu(self.ff_in(f), approximate=True))
+    f = self.ff_out(gelu_tanh(self.ff_in(f)))
     return x + adaln_gate * f
 
 

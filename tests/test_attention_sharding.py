@@ -74,18 +74,20 @@ def test_head_split_error_names_the_valid_degrees():
   A.check_head_split(30, 3, 2)  # 6 divides 30
 
 
-def test_padded_keys_are_masked_in_the_xla_kernel():
-  """kv_len masks trailing keys exactly: equal to attention over the unpadded keys, grads included."""
+@pytest.mark.parametrize("block", [None, 5])
+def test_padded_keys_are_masked_in_the_xla_kernel(block):
+  """kv_len masks trailing keys exactly: equal to attention over the unpadded keys, grads included,
+  all query rows at once or in blocks of 5."""
   import jax.numpy as jnp
   import numpy as np
 
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 1, 12, 8)) for i in range(3))  # (B, H, S, D)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 5), (0, 0)))
-  full = A._attention_hm(q, k, v, None)
-  padded = A._attention_hm(pad(q), pad(k), pad(v), 12)[:, :, :12]
+  full = A._attention_hm(q, k, v, None, None)
+  padded = A._attention_hm(pad(q), pad(k), pad(v), 12, block)[:, :, :12]
   np.testing.assert_allclose(padded, full, atol=1e-5)  # float32, different summation length
-  g_full = jax.grad(lambda k: A._attention_hm(q, k, v, None).sum())(k)
-  g_pad = jax.grad(lambda k: A._attention_hm(pad(q), k, pad(v), 12)[:, :, :12].sum())(pad(k))
+  g_full = jax.grad(lambda k: A._attention_hm(q, k, v, None, None).sum())(k)
+  g_pad = jax.grad(lambda k: A._attention_hm(pad(q), k, pad(v), 12, block)[:, :, :12].sum())(pad(k))
   np.testing.assert_allclose(g_pad[:, :, :12], g_full, atol=1e-5)
   assert float(jnp.abs(g_pad[:, :, 12:]).max()) == 0.0
 

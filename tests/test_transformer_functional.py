@@ -177,6 +177,21 @@ def test_xla_attention_matches_naive_softmax():
   np.testing.assert_allclose(A.attention(q, k, v, backend="xla"), ref, atol=1e-5)
 
 
+def test_xla_attention_runs_in_query_blocks_on_cpu_only():
+  """On CPU the xla backend computes CPU_QUERY_BLOCK query rows at a time (one lax.map over blocks;
+  the scores are never (S, S)); on GPU/TPU, all rows at once as before."""
+  assert A.query_block_for("cpu") == A.CPU_QUERY_BLOCK
+  assert A.query_block_for("gpu") is None and A.query_block_for("tpu") is None
+  seq = A.CPU_QUERY_BLOCK + 5  # two blocks, the second mostly padding
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, seq, 1, 8)) for i in range(3))
+  hlo = jax.jit(lambda q, k, v: A.attention(q, k, v, backend="xla")).lower(q, k, v).as_text()
+  assert f"x{A.CPU_QUERY_BLOCK}x{seq}xf32>" in hlo  # one block's scores
+  assert f"x{seq}x{seq}xf32>" not in hlo
+  np.testing.assert_allclose(
+    A.attention(q, k, v, backend="xla"), A._xla_attention(q, k, v, block=None), atol=1e-6
+  )
+
+
 def test_splash_kernel_in_interpret_mode_matches_xla():
   """The TPU kernel path (padding + segment ids) run by the Pallas interpreter on CPU."""
   q, k, v = (jax.random.normal(jax.random.key(i), (1, 200, 2, 128)) for i in range(3))
@@ -184,8 +199,10 @@ def test_splash_kernel_in_interpret_mode_matches_xla():
   np.testing.assert_allclose(got, A.attention(q, k, v, backend="xla"), atol=2e-5)
 
 
-def test_xla_attention_gradient_matches_autodiff_of_naive_softmax():
-  """The recompute-in-backward custom VJP equals autodiff through a plain softmax attention."""
+@pytest.mark.parametrize("block", [None, 8, 29])
+def test_xla_attention_gradient_matches_autodiff_of_naive_softmax(block):
+  """The recompute-in-backward custom VJP equals autodiff through a plain softmax attention, computed
+  all at once (block None, as on GPU/TPU) or in query blocks (8 rows: the last block padded; 29: one)."""
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 29, 3, 8)) for i in range(3))
   w = jax.random.normal(jax.random.key(9), (2, 29, 3, 8))
 
@@ -193,8 +210,50 @@ def test_xla_attention_gradient_matches_autodiff_of_naive_softmax():
     p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8.0), axis=-1)
     return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", p, v) * w)
 
-  ours = lambda q, k, v: jnp.sum(A.attention(q, k, v, backend="xla") * w)
+  ours = lambda q, k, v: jnp.sum(A._xla_attention(q, k, v, block=block) * w)
+  np.testing.assert_allclose(ours(q, k, v), naive(q, k, v), rtol=1e-5)
   for a, b in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(naive, argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   bf = [t.astype(jnp.bfloat16) for t in (q, k, v)]
   assert A.attention(*bf, backend="xla").dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax_and_its_gradient_matches_autodiff(dtype):
+  """T.layer_norm (custom VJP, closed-form backward) gives nnx.LayerNorm(use_fast_variance=False)'s
+  values to the bit in float32, and the gradients of autodiff through the same formula (1e-5); in
+  bfloat16 the gradients come back in the inputs' dtypes."""
+  from flax import nnx
+
+  x = (3.0 * jax.random.normal(jax.random.key(0), (2, 37, 48)) + 1.0).astype(dtype)
+  scale = (1.0 + 0.3 * jax.random.normal(jax.random.key(1), (48,))).astype(dtype)
+  bias = (0.3 * jax.random.normal(jax.random.key(2), (48,))).astype(dtype)
+  w = jax.random.normal(jax.random.key(3), x.shape)
+  ref = nnx.LayerNorm(
+    48, epsilon=1e-5, dtype=jnp.float32, param_dtype=dtype, use_fast_variance=False, rngs=nnx.Rngs(0)
+  )
+  ref.scale[...], ref.bias[...] = scale, bias
+  ours = T.layer_norm(x, scale, bias, 1e-5)
+  assert ours.dtype == jnp.float32
+  np.testing.assert_array_equal(ours, ref(x))
+
+  def autodiff(x, s, b):
+    x = x.astype(jnp.float32)
+    c = x - x.mean(-1, keepdims=True)
+    y = c * (jax.lax.rsqrt(jnp.square(c).mean(-1, keepdims=True) + 1e-5) * s.astype(jnp.float32))
+    return jnp.sum((y + b.astype(jnp.float32)) * w)
+
+  got = jax.grad(lambda *a: jnp.sum(T.layer_norm(*a, 1e-5) * w), argnums=(0, 1, 2))(x, scale, bias)
+  want = jax.grad(autodiff, argnums=(0, 1, 2))(x, scale, bias)
+  for g, r, primal in zip(got, want, (x, scale, bias)):
+    assert g.dtype == primal.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol * 10)
+
+
+def test_gelu_tanh_matches_jax_and_its_gradient_matches_autodiff():
+  x = 4.0 * jax.random.normal(jax.random.key(0), (1000,))
+  np.testing.assert_array_equal(T.gelu_tanh(x), jax.nn.gelu(x, approximate=True))
+  got = jax.grad(lambda x: jnp.sum(T.gelu_tanh(x) * jnp.cos(x)))(x)
+  want = jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * jnp.cos(x)))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
