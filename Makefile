@@ -24,11 +24,16 @@ install: $(VENV)/.installed
 demo: $(VENV)/.runtime
 	$(PY) sample.py --prompt "$(DEMO_PROMPT)" --out $(DEMO_OUT)
 
+# Test files are spread over TEST_WORKERS pytest-xdist processes (a file stays in one process, so its
+# module fixtures are built once); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # lint needs only ruff, not the test stack: a venv with ruff alone is enough.
 $(VENV)/.lint: requirements-lint.txt

@@ -6,19 +6,26 @@ Both run classifier-free guidance (a doubled batch per step) on the CPU in float
 random tiny/small CogVideoX weights (diffusers layout -> converted once). Ours is timed on a second
 call (compiled), with the per-step progress callback on and off, for the released DPM++(2M) SDE
 sampler and DDIM; diffusers runs its DDIM scheduler with ``output_type="latent"`` (no VAE decode).
+Every row records the share of CPU time other processes took while it was timed ("other load");
+rows above --max-load are flagged and the run exits non-zero, so a busy machine gives no figures.
+torch's OpenMP pool is set to OMP_WAIT_POLICY=PASSIVE unless set (as in bench_transformer.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp
+
+from benchutil import OtherLoad, cpu_model  # noqa: E402
 
 CONFIGS = {
   # name: (transformer overrides, frames, height, width)
@@ -40,12 +47,13 @@ CONFIGS = {
 
 
 def _median(fn, repeats):
-  times = []
+  """(median wall seconds of ``repeats`` calls, other processes' CPU share meanwhile)."""
+  times, load = [], OtherLoad()
   for _ in range(repeats):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return sorted(times)[len(times) // 2]
+  return sorted(times)[len(times) // 2], load.value()
 
 
 def bench(name, steps, repeats):
@@ -85,8 +93,10 @@ def bench(name, steps, repeats):
       t = time.perf_counter()
       pipeline.sample_latents(pipe, text, s, progress=hook)  # compile + first run
       first = time.perf_counter() - t
-      sec = _median(lambda s=s, hook=hook: pipeline.sample_latents(pipe, text, s, progress=hook), repeats)
-      rows[f"ours {sampler}{' +progress' if progress else ''}"] = (sec / steps, first)
+      sec, other = _median(
+        lambda s=s, hook=hook: pipeline.sample_latents(pipe, text, s, progress=hook), repeats
+      )
+      rows[f"ours {sampler}{' +progress' if progress else ''}"] = (sec / steps, first, other)
 
   def run_ref():
     with torch.no_grad():
@@ -103,7 +113,8 @@ def bench(name, steps, repeats):
       )
 
   run_ref()
-  rows["diffusers ddim"] = (_median(run_ref, repeats) / steps, None)
+  sec, other = _median(run_ref, repeats)
+  rows["diffusers ddim"] = (sec / steps, None, other)
   return rows
 
 
@@ -113,21 +124,37 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--configs", default="tiny,small")
   parser.add_argument("--json")
+  parser.add_argument("--max-load", type=float, default=0.05, help="flag rows timed above this other load")
   args = parser.parse_args(argv)
-  results = {}
+  results = {"cpu_model": cpu_model(), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+  busy = False
+  print(
+    f"{cpu_model()}, {os.cpu_count()} CPUs, {results['date']}; float32; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+  )
   for name in args.configs.split(","):
     rows = bench(name, args.steps, args.repeats)
-    results[name] = {k: {"s_per_step": v[0], "first_call_s": v[1]} for k, v in rows.items()}
+    results[name] = {
+      k: {"s_per_step": v[0], "first_call_s": v[1], "other_load": v[2]} for k, v in rows.items()
+    }
     base = rows["diffusers ddim"][0]
     print(
       f"\n[{name}] {CONFIGS[name][1]} frames {CONFIGS[name][2]}x{CONFIGS[name][3]}, "
       f"{args.steps} steps, CFG batch 2"
     )
-    print(f"{'run':<26}{'ms/step':>10}{'vs diffusers':>14}{'first call (s)':>16}")
-    for k, (sec, first) in rows.items():
-      print(f"{k:<26}{sec * 1e3:>10.2f}{base / sec:>13.2f}x{'' if first is None else f'{first:>16.2f}'}")
+    print(f"{'run':<26}{'ms/step':>10}{'vs diffusers':>14}{'first call (s)':>16}{'other load':>12}")
+    for k, (sec, first, other) in rows.items():
+      flag = "  (busy: not a result)" if other > args.max_load else ""
+      busy |= bool(flag)
+      print(
+        f"{k:<26}{sec * 1e3:>10.2f}{base / sec:>13.2f}x{'' if first is None else f'{first:>16.2f}':>16}"
+        f"{100 * other:>11.0f}%{flag}"
+      )
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+  if busy:
+    sys.exit(
+      f"rows were timed with more than {100 * args.max_load:.0f}% other load; rerun on an idle machine"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ latents (1, 13, 60, 90, 16), text (1, 226, 4096). The step is lowered from abstr
 nothing is executed. Each remat policy compiles in a child process with a --compile-timeout limit.
   peak estimate = argument + temp + output - alias   (alias: the donated state reused for the output)
 CPU XLA's buffer assignment only approximates what a GPU/TPU compile would need (different fusion,
-layouts, scheduling); and attention_backend='xla' materialises the S x S attention scores, which the
-GPU/TPU flash kernels (cudnn / splash, chosen by 'auto') do not.
+layouts, scheduling). On CPU attention_backend='xla' holds one query block's scores at a time
+(attention.CPU_QUERY_BLOCK rows x S per head), never the S x S matrix; on GPU/TPU 'auto' picks the
+flash kernels (cudnn / splash), which hold no scores either.
 """
 
 from __future__ import annotations
@@ -642,10 +643,10 @@ def report(a, results: dict, busy_before: float, t_start: float) -> str:
     p("   peak est = argument + temp + output - alias. These are CPU XLA numbers: they approximate what a")
     p("   GPU/TPU compile would need (other fusion, layouts and scheduling; CPU reports code size 0).")
     p(
-      f"   attention_backend='xla' materialises the S x S scores ({mc['attention_scores_gib_per_layer']:.1f}"
-      f" GiB per layer in bf16, more in f32 softmax);"
+      "   attention_backend='xla' holds one query block's scores on CPU, not the S x S matrix "
+      f"({mc['attention_scores_gib_per_layer']:.1f} GiB per layer in bf16);"
     )
-    p("   the flash kernels chosen by 'auto' on GPU/TPU (cudnn / splash) do not, so temp there is far lower.")
+    p("   on GPU/TPU 'auto' picks the flash kernels (cudnn / splash), which hold none.")
     shallow = any(r["layers"] != mc["layers"] for r in results["memory"])
     p(
       "   compile s: XLA compile only (lowering excluded); with lax.scan it should not grow with depth"

@@ -100,11 +100,16 @@ def classify_instruction(name: str, comps: dict, where: dict, seq: int, widths: 
       stack.extend(_CALLS.findall(ins[3]))
   ops = {ins[2] for ins in body} - {"fusion"}
 
-  def scores(ins):  # a (..., heads, query rows, S) array: attention scores, probabilities or grads
-    d = _dims(ins[1])
+  def scores(shape):  # a (..., heads, query rows, S) array: attention scores, probabilities or grads
+    d = _dims(shape)
     return len(d) >= 3 and d[-1] == seq
 
-  if any(scores(ins) for ins in body):
+  def operand_shapes(ins):  # the shapes of an instruction's operands (HLO text names them only)
+    args = ins[3].split("(", 1)[1].split(")", 1)[0]
+    peers = {i[0]: i[1] for i in comps[where[ins[0]]]} if ins[0] in where else {}
+    return [peers[n] for n in re.findall(r"%([\w.\-]+)", args) if n in peers]
+
+  if any(scores(ins[1]) or any(scores(o) for o in operand_shapes(ins)) for ins in body):
     return "attention"
   if ops & {"dot", "convolution"}:
     return "matmul"

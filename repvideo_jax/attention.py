@@ -149,11 +149,13 @@ def _sharded(local, q, k, v, mesh):
 # ----------------------------------------------------------------------------------------------
 # XLA backend.
 
-# Query rows per block on CPU (docs/model.md#attention): a block's scores (block x S per head) stay
-# in cache between the two matmuls, and the scores are never held whole, forward or backward. At
-# S = 896 on 2 cores (benchmarks/README.md), 224 and 448 took the benchmark transformer's
-# forward+backward 3-6% below one unblocked program, 128 and 64 less.
-CPU_QUERY_BLOCK = 224
+# Query rows per block on CPU (docs/model.md#attention): the scores are never held whole, forward or
+# backward, only one block's (block x S per head). That is what lets a long video's attention run on
+# a CPU at all: the 2B model's 17,776 tokens x 30 heads would need 38 GB of float32 scores per layer
+# and sample, a 448-row block 1 GB. Speed is unchanged: at S = 896 on 2 cores the benchmark
+# transformer's forward and forward+backward took the same time (within 2%) with blocks of 224 or 448
+# rows as in one piece (benchmarks/README.md).
+CPU_QUERY_BLOCK = 448
 
 
 def query_block_for(platform: str) -> int | None:
@@ -177,6 +179,14 @@ def _scores(q, k, kv_len):
     keep = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, k.shape[2]), 3) < kv_len
     scores = jnp.where(keep, scores, jnp.float32(-1e30))
   return scores
+
+
+def _even_block(seq: int, block: int) -> int:
+  """The block size that splits ``seq`` rows into as few blocks of at most ``block`` rows as possible,
+  evenly, so less than one row per block is padding (456 rows at most 448 a block: 2 x 228, not
+  2 x 448 with 440 padding rows)."""
+  count = -(-seq // block)
+  return -(-seq // count)
 
 
 def _split_rows(x, block):
@@ -224,6 +234,7 @@ def _rows_bwd(q, k, v, out, lse, d_out, kv_len):
 
 def _attention_fwd(q, k, v, kv_len, block):
   seq = q.shape[2]
+  block = None if block is None else _even_block(seq, block)
   if block is None or block >= seq:
     out, lse = _rows_fwd(q, k, v, kv_len)
   else:
@@ -237,6 +248,7 @@ def _attention_bwd(kv_len, block, res, d_out):
   # on CPU than saving the probabilities).
   q, k, v, out, lse = res
   seq = q.shape[2]
+  block = None if block is None else _even_block(seq, block)
   if block is None or block >= seq:
     dq, dk, dv = _rows_bwd(q, k, v, out, lse, d_out, kv_len)
   else:
@@ -255,8 +267,8 @@ def _attention_bwd(kv_len, block, res, d_out):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attention_hm(q, k, v, kv_len=None, block=None):
   """Heads-major attention on pre-scaled q: (B, H, S, D) -> (B, H, S, D), float32 softmax; keys at
-  positions >= kv_len (a static int, or None for none) are masked; ``block`` (static) query rows at
-  a time (None: all at once)."""
+  positions >= kv_len (a static int, or None for none) are masked; the query rows are computed in
+  blocks of at most ``block`` (static; None: all at once), split evenly (``_even_block``)."""
   return _attention_fwd(q, k, v, kv_len, block)[0]
 
 

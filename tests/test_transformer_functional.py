@@ -178,14 +178,17 @@ def test_xla_attention_matches_naive_softmax():
 
 
 def test_xla_attention_runs_in_query_blocks_on_cpu_only():
-  """On CPU the xla backend computes CPU_QUERY_BLOCK query rows at a time (one lax.map over blocks;
-  the scores are never (S, S)); on GPU/TPU, all rows at once as before."""
+  """On CPU the xla backend computes at most CPU_QUERY_BLOCK query rows at a time, in even blocks
+  (one lax.map over them; the scores are never (S, S)); on GPU/TPU, all rows at once as before."""
   assert A.query_block_for("cpu") == A.CPU_QUERY_BLOCK
   assert A.query_block_for("gpu") is None and A.query_block_for("tpu") is None
-  seq = A.CPU_QUERY_BLOCK + 5  # two blocks, the second mostly padding
+  assert (
+    A._even_block(456, 448) == 228 and A._even_block(896, 448) == 448 and A._even_block(17776, 448) == 445
+  )
+  seq = A.CPU_QUERY_BLOCK + 5  # two even blocks of (seq + 1) // 2 rows, one of them padded by a row
   q, k, v = (jax.random.normal(jax.random.key(i), (1, seq, 1, 8)) for i in range(3))
   hlo = jax.jit(lambda q, k, v: A.attention(q, k, v, backend="xla")).lower(q, k, v).as_text()
-  assert f"x{A.CPU_QUERY_BLOCK}x{seq}xf32>" in hlo  # one block's scores
+  assert f"x{(seq + 1) // 2}x{seq}xf32>" in hlo  # one block's scores
   assert f"x{seq}x{seq}xf32>" not in hlo
   np.testing.assert_allclose(
     A.attention(q, k, v, backend="xla"), A._xla_attention(q, k, v, block=None), atol=1e-6
