@@ -287,7 +287,8 @@ class GroupNorm(nnx.Module):
 
 
 class SpatialNorm3D(nnx.Module):
-  """Decoder norm: GroupNorm(f) * conv_y(zq) + conv_b(zq), zq resized (nearest) to f's grid.
+  """Decoder norm: GroupNorm(f) * conv_y(zq) + conv_b(zq), zq resized (nearest) to f's grid (the 1x1
+  convs are applied on zq's own grid, then resized: the same numbers).
 
   When f has an odd number of frames above 1, zq's first frame maps to f's first frame alone and the
   remaining latent frames are resized to the remaining T - 1 frames.
@@ -299,14 +300,20 @@ class SpatialNorm3D(nnx.Module):
     self.conv_b = PointConv(cfg, zq_channels, channels, rngs=rngs)
 
   def __call__(self, f: jax.Array, zq: jax.Array) -> jax.Array:
+    # The 1x1 convs act on each latent pixel alone and nearest resizing only copies pixels, so the
+    # convs run on the latent grid and their outputs are resized: the same numbers as resizing zq
+    # first (the reference's order), for 1/(upscale factor) of the conv work and memory.
     t, h, w = f.shape[1:4]
-    if t > 1 and t % 2 == 1:
-      zq = jnp.concatenate(
-        [nearest_resize(zq[:, :1], (1, h, w)), nearest_resize(zq[:, 1:], (t - 1, h, w))], axis=1
-      )
-    else:
-      zq = nearest_resize(zq, (t, h, w))
-    return self.norm(f) * self.conv_y(zq) + self.conv_b(zq)
+    scale, shift = self.conv_y(zq), self.conv_b(zq)
+
+    def resize(x):
+      if t > 1 and t % 2 == 1:
+        return jnp.concatenate(
+          [nearest_resize(x[:, :1], (1, h, w)), nearest_resize(x[:, 1:], (t - 1, h, w))], axis=1
+        )
+      return nearest_resize(x, (t, h, w))
+
+    return self.norm(f) * resize(scale) + resize(shift)
 
 
 class ResnetBlock3D(nnx.Module):

@@ -392,6 +392,9 @@ def test_ctrl_c_during_sampling_keeps_finished_videos(model_dir, tmp_path):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    # A run started in the background (CI under `cmd &`) inherits SIGINT ignored, and Python then
+    # installs no Ctrl-C handler: give the child the default disposition, as a terminal would.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   deadline = time.time() + 300
   while not (out / "0000_a.json").exists() and time.time() < deadline and proc.poll() is None:
