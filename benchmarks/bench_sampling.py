@@ -145,10 +145,8 @@ def main(argv=None):
     for k, (sec, first, other) in rows.items():
       flag = "  (busy: not a result)" if other > args.max_load else ""
       busy |= bool(flag)
-      print(
-        f"{k:<26}{sec * 1e3:>10.2f}{base / sec:>13.2f}x{'' if first is None else f'{first:>16.2f}':>16}"
-        f"{100 * other:>11.0f}%{flag}"
-      )
+      first_s = "" if first is None else f"{first:.2f}"
+      print(f"{k:<26}{sec * 1e3:>10.2f}{base / sec:>13.2f}x{first_s:>16}{100 * other:>11.0f}%{flag}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
   if busy:

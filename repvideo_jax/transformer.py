@@ -267,7 +267,7 @@ class LayerNorm(nnx.Module):
     return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
-def _layer_norm(cfg: TransformerConfig, dim: int, eps: float, rngs: nnx.Rngs) -> LayerNorm:
+def _layer_norm(cfg: TransformerConfig, dim: int, eps: float) -> LayerNorm:
   return LayerNorm(dim, eps, DTYPES[cfg.param_dtype])
 
 
@@ -316,16 +316,16 @@ class Block(nnx.Module):
     d, e = cfg.hidden_size, cfg.time_embed_dim
     zero = cfg.zero_init_modulation
     self.cfg = cfg
-    self.norm1 = _layer_norm(cfg, d, cfg.norm_eps, rngs)
+    self.norm1 = _layer_norm(cfg, d, cfg.norm_eps)
     # 6 chunks: shift, scale, AdaLN gate (video), then the text ones -- diffusers' LayerNormZero order.
     self.norm1_mod = _linear(cfg, e, 6 * d, (None, "modulation"), rngs, zero=zero)
     self.to_q = _linear(cfg, d, d, ("embed", "heads"), rngs)
     self.to_k = _linear(cfg, d, d, ("embed", "heads"), rngs)
     self.to_v = _linear(cfg, d, d, ("embed", "heads"), rngs)
-    self.norm_q = _layer_norm(cfg, cfg.head_dim, cfg.qk_norm_eps, rngs)
-    self.norm_k = _layer_norm(cfg, cfg.head_dim, cfg.qk_norm_eps, rngs)
+    self.norm_q = _layer_norm(cfg, cfg.head_dim, cfg.qk_norm_eps)
+    self.norm_k = _layer_norm(cfg, cfg.head_dim, cfg.qk_norm_eps)
     self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs)
-    self.norm2 = _layer_norm(cfg, d, cfg.norm_eps, rngs)
+    self.norm2 = _layer_norm(cfg, d, cfg.norm_eps)
     self.norm2_mod = _linear(cfg, e, 6 * d, (None, "modulation"), rngs, zero=zero)
     self.ff_in = _linear(cfg, d, cfg.ff_dim, ("embed", "mlp"), rngs)
     self.ff_out = _linear(cfg, cfg.ff_dim, d, ("mlp", "embed"), rngs)
@@ -574,8 +574,8 @@ class RepVideoTransformer(nnx.Module):
     self.blocks = make_blocks(rngs)
     if cfg.feature_cache:  # the cache gates; key "gates" is what converted checkpoints and the converter use
       self.gates = nnx.Param(jnp.full((cfg.num_layers,), cfg.gate_init, pdt), logical_axes=("layers",))
-    self.norm_final = _layer_norm(cfg, d, cfg.norm_eps, rngs)
-    self.norm_out = _layer_norm(cfg, d, cfg.out_norm_eps, rngs)
+    self.norm_final = _layer_norm(cfg, d, cfg.norm_eps)
+    self.norm_out = _layer_norm(cfg, d, cfg.out_norm_eps)
     self.norm_out_mod = _linear(
       cfg, cfg.time_embed_dim, 2 * d, (None, "modulation"), rngs, zero=cfg.zero_init_modulation
     )  # (shift, scale)
