@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp
 
-from benchutil import OtherLoad, cpu_model  # noqa: E402
+from benchutil import OtherLoad, cpu_model, host_memory_setup  # noqa: E402
 
 CONFIGS = {
   # name: (transformer overrides, frames, height, width)
@@ -156,4 +156,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory_setup()  # ours and torch alike, before JAX starts
   main()

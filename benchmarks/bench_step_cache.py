@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import numpy as np  # noqa: E402
 from bench_sampling import CONFIGS  # noqa: E402
-from benchutil import OtherLoad, log  # noqa: E402
+from benchutil import OtherLoad, host_memory_setup, log  # noqa: E402
 
 SMALL_CONFIG = CONFIGS["small"]  # (transformer overrides, frames, height, width)
 
@@ -263,4 +263,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory_setup()  # ours and torch alike, before JAX starts
   sys.exit(main())

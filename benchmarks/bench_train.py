@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 
-from benchutil import OtherLoad, busy_fraction, cpu_model, log, matmul_peak, time_it
+from benchutil import OtherLoad, busy_fraction, cpu_model, host_memory_setup, log, matmul_peak, time_it
 
 GIB = 1024**3
 REMATS = ("none", "full", "save_dots")
@@ -705,4 +705,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  host_memory_setup()  # ours and torch alike, before JAX starts
   main()

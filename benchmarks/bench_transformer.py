@@ -49,7 +49,7 @@ import json
 import os
 import time
 
-from benchutil import OtherLoad, cpu_model, log, matmul_peak, time_it, wait_idle
+from benchutil import OtherLoad, cpu_model, host_memory_setup, log, matmul_peak, time_it, wait_idle
 
 
 def parse_args(argv=None):
@@ -499,4 +499,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  host_memory_setup()  # ours and torch alike, before JAX starts
   main()

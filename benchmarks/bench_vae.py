@@ -69,7 +69,7 @@ import subprocess
 import sys
 import time
 
-from benchutil import log, time_it, wait_idle
+from benchutil import host_memory_setup, log, time_it, wait_idle
 
 GIB = 2**30
 MEM_SCHED_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -655,4 +655,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  host_memory_setup()  # ours and torch alike, before JAX starts
   main()

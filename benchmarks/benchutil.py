@@ -131,3 +131,15 @@ def cpu_model() -> str:
   import platform
 
   return platform.processor() or platform.machine()
+
+
+def host_memory_setup() -> str:
+  """Apply ``REPVIDEO_HOST_MEMORY`` (repvideo_jax/host_memory.py) when it is set; unset, the
+  benchmarks keep glibc's defaults, unlike the project's command-line tools. It is one setting of
+  the process's C library, so ours and torch run under the same allocator: with ``reuse`` torch's
+  own fwd+bwd was no faster and sometimes slower here, so a ratio measured that way is not quoted."""
+  from repvideo_jax import host_memory  # noqa: PLC0415
+
+  mode = host_memory.setup_cli() if os.environ.get(host_memory.ENV) else "system"
+  log(f"host memory: {mode} (REPVIDEO_HOST_MEMORY={os.environ.get(host_memory.ENV, 'unset')})")
+  return mode

@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_transformer as BT  # noqa: E402
-from benchutil import OtherLoad, log  # noqa: E402
+from benchutil import OtherLoad, host_memory_setup, log  # noqa: E402
 
 KINDS = ("matmul", "attention", "layernorm", "elementwise", "transpose", "copy")
 
@@ -312,4 +312,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  host_memory_setup()  # ours and torch alike, before JAX starts
   main()

@@ -473,4 +473,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from repvideo_jax import host_memory  # noqa: PLC0415
+
+  host_memory.setup_cli()  # before JAX starts: see repvideo_jax/host_memory.py
   sys.exit(main())
