@@ -171,6 +171,7 @@ def evaluate(
         sims = rec["adjacent_similarity"].mean(axis=1)  # per layer
         feature_sims.append(sims)
         row["feature_similarity"] = float(sims.mean())
+        row["feature_similarity_per_layer"] = sims.tolist()
       videos.append(row)
     if bar is not None:
       bar.update(len(batch))

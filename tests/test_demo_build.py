@@ -70,9 +70,19 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
     json.loads((out / "vae" / "stage.json").read_text())["scaling_factor"]
   )
 
-  # A re-run finds every stage complete and rebuilds the same model; a changed stage config is refused.
+  # Every stage's time is recorded; a re-run finds every stage complete and rebuilds the same model
+  # (adding only its checks to the times); a changed stage config is refused.
+  first = build.stage_times(out)
+  assert list(first) == ["data", "tokenizer", "text_encoder", "vae", "encoders", "records"] + [
+    f"model/{s}" for s in ("transformer", "model", "install")
+  ]
+  assert first["vae"] > 1 and first["model/transformer"] > 1
   again = build.build(recipe, out, progress=False)
   assert again == model
+  second = build.stage_times(out)
+  assert all(0 <= second[k] - first[k] < 5 for k in first)
+  rows = [json.loads(line) for line in (out / build.TIMINGS).read_text().splitlines()]
+  assert len(rows) == 2 * len(first) and all(r["completed"] for r in rows)
   changed = build.load_recipe("demo", FIRST_STEPS + ["vae_training.lr=1e-3"])
   with pytest.raises(ValueError, match="was built from a different vae config"):
     build.build(changed, out, progress=False)

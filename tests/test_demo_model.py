@@ -81,6 +81,12 @@ def test_bundled_model_follows_held_out_prompts_above_chance():
   assert result["accuracy"]["all"] > 10 * evaluate.CHANCE["all"]
   assert 0 < result["feature_similarity"]["mean"] <= 1
   assert len(result["feature_similarity"]["per_layer"]) == 12
+  # Each video keeps its own per-layer figures (the demo figures' error bars come from them).
+  rows = np.array([v["feature_similarity_per_layer"] for v in result["videos"]])
+  np.testing.assert_allclose(rows.mean(axis=0), result["feature_similarity"]["per_layer"], rtol=1e-6)
+  np.testing.assert_allclose(
+    rows.mean(axis=1), [v["feature_similarity"] for v in result["videos"]], rtol=1e-6
+  )
 
 
 def test_evaluate_command_writes_the_table_and_json(tmp_path, capsys):

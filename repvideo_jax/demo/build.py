@@ -448,12 +448,53 @@ def build(
   progress: bool = True,
   recipe_name: str = "demo",
 ) -> pathlib.Path:
-  """Runs (or resumes) every stage; returns the finished model folder ``out/name/model``."""
+  """Runs (or resumes) every stage; returns the finished model folder ``out/name/model``.
+  Each stage's time in this sitting is appended to ``out/timings.jsonl`` (``stage_times`` sums the
+  sittings of a resumed build)."""
   b = Build(recipe, pathlib.Path(out), name=name, install=install, progress=progress, recipe_name=recipe_name)
   b.out.mkdir(parents=True, exist_ok=True)
+  sitting = time.strftime("%Y-%m-%dT%H:%M:%S")
   for stage in STAGES:
-    stage(b)
+    t0, completed = time.perf_counter(), False
+    try:
+      stage(b)
+      completed = True
+    finally:  # an interrupted stage's time counts too (Ctrl-C, an error; not a SIGKILL)
+      row = {
+        "stage": _stage_label(stage, b),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "completed": completed,
+        "sitting": sitting,
+      }
+      with open(b.out / TIMINGS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+  _say(
+    "time per stage, all sittings: "
+    + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stage_times(b.out).items())
+  )
   return b.model
+
+
+TIMINGS = "timings.jsonl"
+
+
+def _stage_label(stage: Callable, b: Build) -> str:
+  """``vae``, ``records``, ...; the transformer variant's stages carry its name (``nocache/transformer``)."""
+  label = stage.__name__.removeprefix("stage_")
+  return f"{b.name}/{label}" if label in ("transformer", "model", "install") else label
+
+
+def stage_times(out: str | pathlib.Path) -> dict[str, float]:
+  """Seconds per stage of the build in ``out``, summed over its sittings: a resumed stage counts the
+  time of the sitting that was interrupted (unless it was killed outright) and of the one that
+  finished it; a stage that was already complete adds only its check."""
+  path = pathlib.Path(out) / TIMINGS
+  totals: dict[str, float] = {}
+  if path.is_file():
+    for line in path.read_text().splitlines():
+      row = json.loads(line)
+      totals[row["stage"]] = totals.get(row["stage"], 0.0) + row["seconds"]
+  return totals
 
 
 class _LogTee(io.TextIOBase):
