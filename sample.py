@@ -116,6 +116,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="fold the LoRAs into the weights once at load (default: apply them layer by layer)",
   )
+  m = p.add_argument_group(
+    "memory", "what stays on the device and how the VAE decodes; README, 'Memory', says what fits where"
+  )
+  m.add_argument(
+    "--offload",
+    choices=["auto", "none", "text", "stage"],
+    default=None,
+    help="which models stay on the device between stages: none (all stay), text (the text encoder "
+    "leaves once every prompt is encoded), stage (only the running stage's model is on the device). "
+    "Default auto: the lightest that leaves a quarter of the device free",
+  )
+  m.add_argument(
+    "--vae-tiling",
+    choices=["auto", "on", "off"],
+    default=None,
+    help="decode in overlapping spatial tiles, streamed tile by tile and chunk by chunk (diffusers' "
+    "tiled decode). Default: the preset's, else auto (tiles when the untiled decode would not fit)",
+  )
+  m.add_argument(
+    "--vae-tile",
+    default=None,
+    metavar="HxW",
+    help="tile size in pixels, e.g. 240x360 (default: half the VAE's sample size, as diffusers)",
+  )
+  m.add_argument(
+    "--vae-tile-overlap",
+    default=None,
+    metavar="FH[,FW]",
+    help="tile overlap as a fraction of the tile, height and width (default 1/6,1/5, as diffusers)",
+  )
+  m.add_argument(
+    "--text-encoder-dtype",
+    choices=["float32", "bfloat16"],
+    default=None,
+    help="T5 weights and compute (default: bfloat16 on GPU/TPU, float32 on CPU)",
+  )
+  m.add_argument(
+    "--quantize",
+    choices=["none", "text-encoder", "transformer", "all"],
+    default=None,
+    help="int8 weight-only quantisation (qwix) of the layer stacks of these models; the quality cost "
+    "is in docs/memory.md (default: the preset's, else none)",
+  )
+  m.add_argument(
+    "--low-memory",
+    action="store_true",
+    help="the 12 GB preset: --offload stage --vae-tiling on --text-encoder-dtype bfloat16 (flags "
+    "given here still win); add --quantize text-encoder for less",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.add_argument(
     "--no-verify", action="store_true", help="skip the SHA-256 check of the converted weight files on load"
@@ -158,10 +207,36 @@ def check_args(args) -> None:
   ):
     if value is not None and value < 1:
       raise ValueError(f"{flag} must be >= 1, got {value}")
+  args.vae_tile_config = parse_vae_tile(args.vae_tile, args.vae_tile_overlap)
   args.loras = [parse_lora_arg(text) for text in args.lora]
   if args.lora_merge and not args.loras:
     raise ValueError("--lora-merge needs at least one --lora")
   check_output(args.out, "--out", folder=True)
+
+
+def parse_vae_tile(tile: str | None, overlap: str | None):
+  """--vae-tile HxW and --vae-tile-overlap FH[,FW] -> the fields of ``vae.TilingConfig`` (a dict;
+  None when neither is given)."""
+  if tile is None and overlap is None:
+    return None
+  fields = {}
+  if tile is not None:
+    m = re.fullmatch(r"(\d+)x(\d+)", tile.strip())
+    if not m or min(int(m.group(1)), int(m.group(2))) < 8:
+      raise ValueError(f"--vae-tile must be HEIGHTxWIDTH in pixels, each >= 8, e.g. 240x360; got {tile!r}")
+    fields.update(tile_sample_height=int(m.group(1)), tile_sample_width=int(m.group(2)))
+  if overlap is not None:
+    try:
+      parts = [float(x) for x in overlap.split(",")]
+    except ValueError:
+      parts = []
+    if len(parts) not in (1, 2) or not all(0 <= f < 0.5 for f in parts):
+      raise ValueError(
+        f"--vae-tile-overlap must be one or two fractions in [0, 0.5) (height[,width]), e.g. 0.1667,0.2; "
+        f"got {overlap!r}"
+      )
+    fields.update(overlap_factor_height=parts[0], overlap_factor_width=parts[-1])
+  return fields
 
 
 def next_number(out: pathlib.Path) -> int:
@@ -195,7 +270,8 @@ def run(args, written: list) -> int:
   # takes ~3.5 s (measured), which `--help` and a mistyped flag should not wait for.
   import jax  # noqa: PLC0415
 
-  from repvideo_jax import pipeline, sharding, step_cache, video_io  # noqa: PLC0415
+  from repvideo_jax import pipeline, quantize, sharding, step_cache, video_io  # noqa: PLC0415
+  from repvideo_jax import vae as V  # noqa: PLC0415
   from repvideo_jax.demo import demo_model_dir  # noqa: PLC0415
 
   prompts = read_prompts(args)
@@ -216,7 +292,18 @@ def run(args, written: list) -> int:
     layout = sharding.parse_mesh(args.mesh)
   elif preset is not None and n_dev > 1:
     layout = preset.mesh or pipeline.default_sample_mesh(n_dev, args.batch_size, preset.use_guidance)
-  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  accelerator = jax.default_backend() != "cpu"
+  dtype = args.dtype or ("bfloat16" if accelerator else "float32")
+  if args.low_memory:  # the 12 GB preset fills what the command line leaves unset
+    args.offload = args.offload or "stage"
+    args.vae_tiling = args.vae_tiling or "on"
+    args.text_encoder_dtype = args.text_encoder_dtype or "bfloat16"
+  vae_tiling = args.vae_tiling or ("on" if preset is not None and preset.vae_tiling else "auto")
+  vae_tile = V.TilingConfig(**args.vae_tile_config) if args.vae_tile_config else None
+  if preset is not None:  # the preset's memory settings, where the command line gives none
+    args.offload = args.offload or preset.offload
+    args.quantize = args.quantize or preset.quantize
+  quantized = quantize.CHOICES[args.quantize or "none"]
   model = args.model or str(demo_model_dir())
   t0 = time.perf_counter()
   overrides = {
@@ -226,6 +313,10 @@ def run(args, written: list) -> int:
   if args.dtype:  # an explicit --dtype wins over the preset's compute dtypes
     for c in overrides.values():
       c["dtype"] = dtype
+  # T5 weights and compute: bfloat16 on accelerators unless asked (docs/memory.md states its parity)
+  text_encoder_dtype = args.text_encoder_dtype or ("bfloat16" if accelerator else None)
+  if text_encoder_dtype:
+    overrides["text_encoder"].update(dtype=text_encoder_dtype, param_dtype=text_encoder_dtype)
   pipe = pipeline.load_pipeline(
     model,
     transformer_overrides=overrides["transformer"],
@@ -234,6 +325,7 @@ def run(args, written: list) -> int:
     verify=not args.no_verify,
     loras=args.loras,
     lora_merge=args.lora_merge,
+    quantize_weights=quantized,
   )
   fps = args.fps  # --fps was checked by check_args; the folder's default is checked here
   if fps is None:
@@ -259,8 +351,19 @@ def run(args, written: list) -> int:
   first_number = 0 if args.overwrite else next_number(out)
   from tqdm.auto import tqdm  # noqa: PLC0415 (see the top of run)
 
-  total_steps, sampling_s = 0, 0.0
-  for start in range(0, len(prompts), args.batch_size):
+  res = pipe.residency(args.offload or "auto")
+  starts = list(range(0, len(prompts), args.batch_size))
+  embeddings, encode_s = {}, {}
+  if res.mode != "none":  # every prompt first, so the text encoder leaves the device for good
+    for start in starts:
+      t_enc = time.perf_counter()
+      embeddings[start] = jax.block_until_ready(
+        pipeline.encode_for_sampling(pipe, prompts[start : start + args.batch_size], settings)
+      )
+      encode_s[start] = time.perf_counter() - t_enc
+    res.release("text_encoder")
+  total_steps, sampling_s, copies_seen = 0, 0.0, 0
+  for start in starts:
     batch = prompts[start : start + args.batch_size]
     if layout is not None:
       mesh = sharding.make_mesh(**layout)
@@ -284,9 +387,15 @@ def run(args, written: list) -> int:
       mesh=mesh,
       timings=timings,
       first_index=start,
-      vae_tiling=bool(preset is not None and preset.vae_tiling),
+      vae_tiling=vae_tiling,
+      vae_tile=vae_tile,
+      embeddings=embeddings.get(start),
       progress=None if bar is None else (lambda _i, bar=bar: bar.update(1)),
     )
+    if start in encode_s:  # encoded before the loop (with the text encoder's copies, first batch)
+      timings["text_encode_s"] = encode_s[start]
+    timings["memory"] = res.summary(copies_seen)  # what this batch copied to and from the device
+    copies_seen = len(res.copies)
     if bar is not None:
       bar.close()
     total_steps += settings.steps
@@ -307,6 +416,16 @@ def run(args, written: list) -> int:
         "batch_prompts": batch,
         "devices": n_dev,
         "preset": args.preset,
+        "memory_settings": {
+          "offload": res.mode,
+          "offload_requested": args.offload or "auto",
+          "low_memory": args.low_memory,
+          "text_encoder_dtype": pipe.text_encoder_config.param_dtype,
+          "quantize": list(pipe.quantized),
+          "vae_tiling": timings["vae"].get("vae_tiling"),
+          "vae_tiling_requested": vae_tiling,
+          "vae_tile": dataclasses.asdict(vae_tile) if vae_tile else None,
+        },
         "mesh": dict(mesh.shape) if mesh is not None else None,
         "settings": dataclasses.asdict(settings),
         "timings": {**timings, "load_s": load_s},

@@ -40,7 +40,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from repvideo_jax import config as config_lib
-from repvideo_jax import outputs, pipeline, samplers, sharding
+from repvideo_jax import memory, outputs, pipeline, quantize, samplers, sharding
 from repvideo_jax import text_encoder as TE
 from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
@@ -110,30 +110,12 @@ def topology_devices(name: str) -> tuple:
   return devices
 
 
-@functools.lru_cache(maxsize=8)
-def _compiler_hbm_bytes(device_kind: str, device: Any) -> float:
-  """The HBM per chip as the TPU compiler reports it: the figure in its out-of-memory message when it
-  is asked to compile a program that cannot fit (a 1 TiB argument). Cached per chip kind."""
-  mesh = jax.sharding.Mesh(np.asarray([device]), ("x",))
-  huge = jax.ShapeDtypeStruct((1 << 38,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-  try:
-    jax.jit(lambda a: a + 1).lower(huge).compile()
-  except Exception as e:  # RESOURCE_EXHAUSTED: ... exceeds available HBM (95.74G)
-    m = re.search(r"available HBM \(([\d.]+)([KMGT])\)", str(e))
-    if m:
-      return float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1)
-  raise RuntimeError(f"the TPU compiler did not report the HBM of a {device_kind} chip")
-
-
 def device_memory_bytes(device) -> float:
   """Memory one device can hold: the compiler's HBM figure for TPUs (real or abstract), the runtime's
   limit where it reports one (GPUs), the host's RAM for CPU devices."""
   if device.platform == "tpu":
-    return _compiler_hbm_bytes(device.device_kind, device)
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and stats.get("bytes_limit"):
-    return float(stats["bytes_limit"])
-  return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return memory._compiler_hbm_bytes(device.device_kind, device)
+  return memory.device_memory_bytes(device)
 
 
 def generation_of(device) -> str | None:
@@ -327,6 +309,8 @@ def compile_train_config(cfg, devices, where: str, name: str = "train") -> Repor
 def _sample_configs(spec: SamplingPreset):
   tcfg = config_lib.load_section(T.TransformerConfig, "transformer", spec.model_config)
   tcfg = dataclasses.replace(tcfg, **(spec.transformer or {}))
+  if spec.topology == "cpu" and tcfg.attention_backend == "splash":  # a TPU kernel: XLA's on CPU
+    tcfg = dataclasses.replace(tcfg, attention_backend="xla")
   t5 = dataclasses.replace(TE.T5Config(max_length=tcfg.text_length), **(spec.text_encoder or {}))
   vcfg = dataclasses.replace(V.VAEConfig(), **(spec.vae or {}))
   return tcfg, t5, vcfg
@@ -339,7 +323,8 @@ def compile_sample(
   if not spec.topology:
     raise ValueError("no topology: pass --topology (e.g. v5e:2x2) or a preset that names one")
   tcfg, t5, vcfg = _sample_configs(spec)
-  devices = topology_devices(spec.topology)
+  # "cpu": XLA:CPU's figures for the same programs (this machine's first CPU device)
+  devices = tuple(jax.devices("cpu")[:1]) if spec.topology == "cpu" else topology_devices(spec.topology)
   layout = spec.mesh or pipeline.default_sample_mesh(len(devices), spec.batch, spec.use_guidance)
   mesh = sharding.make_mesh(devices=devices, **layout)
   check_head_split(
@@ -353,13 +338,22 @@ def compile_sample(
   latent = (b, *vcfg.latent_size(spec.frames, spec.height, spec.width), tcfg.in_channels)
   sizes = f"{spec.frames}x{spec.height}x{spec.width}, batch {b}"
   reports = []
+  int8 = quantize.CHOICES[spec.quantize]
+
+  def weights(abstract, axes, name):  # int8 layer kernels are replicated (their scales lack axes)
+    if name in int8:
+      q = jax.eval_shape(lambda p: quantize.quantize_params(p, to_host=False), abstract)
+      return _abstract(q, jax.tree.map(lambda _: replicated, q))
+    return _abstract(abstract, sharding.tree_shardings(axes, mesh))
+
   if "text_encoder" in stages:
-    params = _abstract(TE.abstract_params(t5), sharding.tree_shardings(TE.logical_axes(t5), mesh))
+    params = weights(TE.abstract_params(t5), TE.logical_axes(t5), "text_encoder")
     ids = jax.ShapeDtypeStruct((b, tcfg.text_length), jnp.int32, sharding=batch_sh)
     flops = 2.0 * b * tcfg.text_length * _param_count(TE.abstract_params(t5))
     reports.append(
       compile_report(
-        f"{name}: T5 encode ({t5.dtype}, params {t5.param_dtype}; batch {b})",
+        f"{name}: T5 encode ({t5.dtype}, params {t5.param_dtype}"
+        f"{', int8 layers' if 'text_encoder' in int8 else ''}; batch {b})",
         spec.topology,
         mesh,
         lambda: jax.jit(TE.make_apply(t5)).lower(params, ids),
@@ -367,7 +361,7 @@ def compile_sample(
       )
     )
   if "denoise" in stages:
-    params = _abstract(T.abstract_params(tcfg), sharding.tree_shardings(T.logical_axes(tcfg), mesh))
+    params = weights(T.abstract_params(tcfg), T.logical_axes(tcfg), "transformer")
     x = jax.ShapeDtypeStruct(latent, jnp.float32, sharding=batch_sh)
     text = jax.ShapeDtypeStruct((b, tcfg.text_length, tcfg.text_embed_dim), jnp.float32, sharding=batch_sh)
     apply = T.make_apply(tcfg)
@@ -381,7 +375,8 @@ def compile_sample(
     reports.append(
       compile_report(
         f"{name}: denoising step with{'' if spec.use_guidance else 'out'} CFG ({tcfg.dtype}, params "
-        f"{tcfg.param_dtype}, attention {tcfg.attention_backend}; {sizes})",
+        f"{tcfg.param_dtype}{', int8 layers' if 'transformer' in int8 else ''}, attention "
+        f"{tcfg.attention_backend}; {sizes})",
         spec.topology,
         mesh,
         lambda: jax.jit(step).lower(params, x, text),
@@ -448,7 +443,9 @@ def main(argv=None) -> int:
   sa = sub.add_parser("sample", help="compile the sampling stages (T5, denoising step, VAE decode)")
   sa.add_argument("--preset", help="sampling preset (configs/sample-*.yaml)")
   sa.add_argument("--model-config", help="transformer preset (default repvideo-2b)")
-  sa.add_argument("--topology", help="TPU topology, e.g. v5e:2x2 or v5e:1x1")
+  sa.add_argument(
+    "--topology", help="TPU topology, e.g. v5e:2x2 or v5e:1x1; cpu: XLA:CPU's figures for one CPU device"
+  )
   sa.add_argument("--frames", type=int)
   sa.add_argument("--height", type=int)
   sa.add_argument("--width", type=int)
@@ -457,6 +454,7 @@ def main(argv=None) -> int:
     "--mesh", help="data=,fsdp=,tensor=,context= (default: CFG pair x batch over data, the rest over context)"
   )
   sa.add_argument("--vae-tiling", choices=("on", "off"))
+  sa.add_argument("--quantize", choices=list(quantize.CHOICES), help="int8 layer kernels (as sample.py)")
   sa.add_argument(
     "--stages",
     default="text_encoder,denoise,vae_decode",
@@ -487,6 +485,8 @@ def main(argv=None) -> int:
         given["mesh"] = sharding.parse_mesh(args.mesh)
       if args.vae_tiling:
         given["vae_tiling"] = args.vae_tiling == "on"
+      if args.quantize:
+        given["quantize"] = args.quantize
       spec = dataclasses.replace(spec, **given)
       if min(spec.batch, spec.frames, spec.height, spec.width) < 1:
         raise ValueError("--batch, --frames, --height and --width must be positive")

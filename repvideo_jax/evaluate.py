@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from repvideo_jax import analysis, pipeline, transformer_weights, video_io
+from repvideo_jax import analysis, pipeline, quantize, transformer_weights, video_io
 from repvideo_jax import config as config_lib
 from repvideo_jax import vae as V
 from repvideo_jax.demo import demo_model_dir
@@ -279,17 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--feature-timestep", type=int, default=500)
   p.add_argument("--no-features", action="store_true", help="skip the transformer-feature similarity")
+  p.add_argument(
+    "--quantize",
+    choices=list(quantize.CHOICES),
+    default="none",
+    help="int8 weight-only layer kernels for these models, as sample.py --quantize (default none)",
+  )
   p.add_argument("--out", default="eval.json", help="JSON output (default eval.json)")
   p.add_argument("--no-progress", action="store_true")
   return p
 
 
-def load(model: str | None, transformer: str | None, loras=()):
+def load(model: str | None, transformer: str | None, loras=(), quantize_weights=()):
   """The model folder (default: bundled demo), optionally with another transformer swapped in, or
-  with LoRAs ((path, scale) pairs) on its own transformer."""
+  with LoRAs ((path, scale) pairs) on its own transformer; ``quantize_weights`` as in
+  ``pipeline.load_pipeline`` (applied to the swapped-in transformer too)."""
   if transformer and loras:
     raise ValueError("--lora adapts the folder's transformer: it cannot be combined with --transformer")
-  pipe = pipeline.load_pipeline(model or demo_model_dir(), loras=loras)
+  pipe = pipeline.load_pipeline(
+    model or demo_model_dir(),
+    loras=loras,
+    lora_merge=bool(loras and quantize_weights),
+    quantize_weights=quantize_weights,
+  )
   if transformer:
     cfg, params = transformer_weights.load(transformer)
     if (cfg.text_embed_dim, cfg.in_channels) != (
@@ -301,6 +313,8 @@ def load(model: str | None, transformer: str | None, loras=()):
         f"channels {cfg.text_embed_dim}/{cfg.in_channels} vs "
         f"{pipe.transformer_config.text_embed_dim}/{pipe.transformer_config.in_channels}"
       )
+    if "transformer" in quantize_weights:
+      params = quantize.quantize_params(params)
     pipe = dataclasses.replace(pipe, transformer_config=cfg, transformer_params=params)
   return pipe
 
@@ -312,7 +326,7 @@ def main(argv=None) -> int:
       raise ValueError("--seeds and --batch-size must be >= 1")
     check_output(args.out, "--out", folder=False)  # before the work, not after it
     loras = [config_lib.parse_lora_arg(text) for text in args.lora]
-    pipe = load(args.model, args.transformer, loras)
+    pipe = load(args.model, args.transformer, loras, quantize.CHOICES[args.quantize])
     settings = pipeline.settings_for(
       pipe,
       steps=args.steps,
@@ -336,7 +350,13 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  result.update(split=args.split, split_seed=args.split_seed, transformer=args.transformer, loras=pipe.loras)
+  result.update(
+    split=args.split,
+    split_seed=args.split_seed,
+    transformer=args.transformer,
+    loras=pipe.loras,
+    quantized=list(pipe.quantized),
+  )
   out = pathlib.Path(args.out)
   atomic_write(out, json.dumps(result, indent=1))
   print(format_table(result))

@@ -25,7 +25,9 @@ import numpy as np
 from repvideo_jax import config as config_lib
 from repvideo_jax import (
   lora,
+  memory,
   outputs,
+  quantize,
   samplers,
   schedule,
   sharding,
@@ -63,6 +65,21 @@ class Pipeline:
   # merged into transformer_params), and a description of every LoRA loaded (path, scale, ...).
   transformer_loras: list[tuple[dict[str, Any], float]] = dataclasses.field(default_factory=list)
   loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  quantized: tuple[str, ...] = ()  # components whose layer kernels are int8 (repvideo_jax.quantize)
+  # Where the weights live (repvideo_jax.memory): made on first use, for this object only.
+  _residency: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+  def residency(self, offload: str | None = None) -> memory.Residency:
+    """The ``memory.Residency`` that moves this pipeline's weights to and from the device. ``offload``
+    None keeps the current one (made with "auto" on first use); a different mode moves every model
+    back to the host and starts a new one."""
+    res = self._residency
+    if res is not None and res.pipe is self and offload in (None, res.requested):
+      return res
+    if res is not None and res.pipe is self:
+      res.release_all()
+    self._residency = memory.Residency(self, offload or "auto")
+    return self._residency
 
   def merged_transformer_params(self) -> dict[str, Any]:
     """``transformer_params`` with the unmerged LoRAs folded in: what the sampler applies layer by
@@ -74,9 +91,10 @@ class Pipeline:
     return params
 
   def encode_prompts(self, prompts, use_mask: bool = False):
-    """Prompts -> T5 embeddings (B, text_length, d_model), as released (no mask, pads kept)."""
+    """Prompts -> T5 embeddings (B, text_length, d_model), as released (no mask, pads kept). The text
+    encoder is placed on the device first (and the models the offload mode moves out for it leave)."""
     return TE.encode_prompts(
-      self.text_encoder_params,
+      self.residency().stage("text_encoder"),
       self.text_encoder_config,
       self.tokenizer,
       prompts,
@@ -106,6 +124,7 @@ def load_pipeline(
   verify: bool = True,
   loras: Sequence[tuple[str | pathlib.Path, float]] = (),
   lora_merge: bool = False,
+  quantize_weights: Sequence[str] = (),
 ) -> Pipeline:
   """Loads every component of a model folder; overrides replace config fields (e.g. dtype).
 
@@ -117,7 +136,16 @@ def load_pipeline(
   ``loras``: (path, scale) pairs of LoRAs for the transformer (``repvideo_jax.lora``, either file
   format), checked against it. Unmerged (default) the sampler applies them layer by layer inside
   the layer scan; ``lora_merge=True`` folds them into the transformer params once, here.
+
+  ``quantize_weights``: components ("text_encoder", "transformer") whose layer kernels are stored as
+  int8 with per-channel scales (``repvideo_jax.quantize``; after merging LoRAs, if any).
   """
+  quantize_weights = tuple(quantize_weights)
+  bad = sorted(set(quantize_weights) - set(quantize.COMPONENTS))
+  if bad:
+    raise ValueError(f"quantize_weights: unknown component(s) {bad}; choose from {quantize.COMPONENTS}")
+  if "transformer" in quantize_weights and not load_transformer:
+    raise ValueError("quantize_weights names the transformer, but load_transformer=False")
   path = pathlib.Path(path)
   loras = _check_loras(loras, load_transformer)
   if not path.is_dir():
@@ -191,6 +219,14 @@ def load_pipeline(
         **config_lib.to_dict(loaded.config),
       }
     )
+  if "transformer" in quantize_weights and pipe.transformer_loras:
+    raise ValueError(
+      "int8 transformer weights with unmerged LoRAs: pass lora_merge=True (sample.py --lora-merge), "
+      "so the LoRAs are folded in before the weights are quantized"
+    )
+  for name in quantize_weights:
+    setattr(pipe, f"{name}_params", quantize.quantize_params(getattr(pipe, f"{name}_params")))
+  pipe.quantized = tuple(c for c in quantize.COMPONENTS if c in quantize_weights)
   return pipe
 
 
@@ -381,11 +417,17 @@ class SamplingPreset:
   vae: dict | None = None  # VAEConfig overrides
   vae_tiling: bool = False  # decode in overlapping spatial tiles (diffusers' tiled_decode)
   mesh: dict | None = None  # {data, fsdp, tensor, context}; default: default_sample_mesh
+  offload: str = "auto"  # which models stay on the device between stages (memory.OFFLOAD_MODES)
+  quantize: str = "none"  # int8 layer kernels: none | text-encoder | transformer | all
 
   def __post_init__(self):
     for name in ("batch", "frames", "height", "width"):
       if getattr(self, name) < 1:
         raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+    if self.offload not in memory.OFFLOAD_MODES:
+      raise ValueError(f"sample.offload must be one of {memory.OFFLOAD_MODES}, got {self.offload!r}")
+    if self.quantize not in quantize.CHOICES:
+      raise ValueError(f"sample.quantize must be one of {tuple(quantize.CHOICES)}, got {self.quantize!r}")
 
 
 def load_sampling_preset(name_or_path, overrides=()) -> SamplingPreset:
@@ -474,16 +516,16 @@ def _sample(
   b = text.shape[0]
   if noise is None:
     noise = initial_noise(settings, settings.latent_shape(tcfg, vcfg), b, first_index)
-  params = pipe.transformer_params
+  replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = pipe.residency().stage("transformer", replicated)  # placed once, kept per the offload mode
   if pipe.transformer_loras:  # unmerged LoRAs ride with the params (scales traced: no recompile)
     params = (params, [(tree, jnp.float32(scale)) for tree, scale in pipe.transformer_loras])
   if mesh is not None:
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = sharding.batch_sharding(mesh, b)
     noise, text = jax.device_put(noise, batch), jax.device_put(text, batch)
     if text_uncond is not None:
       text_uncond = jax.device_put(text_uncond, batch if text_uncond.shape[0] == b else replicated)
-    params = jax.device_put(params, replicated)
+    params = jax.device_put(params, replicated)  # the LoRAs (the base params are placed already)
   model_fn = _lora_model_fn(tcfg) if pipe.transformer_loras else _model_fn(tcfg)
   plan = step_cache_plan(pipe, settings)
   if return_changes:
@@ -558,14 +600,85 @@ def _lora_model_fn(tcfg: TransformerConfig):
   return functools.partial(_apply_with_loras, config=tcfg)
 
 
-def decode_latents(pipe: Pipeline, latents, tiling: bool = False):
-  """Scaled latents -> float video in [-1, 1]-ish, (B, F, H, W, 3), with the released chunking.
-  ``tiling`` decodes in overlapping spatial tiles (diffusers' ``tiled_decode``), streamed one video,
-  tile and chunk at a time (``vae.decode_streamed``): the memory of one tile-chunk step."""
-  if tiling:
-    return V.decode_streamed(pipe.vae_params, latents, config=pipe.vae_config, tiling=V.TilingConfig())
+TILING_MODES = memory.TILING_MODES
+
+
+def _tiling_mode(tiling) -> str:
+  """``vae_tiling`` as auto/on/off (True and False are on and off)."""
+  if isinstance(tiling, bool):
+    return "on" if tiling else "off"
+  if tiling not in TILING_MODES:
+    raise ValueError(f"vae_tiling must be one of {TILING_MODES}, got {tiling!r}")
+  return tiling
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_program(vcfg: VAEConfig, chunking: str):
+  """The untiled decode of a whole batch as one jitted program (one object per config: compiled once)."""
+  return jax.jit(functools.partial(V.decode, config=vcfg, chunking=chunking))
+
+
+_UNTILED_BYTES: dict[tuple, int] = {}
+
+
+def _replicated_like(x):
+  """Weights replicated over the mesh ``x`` is sharded on (a batch sampled on a mesh decodes there,
+  each device its share of the videos); None (the default device) for a single-device array."""
+  sh = getattr(x, "sharding", None)
+  if isinstance(sh, jax.sharding.NamedSharding) and len(sh.device_set) > 1:
+    return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+  return None
+
+
+def untiled_decode_bytes(pipe: Pipeline, latents) -> int:
+  """Device bytes the untiled decode of ``latents`` needs beyond the VAE's weights (already placed):
+  the compiler's memory analysis of the program ``decode_latents`` runs (temporaries, the latents and
+  the video; compiled once per shape, and the compilation is reused by the decode itself)."""
+  vcfg = pipe.vae_config
+  latents = jnp.asarray(latents)
   chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
-  return V.decode(pipe.vae_params, latents, config=pipe.vae_config, chunking=chunking)
+  key = (vcfg, chunking, tuple(latents.shape), str(latents.dtype), str(latents.sharding))
+  if key not in _UNTILED_BYTES:
+    params = pipe.residency().stage("vae", _replicated_like(latents))
+    compiled = _decode_program(vcfg, chunking).lower(params, latents).compile()
+    _UNTILED_BYTES[key] = max(0, memory.compiled_bytes(compiled) - memory.tree_bytes(params))
+  return _UNTILED_BYTES[key]
+
+
+def decode_latents(
+  pipe: Pipeline, latents, tiling: str | bool = "off", tile: V.TilingConfig | None = None, info=None
+):
+  """Scaled latents -> float video in [-1, 1]-ish, (B, F, H, W, 3), with the released chunking.
+
+  ``tiling``: "off" decodes the batch as one program; "on" decodes in overlapping spatial tiles
+  (diffusers' ``tiled_decode``, ``tile`` sets their size and overlap), streamed one video, tile and
+  chunk at a time (``vae.decode_streamed``): the memory of one tile-chunk step; "auto" tiles only when
+  the untiled decode would not fit the device's free memory (``untiled_decode_bytes``, with
+  ``memory.RESERVE`` of headroom). ``info`` (a dict) receives what was chosen and why."""
+  mode = _tiling_mode(tiling)
+  latents = jnp.asarray(latents)
+  params = pipe.residency().stage("vae", _replicated_like(latents))
+  record = {"vae_tiling_requested": mode}
+  if mode == "auto":
+    need, free = untiled_decode_bytes(pipe, latents), memory.free_bytes()
+    mode = "off" if need <= (1.0 - memory.RESERVE) * free else "on"
+    record.update(untiled_decode_gib=round(need / 2**30, 3), free_gib=round(free / 2**30, 2))
+  record["vae_tiling"] = mode
+  if info is not None:
+    info.update(record)
+  if mode == "on":
+    return V.decode_streamed(params, latents, config=pipe.vae_config, tiling=tile or V.TilingConfig())
+  chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
+  return _decode_program(pipe.vae_config, chunking)(params, latents)
+
+
+def encode_for_sampling(pipe: Pipeline, prompts, settings: GenerationSettings):
+  """Prompts -> (text, unconditional text) embeddings as the sampler takes them: what ``generate``
+  computes first. Encode every prompt of a run with it before sampling, and the text encoder can
+  leave the device for the rest of the run (``Pipeline.residency``)."""
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  text = pipe.encode_prompts(prompts)
+  return text, unconditional_text(pipe, settings, text)
 
 
 def generate(
@@ -579,27 +692,40 @@ def generate(
   noise=None,
   output: str = "uint8",
   first_index: int = 0,
-  vae_tiling: bool = False,
+  vae_tiling: str | bool = "auto",
+  vae_tile: V.TilingConfig | None = None,
+  offload: str | None = None,
+  embeddings=None,
 ):
   """Prompts -> frames (B, num_frames, height, width, 3): uint8, or float in [0, 1] with
-  ``output="float"``. ``noise`` overrides the seeded initial latents; ``timings`` is filled in.
+  ``output="float"``. ``noise`` overrides the seeded initial latents; ``timings`` is filled in with
+  each stage's seconds, the VAE tiling chosen and what was copied to and from the device.
 
   Randomness: the initial latents of video k are keyed by (seed, first_index + k), and the sampler's
   per-step noise by (seed, first_index); the same seed, prompts and batching give the same videos.
   ``mesh``: shard the batch over the mesh's data axes and each video's sequence over its context
   axis (params replicated).
+
+  Memory (repvideo_jax.memory): ``offload`` none | text | stage | auto says which models stay on the
+  device between stages (None: keep the pipeline's current mode, "auto" at first); ``vae_tiling``
+  auto | on | off and ``vae_tile`` (tile size and overlap) as in ``decode_latents``. ``embeddings``:
+  (text, unconditional text) from ``encode_for_sampling``, to skip the text encoder here.
   """
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   settings.validate(pipe.transformer_config, pipe.vae_config)
+  res = pipe.residency(offload)
+  first_copy = len(res.copies)
   t0 = time.perf_counter()
-  text = pipe.encode_prompts(prompts)
-  uncond = unconditional_text(pipe, settings, text)
+  text, uncond = embeddings if embeddings is not None else encode_for_sampling(pipe, prompts, settings)
+  if text.shape[0] != len(prompts):
+    raise ValueError(f"embeddings hold {text.shape[0]} prompts, but {len(prompts)} prompts were given")
   t1 = time.perf_counter()
   latents = _sample(
     pipe, text, uncond, settings, mesh=mesh, progress=progress, noise=noise, first_index=first_index
   )
   t2 = time.perf_counter()
-  video = np.asarray(decode_latents(pipe, latents, tiling=vae_tiling))
+  decode_info: dict = {}
+  video = np.asarray(decode_latents(pipe, latents, tiling=vae_tiling, tile=vae_tile, info=decode_info))
   t3 = time.perf_counter()
   if timings is not None:
     timings.update(
@@ -607,6 +733,8 @@ def generate(
       sampling_s=t2 - t1,
       vae_decode_s=t3 - t2,
       seconds_per_step=(t2 - t1) / settings.steps,
+      vae=decode_info,
+      memory=res.summary(first_copy),
     )
   if output == "float":
     return np.clip((video + 1.0) / 2.0, 0.0, 1.0)

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from transformers import T5Tokenizer
 
-from repvideo_jax import sharding
+from repvideo_jax import quantize, sharding
 from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate, remat
 
 T5_DTYPES = ("float32", "bfloat16")  # float16 overflows in T5 v1.1 activations
@@ -274,7 +274,8 @@ class T5Encoder(nnx.Module):
 
     def step(h, params):
       h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
-      return nnx.merge(graphdef, params)(h, bias, mask_bias), None
+      block = nnx.merge(graphdef, quantize.dequantize_layer(params))  # int8 kernels: this layer only
+      return block(h, bias, mask_bias), None
 
     step = remat(step, cfg.remat)
     if cfg.scan_layers:

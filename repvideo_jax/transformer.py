@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from repvideo_jax import sharding
+from repvideo_jax import quantize, sharding
 from repvideo_jax.attention import QKV_AXES, attention, resolve_backend
 from repvideo_jax.functional import DTYPES, REMAT_POLICIES, Functional, annotate, remat
 
@@ -681,7 +681,7 @@ class RepVideoTransformer(nnx.Module):
       params, cache_gate, reset, layer_lora, drop_key = xs
       inp = cache.mix(h, cache_gate)
       inp = sharding.constrain(inp, ("activation_batch", "activation_length", "activation_embed"))
-      block = nnx.merge(graphdef, params)
+      block = nnx.merge(graphdef, quantize.dequantize_layer(params))  # int8 kernels: this layer only
       if drop_key is not None:
         _branch_block(block, layer_lora, lora_multipliers, LoraDropout(lora_dropout.rate, drop_key))
       elif layer_lora is not None:

@@ -85,6 +85,8 @@ def test_sample_py_end_to_end_and_reproducible(model_dir, tmp_path):
     (["--steps", 0], "steps"),
     (["--guidance", 0.5], "guidance"),
     (["--prompts-file", "/no/such/file"], "does not exist"),
+    (["--vae-tile", "240"], "HEIGHTxWIDTH"),
+    (["--vae-tile-overlap", "0.7"], "fractions in \\[0, 0.5\\)"),
   ],
 )
 def test_bad_arguments_exit_cleanly(model_dir, tmp_path, extra, match):
@@ -105,6 +107,39 @@ def test_bad_arguments_exit_cleanly(model_dir, tmp_path, extra, match):
   )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "error:" in proc.stderr and __import__("re").search(match, proc.stderr)
+
+
+def test_memory_flags_offload_tiling_and_int8(model_dir, tmp_path):
+  """--offload text encodes both prompts first, so only the first batch copies anything and the text
+  encoder leaves once; the frames equal the default run's. --low-memory swaps the models every batch
+  and decodes in tiles; --quantize all stores int8 layer kernels (different, close frames)."""
+  common = ["--model", model_dir, "--prompt", "a red circle", "--prompt", "ocean waves", "--frames", 9]
+  common += ["--height", 64, "--width", 64, "--steps", 2, "--no-progress", "--batch-size", 1]
+  runs = {}
+  for name, extra in (
+    ("default", []),
+    ("text", ["--offload", "text"]),
+    ("low", ["--low-memory", "--vae-tile", "32x32", "--vae-tile-overlap", "0.25", "--quantize", "all"]),
+  ):
+    proc = _sample(*common, "--out", tmp_path / name, *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs[name] = [json.loads(p.read_text()) for p in sorted((tmp_path / name).glob("*.json"))]
+  for meta in runs["default"]:  # CPU: the host's RAM holds everything, so auto keeps all resident
+    assert meta["memory_settings"]["offload"] == "none" and meta["memory_settings"]["vae_tiling"] == "off"
+  first, second = (m["timings"]["memory"] for m in runs["text"])
+  moved = lambda m, d: sorted(c["component"] for c in m["copies"] if c["direction"] == d)
+  assert moved(first, "in") == ["text_encoder", "transformer", "vae"] and moved(first, "out") == [
+    "text_encoder"
+  ]
+  assert second["copies"] == [] and second["copied_in_gib"] == 0
+  for a, b in zip(runs["default"], runs["text"], strict=True):
+    assert a["frames_sha256"] == b["frames_sha256"]
+  low = runs["low"][1]
+  assert low["memory_settings"]["offload"] == "stage" and low["memory_settings"]["vae_tiling"] == "on"
+  assert low["memory_settings"]["quantize"] == ["text_encoder", "transformer"]
+  assert low["memory_settings"]["vae_tile"]["tile_sample_height"] == 32
+  assert moved(low["timings"]["memory"], "in") == ["transformer", "vae"]  # T5 was done before batch 1
+  assert all(a["frames_sha256"] != b["frames_sha256"] for a, b in zip(runs["default"], runs["low"]))
 
 
 def test_missing_model_and_no_prompt(tmp_path):
