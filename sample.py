@@ -125,7 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=None,
     help="which models stay on the device between stages: none (all stay), text (the text encoder "
     "leaves once every prompt is encoded), stage (only the running stage's model is on the device). "
-    "Default auto: the lightest that leaves a quarter of the device free",
+    "Default: the preset's, else auto: the first of none, text, stage whose weights on the device at "
+    "any one stage fit in three quarters of its memory",
   )
   m.add_argument(
     "--vae-tiling",
@@ -346,6 +347,9 @@ def run(args, written: list) -> int:
     step_cache=args.step_cache,
   )
   plan = pipeline.step_cache_plan(pipe, settings)  # before any sampling: a missing calibration fails now
+  if vae_tile is not None and vae_tiling != "off":  # tiles that cannot tile fail now, not after sampling
+    _, lat_h, lat_w, _ = settings.latent_shape(pipe.transformer_config, pipe.vae_config)
+    pipeline.check_tiles(pipe.vae_config, vae_tile, lat_h, lat_w)
   load_s = time.perf_counter() - t0
   out = pathlib.Path(args.out)  # created by check_args
   first_number = 0 if args.overwrite else next_number(out)

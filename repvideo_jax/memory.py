@@ -157,6 +157,10 @@ class Residency:
     self.mode = choose_offload(self.weights, self.capacity) if mode == "auto" else mode
     self.copies: list[Copy] = []
     self.placed: dict[str, Any] = {}  # component -> the sharding it was placed with
+    # which leaves (by position) this object copied to the device: release frees only those; arrays
+    # that were on the device already may be shared with another pipeline object (a
+    # dataclasses.replace copy), and device_put hands them back without a copy
+    self._owned: dict[str, list[bool]] = {}
 
   def _params(self, name: str):
     return getattr(self.pipe, f"{name}_params")
@@ -182,8 +186,10 @@ class Residency:
     if name in self.placed and self.placed[name] == target:
       return params
     t0 = time.perf_counter()
+    owned = [not _already_on(x, target) for x in jax.tree.leaves(params)]
     params = jax.block_until_ready(jax.device_put(params, target))
     self.copies.append(Copy(name, "in", tree_bytes(params), time.perf_counter() - t0))
+    self._owned[name] = owned
     self._set(name, params)
     self.placed[name] = target
     return params
@@ -196,8 +202,9 @@ class Residency:
     t0 = time.perf_counter()
     host = jax.device_get(params)
     host = jax.tree.map(np.array, host)  # own the memory: on CPU, device_get can return views
-    for x in jax.tree.leaves(params):
-      if isinstance(x, jax.Array) and not x.is_deleted():
+    owned = self._owned.pop(name, [])
+    for x, mine in zip(jax.tree.leaves(params), owned):
+      if mine and isinstance(x, jax.Array) and not x.is_deleted():
         x.delete()
     self.copies.append(Copy(name, "out", tree_bytes(host), time.perf_counter() - t0))
     self._set(name, host)
@@ -220,6 +227,15 @@ class Residency:
       "copy_s": round(sum(c.seconds for c in rows), 3),
       "copies": [dataclasses.asdict(c) for c in rows],
     }
+
+
+def _already_on(x, target) -> bool:
+  """Whether ``jax.device_put(x, target)`` would hand back x's own buffers (no copy)."""
+  if not isinstance(x, jax.Array):
+    return False
+  if isinstance(target, jax.sharding.Sharding):
+    return x.sharding.is_equivalent_to(target, x.ndim)
+  return x.sharding.device_set == {target}
 
 
 # ----------------------------------------------------------------------------------------------

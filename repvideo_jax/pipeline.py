@@ -667,9 +667,27 @@ def decode_latents(
   if info is not None:
     info.update(record)
   if mode == "on":
-    return V.decode_streamed(params, latents, config=pipe.vae_config, tiling=tile or V.TilingConfig())
+    tile = tile or V.TilingConfig()
+    check_tiles(pipe.vae_config, tile, latents.shape[2], latents.shape[3])
+    return V.decode_streamed(params, latents, config=pipe.vae_config, tiling=tile)
   chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
   return _decode_program(pipe.vae_config, chunking)(params, latents)
+
+
+def check_tiles(vcfg: VAEConfig, tile: V.TilingConfig, latent_h: int, latent_w: int) -> None:
+  """Raises ValueError when ``tile`` would not tile latents of this size although they are larger
+  than one tile: diffusers' tile plan needs its strides (tile x (1 - overlap), in latents) to meet
+  the cropped tiles exactly in pixels, and otherwise the decode would fall back to untiled, with the
+  memory tiling was asked to save."""
+  sh, sw, lh, lw, _, _ = tile.resolve(vcfg)
+  if (latent_h > lh or latent_w > lw) and V._tile_plan(tile, vcfg, latent_h, latent_w) is None:
+    s = vcfg.spatial_compression
+    raise ValueError(
+      f"VAE tiles of {sh}x{sw} pixels with overlaps {tile.overlap_factor_height:.4g} x "
+      f"{tile.overlap_factor_width:.4g} do not meet evenly at this VAE's {s}x compression: use tile "
+      f"sizes whose latent size times (1 - overlap) is a whole number, e.g. 240x360, 192x240 or 96x120 "
+      f"with the default overlaps 1/6 x 1/5"
+    )
 
 
 def encode_for_sampling(pipe: Pipeline, prompts, settings: GenerationSettings):

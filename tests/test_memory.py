@@ -6,6 +6,8 @@ are, never the numbers. The auto-tiled decode is compared with ``vae.decode_stre
 test_vae checks against diffusers' tiled decode.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -101,6 +103,14 @@ def test_release_frees_device_buffers(folder):
   for a, b in zip(before, host, strict=True):
     np.testing.assert_array_equal(a, b)
   assert res.place("transformer") is pipe.transformer_params and "transformer" in res.placed
+  # A copy of the pipeline (dataclasses.replace, as evaluate and the trainer make) shares the placed
+  # arrays; moving its transformer out must not free the buffers the original still uses.
+  copy = dataclasses.replace(pipe)
+  assert copy.residency("stage") is not res
+  copy.residency().stage("transformer")
+  copy.residency().stage("vae")  # the copy's transformer leaves
+  assert type(jax.tree.leaves(copy.transformer_params)[0]) is np.ndarray
+  assert not any(x.is_deleted() for x in jax.tree.leaves(pipe.transformer_params))
 
 
 def test_vae_tiling_auto_follows_free_memory(folder, monkeypatch):
@@ -123,3 +133,6 @@ def test_vae_tiling_auto_follows_free_memory(folder, monkeypatch):
     np.testing.assert_allclose(out, ref, atol=1e-5)
   with pytest.raises(ValueError, match="vae_tiling must be one of"):
     pipeline.decode_latents(pipe, z, tiling="sometimes")
+  # tiles whose strides do not meet the crops would silently decode untiled: refused instead
+  with pytest.raises(ValueError, match="do not meet evenly"):
+    pipeline.decode_latents(pipe, z, tiling="on", tile=V.TilingConfig(32, 32))
