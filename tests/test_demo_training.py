@@ -176,6 +176,25 @@ def test_vae_loss_terms_and_latent_scale():
   assert float(loss) == pytest.approx(np.abs(err).mean() + (err**2).mean() + 0.5 * kl, rel=1e-5)
   scale = vae_training.latent_scale(params, VAE, video, batch_size=1)
   assert scale == pytest.approx(1.0 / mean.std(), rel=1e-5)
+  # The edge and gradient terms, in numpy: the 5 x 5 max - min of the brightest channel, padded with
+  # the edge-neutral -inf/+inf of "SAME" windows, and plain finite differences along H and W.
+  weighted, t2 = vae_training.loss_terms(
+    params, x, key, config=VAE, kl_weight=0.5, edge_weight=2.0, gradient_weight=3.0
+  )
+  target = np.asarray(x, np.float64)
+  lum = target.max(axis=-1)
+  pad_hi = np.pad(lum, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-np.inf)
+  pad_lo = np.pad(lum, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=np.inf)
+  h, w = lum.shape[2:]
+  hi = np.max([pad_hi[:, :, i : i + h, j : j + w] for i in range(5) for j in range(5)], axis=0)
+  lo = np.min([pad_lo[:, :, i : i + h, j : j + w] for i in range(5) for j in range(5)], axis=0)
+  band = (hi - lo > 0.5)[..., None]
+  assert 0 < band.mean() < 0.9  # the test clip has edges, and not only edges
+  edge = (band * np.abs(err)).sum() / (3 * band.sum() + 1)
+  grad = sum(np.abs(np.diff(recon, axis=a) - np.diff(target, axis=a)).mean() for a in (2, 3))
+  assert float(t2["edge"]) == pytest.approx(edge, rel=1e-4)
+  assert float(t2["gradient"]) == pytest.approx(grad, rel=1e-4)
+  assert float(weighted) == pytest.approx(float(loss) + 2.0 * edge + 3.0 * grad, rel=1e-5)
 
 
 def test_vae_training_rejects_bad_settings(tmp_path):
