@@ -11,7 +11,8 @@ the setting's offload mode keeps on the device during that stage (``memory.resid
 
 - ``default``: what sample.py does on a 16 GB device with no memory flags: offload auto (chosen by
   ``memory.choose_offload`` from the weights and the device size), VAE tiling auto (the untiled
-  decode is compiled too: when it does not fit, auto tiles);
+  decode is compiled too: when it does not fit, auto tiles; when even the tile step does not fit
+  beside the models kept on the device, they move out first, as ``Residency.make_room`` does);
 - ``low-memory``: ``--low-memory`` (offload stage, VAE tiles, T5 in bfloat16);
 - ``low-memory-int8``: ``--low-memory --quantize text-encoder``;
 - ``int8-all``: offload auto with ``--quantize all``.
@@ -95,8 +96,13 @@ def plan(target: str, setting: str, base: str) -> dict:
     decode = compiled(dataclasses.replace(spec, vae_tiling=True), "vae_decode")
   else:
     decode = untiled
+  moved = []
   for stage, report in zip(("text_encoder", "transformer", "vae"), (reports[0], reports[1], decode)):
     others = sum(weights[c] for c in resident[stage] if c != stage)
+    if stage == "vae" and cfg["tiling"] == "auto":  # as decode_latents: Residency.make_room
+      need = report.total_bytes - weights["vae"]
+      if need > (1 - memory.RESERVE) * (CAPACITY_16GB - weights["vae"] - others):
+        moved, others = [c for c in resident["vae"] if c != "vae"], 0
     rows.append(
       dict(
         stage={"text_encoder": "text encoding", "transformer": "sampling (one CFG step)", "vae": "decoding"}[
@@ -116,6 +122,7 @@ def plan(target: str, setting: str, base: str) -> dict:
     offload=offload,
     vae_tiling=tiling,
     untiled_decode_gib=round(untiled.total_bytes / GIB, 2),
+    moved_out_for_decode=moved,
     quantize=cfg["quantize"],
     weights_gib={k: round(v / GIB, 2) for k, v in weights.items()},
     stages=rows,

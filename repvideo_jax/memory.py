@@ -210,6 +210,17 @@ class Residency:
     self._set(name, host)
     del self.placed[name]
 
+  def make_room(self, keep: str, need: int) -> list[str]:
+    """Before a program that needs ``need`` device bytes beyond what is placed: when that is more
+    than ``1 - RESERVE`` of the free memory, moves every placed model except ``keep`` back to the
+    host. Returns the models it moved (the next stage places them again)."""
+    if need <= (1.0 - RESERVE) * free_bytes(self.device):
+      return []
+    moved = [name for name in list(self.placed) if name != keep]
+    for name in moved:
+      self.release(name)
+    return moved
+
   def release_all(self) -> None:
     for name in list(self.placed):
       self.release(name)

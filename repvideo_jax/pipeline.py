@@ -645,6 +645,21 @@ def untiled_decode_bytes(pipe: Pipeline, latents) -> int:
   return _UNTILED_BYTES[key]
 
 
+def tiled_step_bytes(pipe: Pipeline, latents, tile: V.TilingConfig) -> int:
+  """Device bytes the largest step of the tiled, streamed decode needs beyond the VAE's weights (the
+  first temporal chunk of one tile, from the compiler's memory analysis; the compilation is the one
+  the decode then runs)."""
+  vcfg = pipe.vae_config
+  shape, _ = V.streamed_steps(vcfg, tuple(latents.shape[1:]), tile)[0]
+  key = ("tile", vcfg, shape)
+  if key not in _UNTILED_BYTES:
+    params = pipe.residency().stage("vae")
+    z = jax.ShapeDtypeStruct(shape, jnp.float32)
+    compiled = V._decode_chunk.lower(params, z, None, config=vcfg).compile()
+    _UNTILED_BYTES[key] = max(0, memory.compiled_bytes(compiled) - memory.tree_bytes(params))
+  return _UNTILED_BYTES[key]
+
+
 def decode_latents(
   pipe: Pipeline, latents, tiling: str | bool = "off", tile: V.TilingConfig | None = None, info=None
 ):
@@ -654,21 +669,33 @@ def decode_latents(
   (diffusers' ``tiled_decode``, ``tile`` sets their size and overlap), streamed one video, tile and
   chunk at a time (``vae.decode_streamed``): the memory of one tile-chunk step; "auto" tiles only when
   the untiled decode would not fit the device's free memory (``untiled_decode_bytes``, with
-  ``memory.RESERVE`` of headroom). ``info`` (a dict) receives what was chosen and why."""
+  ``memory.RESERVE`` of headroom). With "auto", when even the chosen decode would not fit beside the
+  models the offload mode keeps (the transformer), those leave the device first
+  (``Residency.make_room``). ``info`` (a dict) receives what was chosen and why."""
   mode = _tiling_mode(tiling)
   latents = jnp.asarray(latents)
-  params = pipe.residency().stage("vae", _replicated_like(latents))
+  res = pipe.residency()
+  params = res.stage("vae", _replicated_like(latents))
   record = {"vae_tiling_requested": mode}
-  if mode == "auto":
+  auto = mode == "auto"
+  if auto:
     need, free = untiled_decode_bytes(pipe, latents), memory.free_bytes()
     mode = "off" if need <= (1.0 - memory.RESERVE) * free else "on"
     record.update(untiled_decode_gib=round(need / 2**30, 3), free_gib=round(free / 2**30, 2))
+  if mode == "on":
+    if tile is not None:  # asked for: refuse tiles that cannot tile (the defaults fall back, below)
+      check_tiles(pipe.vae_config, tile, latents.shape[2], latents.shape[3])
+    # diffusers' default tiles (half the VAE's sample size) are too small for a tiny VAE to tile
+    # evenly: vae._tile_plan then decodes untiled, as before
+    tile = tile or V.TilingConfig()
+  if auto:  # the decode's own need, against what the models kept on the device leave free
+    need = tiled_step_bytes(pipe, latents, tile) if mode == "on" else need
+    record["decode_gib"] = round(need / 2**30, 3)
+    record["moved_out_for_decode"] = res.make_room("vae", need)
   record["vae_tiling"] = mode
   if info is not None:
     info.update(record)
   if mode == "on":
-    tile = tile or V.TilingConfig()
-    check_tiles(pipe.vae_config, tile, latents.shape[2], latents.shape[3])
     return V.decode_streamed(params, latents, config=pipe.vae_config, tiling=tile)
   chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
   return _decode_program(pipe.vae_config, chunking)(params, latents)

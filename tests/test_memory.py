@@ -124,12 +124,23 @@ def test_vae_tiling_auto_follows_free_memory(folder, monkeypatch):
   untiled = np.asarray(V.decode(pipe.vae_params, z, config=pipe.vae_config, chunking="released"))
   tiled = np.asarray(V.decode_streamed(pipe.vae_params, z, config=pipe.vae_config, tiling=tile))
   assert np.abs(tiled - untiled).max() > 1e-4  # the two decodes differ, so the choice is visible
-  for free, expected, ref in ((need * 10.0, "off", untiled), (need * 1.2, "on", tiled)):
+  step = pipeline.tiled_step_bytes(pipe, z, tile)
+  assert 0 < step < need  # one tile's first chunk needs less than the whole decode
+  res = pipe.residency("none")
+  cases = (  # free memory -> tiling, models moved out for the decode (the transformer is placed)
+    (need * 10.0, "off", [], untiled),
+    (need * 1.2, "on", [], tiled),  # 0.9 * need < need, and the tile step fits
+    (step, "on", ["transformer"], tiled),  # even the tile step needs more than 3/4 of what is free
+  )
+  for free, expected, moved, ref in cases:
+    res.place("transformer")
     monkeypatch.setattr(memory, "free_bytes", lambda device=None, free=free: free)
     info = {}
     out = np.asarray(pipeline.decode_latents(pipe, z, tiling="auto", tile=tile, info=info))
     assert info["vae_tiling"] == expected and info["vae_tiling_requested"] == "auto"
     assert info["untiled_decode_gib"] == pytest.approx(need / GIB, abs=1e-3)
+    assert info["moved_out_for_decode"] == moved
+    assert ("transformer" in res.placed) == (not moved)
     np.testing.assert_allclose(out, ref, atol=1e-5)
   with pytest.raises(ValueError, match="vae_tiling must be one of"):
     pipeline.decode_latents(pipe, z, tiling="sometimes")
