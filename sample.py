@@ -163,8 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   m.add_argument(
     "--low-memory",
     action="store_true",
-    help="the 12 GB preset: --offload stage --vae-tiling on --text-encoder-dtype bfloat16 (flags "
-    "given here still win); add --quantize text-encoder for less",
+    help="settings for a 12 GB accelerator: --offload stage --vae-tiling on, with T5 in bfloat16 "
+    "(the accelerator default); flags given here still win. Add --quantize text-encoder for less",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.add_argument(
@@ -295,10 +295,10 @@ def run(args, written: list) -> int:
     layout = preset.mesh or pipeline.default_sample_mesh(n_dev, args.batch_size, preset.use_guidance)
   accelerator = jax.default_backend() != "cpu"
   dtype = args.dtype or ("bfloat16" if accelerator else "float32")
-  if args.low_memory:  # the 12 GB preset fills what the command line leaves unset
+  if args.low_memory:  # the settings for a 12 GB device fill what the command line leaves unset
     args.offload = args.offload or "stage"
     args.vae_tiling = args.vae_tiling or "on"
-    args.text_encoder_dtype = args.text_encoder_dtype or "bfloat16"
+    # (T5 in bfloat16 is the accelerator default already; XLA:CPU would need more memory for it)
   vae_tiling = args.vae_tiling or ("on" if preset is not None and preset.vae_tiling else "auto")
   vae_tile = V.TilingConfig(**args.vae_tile_config) if args.vae_tile_config else None
   if preset is not None:  # the preset's memory settings, where the command line gives none
@@ -315,7 +315,9 @@ def run(args, written: list) -> int:
     for c in overrides.values():
       c["dtype"] = dtype
   # T5 weights and compute: bfloat16 on accelerators unless asked (docs/memory.md states its parity)
-  text_encoder_dtype = args.text_encoder_dtype or ("bfloat16" if accelerator else None)
+  text_encoder_dtype = args.text_encoder_dtype
+  if text_encoder_dtype is None and accelerator and not args.dtype and not (preset and preset.text_encoder):
+    text_encoder_dtype = "bfloat16"  # unless --dtype or the preset says otherwise
   if text_encoder_dtype:
     overrides["text_encoder"].update(dtype=text_encoder_dtype, param_dtype=text_encoder_dtype)
   pipe = pipeline.load_pipeline(
@@ -347,7 +349,11 @@ def run(args, written: list) -> int:
     step_cache=args.step_cache,
   )
   plan = pipeline.step_cache_plan(pipe, settings)  # before any sampling: a missing calibration fails now
-  if vae_tile is not None and vae_tiling != "off":  # tiles that cannot tile fail now, not after sampling
+  if vae_tile is not None and vae_tiling == "off":
+    raise ValueError(
+      "--vae-tile / --vae-tile-overlap set tiles, but VAE tiling is off: drop them or use --vae-tiling auto|on"
+    )
+  if vae_tile is not None:  # tiles that cannot tile fail now, not after sampling
     _, lat_h, lat_w, _ = settings.latent_shape(pipe.transformer_config, pipe.vae_config)
     pipeline.check_tiles(pipe.vae_config, vae_tile, lat_h, lat_w)
   load_s = time.perf_counter() - t0

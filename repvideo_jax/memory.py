@@ -15,9 +15,10 @@ when the offload mode says the next stage needs the room:
 - ``auto`` (default): the first of none, text, stage whose resident weights fit in
   ``1 - RESERVE`` of the device, leaving the rest for the stage's activations.
 
-``decode_fits`` answers the VAE question with the compiler's own memory analysis of the untiled
-decode against the device's free memory (``vae_tiling="auto"``). docs/memory.md has the measured
-figures per stage.
+The VAE question (``pipeline.decode_latents`` with ``vae_tiling="auto"``) is answered with the
+compiler's own memory analysis of the decode programs against ``free_bytes``. On CPU the "device" is
+host memory: ``auto`` keeps everything there and nothing is moved to make room (a move would copy
+within the same RAM). docs/memory.md has the measured figures per stage.
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ def free_bytes(device=None) -> float:
   stats = _memory_stats(device)
   if stats and stats.get("bytes_limit"):
     return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  return _host_available_bytes()
+
+
+def _host_available_bytes() -> float:
+  """The kernel's MemAvailable (free memory plus the page cache it can reclaim), else free pages."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return float(line.split()[1]) * 1024
+  except OSError:
+    pass
   return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
@@ -154,7 +167,12 @@ class Residency:
     self.requested = mode
     self.capacity = device_memory_bytes(self.device)
     self.weights = {c: tree_bytes(self._params(c)) for c in COMPONENTS}
-    self.mode = choose_offload(self.weights, self.capacity) if mode == "auto" else mode
+    if mode != "auto":
+      self.mode = mode
+    elif self.device.platform == "cpu":  # host memory is the device: moving out frees nothing
+      self.mode = "none"
+    else:
+      self.mode = choose_offload(self.weights, self.capacity)
     self.copies: list[Copy] = []
     self.placed: dict[str, Any] = {}  # component -> the sharding it was placed with
     # which leaves (by position) this object copied to the device: release frees only those; arrays
@@ -214,12 +232,16 @@ class Residency:
     """Before a program that needs ``need`` device bytes beyond what is placed: when that is more
     than ``1 - RESERVE`` of the free memory, moves every placed model except ``keep`` back to the
     host. Returns the models it moved (the next stage places them again)."""
-    if need <= (1.0 - RESERVE) * free_bytes(self.device):
+    if not self.moves_free_memory() or need <= (1.0 - RESERVE) * free_bytes(self.device):
       return []
     moved = [name for name in list(self.placed) if name != keep]
     for name in moved:
       self.release(name)
     return moved
+
+  def moves_free_memory(self) -> bool:
+    """Whether moving a model to the host frees device memory: not on CPU, where both are RAM."""
+    return self.device.platform != "cpu"
 
   def release_all(self) -> None:
     for name in list(self.placed):
@@ -233,6 +255,7 @@ class Residency:
       "offload_requested": self.requested,
       "device_memory_gib": round(self.capacity / _GIB, 2),
       "weights_gib": {c: round(b / _GIB, 3) for c, b in self.weights.items()},
+      "weights_bytes": dict(self.weights),
       "copied_in_gib": round(sum(c.bytes for c in rows if c.direction == "in") / _GIB, 3),
       "copied_out_gib": round(sum(c.bytes for c in rows if c.direction == "out") / _GIB, 3),
       "copy_s": round(sum(c.seconds for c in rows), 3),

@@ -646,17 +646,24 @@ def untiled_decode_bytes(pipe: Pipeline, latents) -> int:
 
 
 def tiled_step_bytes(pipe: Pipeline, latents, tile: V.TilingConfig) -> int:
-  """Device bytes the largest step of the tiled, streamed decode needs beyond the VAE's weights (the
-  first temporal chunk of one tile, from the compiler's memory analysis; the compilation is the one
-  the decode then runs)."""
+  """Device bytes the largest step of the tiled, streamed decode needs beyond the VAE's weights: every
+  distinct step (the first temporal chunk of a tile, then the later chunks with the conv cache) from
+  the compiler's memory analysis, the largest taken. The compilations are the ones the decode runs."""
   vcfg = pipe.vae_config
-  shape, _ = V.streamed_steps(vcfg, tuple(latents.shape[1:]), tile)[0]
-  key = ("tile", vcfg, shape)
+  latents = jnp.asarray(latents)
+  target = _replicated_like(latents)
+  steps = V.streamed_steps(vcfg, tuple(latents.shape[1:]), tile)
+  key = ("tile", vcfg, tuple(steps), str(target))
   if key not in _UNTILED_BYTES:
-    params = pipe.residency().stage("vae")
-    z = jax.ShapeDtypeStruct(shape, jnp.float32)
-    compiled = V._decode_chunk.lower(params, z, None, config=vcfg).compile()
-    _UNTILED_BYTES[key] = max(0, memory.compiled_bytes(compiled) - memory.tree_bytes(params))
+    params = pipe.residency().stage("vae", target)
+    first = jax.ShapeDtypeStruct(steps[0][0], jnp.float32)
+    cache = jax.eval_shape(lambda p, z: V._decode_chunk(p, z, None, config=vcfg)[1], params, first)
+    need = 0
+    for shape, with_cache in steps:
+      z = jax.ShapeDtypeStruct(shape, jnp.float32)
+      compiled = V._decode_chunk.lower(params, z, cache if with_cache else None, config=vcfg).compile()
+      need = max(need, memory.compiled_bytes(compiled) - memory.tree_bytes(params))
+    _UNTILED_BYTES[key] = need
   return _UNTILED_BYTES[key]
 
 
@@ -712,7 +719,8 @@ def check_tiles(vcfg: VAEConfig, tile: V.TilingConfig, latent_h: int, latent_w: 
     raise ValueError(
       f"VAE tiles of {sh}x{sw} pixels with overlaps {tile.overlap_factor_height:.4g} x "
       f"{tile.overlap_factor_width:.4g} do not meet evenly at this VAE's {s}x compression: use tile "
-      f"sizes whose latent size times (1 - overlap) is a whole number, e.g. 240x360, 192x240 or 96x120 "
+      f"sizes in multiples of {s} pixels whose latent size times (1 - overlap) is a whole number, "
+      f"e.g. 240x360, 192x240 or 96x120 "
       f"with the default overlaps 1/6 x 1/5"
     )
 

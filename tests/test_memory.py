@@ -7,6 +7,7 @@ test_vae checks against diffusers' tiled decode.
 """
 
 import dataclasses
+import types
 
 import jax
 import numpy as np
@@ -40,6 +41,17 @@ def folder(tmp_path_factory):
 )
 def test_choose_offload(weights, capacity, expected):
   assert memory.choose_offload(weights, capacity) == expected
+
+
+def test_auto_keeps_everything_on_cpu():
+  """On a CPU backend the device is host memory: auto keeps every model whatever their size, and
+  make_room moves nothing (a move would copy within the same RAM)."""
+  huge = {"w": jax.ShapeDtypeStruct((1 << 40,), np.float32)}  # 4 TiB of weights, never allocated
+  pipe = types.SimpleNamespace(text_encoder_params=huge, transformer_params=huge, vae_params=huge)
+  res = memory.Residency(pipe, "auto")
+  assert res.device.platform == "cpu" and res.mode == "none"
+  assert memory.choose_offload(res.weights, res.capacity) == "stage"  # what a device that size gets
+  assert res.make_room("vae", need=1 << 60) == []
 
 
 def test_resident_sets():
@@ -124,6 +136,8 @@ def test_vae_tiling_auto_follows_free_memory(folder, monkeypatch):
   untiled = np.asarray(V.decode(pipe.vae_params, z, config=pipe.vae_config, chunking="released"))
   tiled = np.asarray(V.decode_streamed(pipe.vae_params, z, config=pipe.vae_config, tiling=tile))
   assert np.abs(tiled - untiled).max() > 1e-4  # the two decodes differ, so the choice is visible
+  # on CPU nothing is moved to make room (host memory is the device); pretend an accelerator here
+  monkeypatch.setattr(memory.Residency, "moves_free_memory", lambda self: True)
   step = pipeline.tiled_step_bytes(pipe, z, tile)
   assert 0 < step < need  # one tile's first chunk needs less than the whole decode
   res = pipe.residency("none")
