@@ -78,11 +78,13 @@ def measure(part: str, t5_layers: int, batches: int, repeats: int) -> dict:
   }
   host = {name: random_params(a, i) for i, (name, a) in enumerate(abstract.items())}
   sizes = {name: memory.tree_bytes(t) for name, t in host.items()}
+  load = benchutil.OtherLoad()  # other processes' share of the CPUs while this part runs
   if part == "before":
-    out = {}
+    out = {"other_load": None}
     for name, tree in host.items():
       runs = [timed_put(tree) for _ in range(repeats)]
       out[name] = dict(gib=round(sizes[name] / GIB, 3), copy_s=round(statistics.median(runs), 3), runs=runs)
+    out["other_load"] = round(load.value(), 3)
     return out
   pipe = types.SimpleNamespace(**{f"{k}_params": v for k, v in host.items()})
   del host
@@ -99,7 +101,11 @@ def measure(part: str, t5_layers: int, batches: int, repeats: int) -> dict:
       dict(copied_in_gib=b["copied_in_gib"], copied_out_gib=b["copied_out_gib"], copy_s=b["copy_s"])
     )
     seen = len(res.copies)
-  return dict(per_batch=per_batch, weights_gib={k: round(v / GIB, 3) for k, v in sizes.items()})
+  return dict(
+    per_batch=per_batch,
+    weights_gib={k: round(v / GIB, 3) for k, v in sizes.items()},
+    other_load=round(load.value(), 3),
+  )
 
 
 def main(argv=None) -> int:
@@ -143,7 +149,9 @@ def main(argv=None) -> int:
     jax=jax.__version__,
     t5_layers=args.t5_layers,
     full_t5_gib=round(full_t5 / GIB, 3),
-    before=dict(before, total_copy_s=round(sum(v["copy_s"] for v in before.values()), 3)),
+    before=dict(
+      before, total_copy_s=round(sum(v["copy_s"] for k, v in before.items() if k != "other_load"), 3)
+    ),
     before_full_t5_estimate_s=round(per_gib * full_t5 / GIB, 2),
     after=parts,
   )

@@ -618,7 +618,7 @@ def _decode_program(vcfg: VAEConfig, chunking: str):
   return jax.jit(functools.partial(V.decode, config=vcfg, chunking=chunking))
 
 
-_UNTILED_BYTES: dict[tuple, int] = {}
+_DECODE_BYTES: dict[tuple, int] = {}
 
 
 def _replicated_like(x):
@@ -638,11 +638,11 @@ def untiled_decode_bytes(pipe: Pipeline, latents) -> int:
   latents = jnp.asarray(latents)
   chunking = "released" if latents.shape[1] % 2 == 1 else "framewise"
   key = (vcfg, chunking, tuple(latents.shape), str(latents.dtype), str(latents.sharding))
-  if key not in _UNTILED_BYTES:
+  if key not in _DECODE_BYTES:
     params = pipe.residency().stage("vae", _replicated_like(latents))
     compiled = _decode_program(vcfg, chunking).lower(params, latents).compile()
-    _UNTILED_BYTES[key] = max(0, memory.compiled_bytes(compiled) - memory.tree_bytes(params))
-  return _UNTILED_BYTES[key]
+    _DECODE_BYTES[key] = max(0, memory.compiled_bytes(compiled) - memory.tree_bytes(params))
+  return _DECODE_BYTES[key]
 
 
 def tiled_step_bytes(pipe: Pipeline, latents, tile: V.TilingConfig) -> int:
@@ -654,7 +654,7 @@ def tiled_step_bytes(pipe: Pipeline, latents, tile: V.TilingConfig) -> int:
   target = _replicated_like(latents)
   steps = V.streamed_steps(vcfg, tuple(latents.shape[1:]), tile)
   key = ("tile", vcfg, tuple(steps), str(target))
-  if key not in _UNTILED_BYTES:
+  if key not in _DECODE_BYTES:
     params = pipe.residency().stage("vae", target)
     first = jax.ShapeDtypeStruct(steps[0][0], jnp.float32)
     cache = jax.eval_shape(lambda p, z: V._decode_chunk(p, z, None, config=vcfg)[1], params, first)
@@ -663,8 +663,8 @@ def tiled_step_bytes(pipe: Pipeline, latents, tile: V.TilingConfig) -> int:
       z = jax.ShapeDtypeStruct(shape, jnp.float32)
       compiled = V._decode_chunk.lower(params, z, cache if with_cache else None, config=vcfg).compile()
       need = max(need, memory.compiled_bytes(compiled) - memory.tree_bytes(params))
-    _UNTILED_BYTES[key] = need
-  return _UNTILED_BYTES[key]
+    _DECODE_BYTES[key] = need
+  return _DECODE_BYTES[key]
 
 
 def decode_latents(

@@ -92,8 +92,3 @@ def dequantize_layer(tree: Any, dtype=None) -> Any:
 def count_quantized(params: Any) -> int:
   """How many QArray kernels a param tree holds (0: not quantized)."""
   return sum(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
-
-
-def nbytes(tree: Any) -> int:
-  """Bytes a param tree takes (int8 values and their scales counted as stored)."""
-  return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))

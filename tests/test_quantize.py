@@ -52,7 +52,7 @@ def test_kernels_match_an_independent_statement_of_the_scheme():
   assert same > 0.99 and np.abs(np.asarray(qk.qvalue) - ref).max() <= 1
   # the quantized layer's own dequantization agrees with numpy's
   np.testing.assert_allclose(np.asarray(quantize.dequantize_layer(qk)), deq, rtol=1e-6)
-  assert quantize.nbytes(q) < 0.3 * memory.tree_bytes({"k": k})
+  assert memory.tree_bytes(q) < 0.3 * memory.tree_bytes({"k": k})
   assert quantize.dequantize_layer(k) is k  # nothing to do without a QArray
   with pytest.raises(ValueError, match="quantize must be one of"):
     quantize.quantize_params({"blocks": {}}, "int4")
