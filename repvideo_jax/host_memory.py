@@ -17,12 +17,20 @@ build) call ``configure_from_env()`` first thing. It applies the setting on a ma
 accelerator and ``REPVIDEO_HOST_MEMORY`` overrides that: ``reuse`` forces it, ``system`` leaves
 glibc's defaults. Library users call ``reuse_freed_memory()`` themselves, before their first JAX
 computation, if they want it. Nothing happens on a C library other than glibc.
+
+Reused memory holds whatever was freed into it, where fresh ``mmap`` pages are zeros. libx264 (through
+libavcodec) reads some bytes of its buffers that it never writes, so under reuse the same frames
+encoded to different MP4 bytes run to run (2026-12-03: 3 different files from 4 encodes of one clip).
+``zeroed_allocations()`` makes glibc zero every ``malloc`` for the span of such a call; ``write_mp4``
+encodes inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import glob
 import importlib.util
 import os
@@ -35,6 +43,7 @@ MODES = ("auto", "reuse", "system")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+_M_PERTURB = -6
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest it accepts, 2 GiB
 
 _applied = False
@@ -43,6 +52,7 @@ _applied = False
 _GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin")
 
 
+@functools.cache
 def _glibc():
   name = ctypes.util.find_library("c")
   if not name:
@@ -71,6 +81,24 @@ def reuse_freed_memory() -> bool:
   )
   _applied = ok
   return ok
+
+
+@contextlib.contextmanager
+def zeroed_allocations():
+  """Within the block, glibc fills each new ``malloc`` block with zeros (``calloc`` and fresh
+  ``mmap`` pages already are), so a library that reads bytes it never wrote sees zeros, as it would
+  in a fresh process, and not the last user's data. Freed blocks are overwritten too (with 0xFF) and
+  that costs a ``memset`` per call, so keep the block short. The setting is process-wide: other
+  threads' allocations in the span are zeroed as well. Does nothing on a C library other than
+  glibc."""
+  libc = _glibc()
+  # glibc's M_PERTURB: new blocks get the complement of the value's low byte, freed blocks the byte.
+  on = libc is not None and libc.mallopt(_M_PERTURB, 0xFF) == 1
+  try:
+    yield
+  finally:
+    if on:
+      libc.mallopt(_M_PERTURB, 0)
 
 
 def accelerator_likely() -> bool:

@@ -31,6 +31,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from repvideo_jax import host_memory
 from repvideo_jax.outputs import atomic_path
 
 __all__ = [
@@ -402,7 +403,13 @@ def write_mp4(path, frames: np.ndarray, fps: float = 8, *, crf: int = 18) -> Non
     raise ValueError(f"fps must be positive, got {fps}")
   rate = fractions.Fraction(fps).limit_denominator(1001)
 
-  with atomic_path(path, suffix=".mp4") as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+  # libx264 reads bytes it never writes: zero the allocations, so the file cannot depend on what the
+  # process freed before (repvideo_jax/host_memory.py).
+  with (
+    host_memory.zeroed_allocations(),
+    atomic_path(path, suffix=".mp4") as tmp,
+    av.open(str(tmp), mode="w", format="mp4") as container,
+  ):
     stream = container.add_stream("libx264", rate=rate)
     stream.width, stream.height = w, h
     stream.pix_fmt = "yuv420p"

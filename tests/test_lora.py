@@ -329,7 +329,9 @@ def test_sample_py_and_convert_use_a_lora(tmp_path):
   (video,) = sorted((tmp_path / "unmerged").glob("*.mp4"))
   (merged,) = sorted((tmp_path / "merged").glob("*.mp4"))
   (base_video,) = sorted((tmp_path / "base").glob("*.mp4"))
-  assert video.read_bytes() == merged.read_bytes()
+  shas = [json.loads(v.with_suffix(".json").read_text())["frames_sha256"] for v in (video, merged)]
+  assert shas[0] == shas[1]  # the same frames ...
+  assert video.read_bytes() == merged.read_bytes()  # ... and the same file (tests/test_host_memory.py)
   assert video.read_bytes() != base_video.read_bytes()
   sidecar = json.loads(video.with_suffix(".json").read_text())
   assert [(pathlib.Path(e["path"]).name, e["scale"]) for e in sidecar["loras"]] == [("peft", 0.5)]
