@@ -195,6 +195,18 @@ def test_vae_loss_terms_and_latent_scale():
   assert float(t2["edge"]) == pytest.approx(edge, rel=1e-4)
   assert float(t2["gradient"]) == pytest.approx(grad, rel=1e-4)
   assert float(weighted) == pytest.approx(float(loss) + 2.0 * edge + 3.0 * grad, rel=1e-5)
+  # The silhouette hinge, in numpy: the brightest channel at least 0.2 on the target's shape pixels
+  # and at most -0.7 elsewhere, each side averaged over its own pixels.
+  with_sil, t3 = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.5, silhouette_weight=4.0)
+  bright, inside = recon.max(axis=-1), lum > 0
+  assert 0 < inside.mean() < 0.5
+  miss_in = np.maximum(0.2 - bright, 0)[inside].sum() / (inside.sum() + 1)
+  miss_out = np.maximum(bright + 0.7, 0)[~inside].sum() / ((~inside).sum() + 1)
+  assert miss_in > 0 and miss_out > 0  # an untrained decoder misses on both sides
+  assert float(t3["silhouette"]) == pytest.approx(miss_in + miss_out, rel=1e-4)
+  assert float(with_sil) == pytest.approx(float(loss) + 4.0 * (miss_in + miss_out), rel=1e-5)
+  # A reconstruction equal to the (saturated) target pays nothing.
+  assert float(vae_training.silhouette(x, x)) == 0.0
 
 
 def test_vae_training_rejects_bad_settings(tmp_path):
