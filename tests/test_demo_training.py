@@ -215,3 +215,10 @@ def test_vae_training_rejects_bad_settings(tmp_path):
       vae_training.train(VAE, vae_training.VAETrainConfig(frames=frames), _clips, tmp_path, progress=False)
   with pytest.raises(ValueError, match="needs an images"):
     vae_training.train(VAE, vae_training.VAETrainConfig(image_steps=3), _clips, tmp_path, progress=False)
+  for field, value in (
+    ("silhouette_weight", -1.0),
+    ("edge_weight", float("nan")),
+    ("kl_weight", float("inf")),
+  ):
+    with pytest.raises(ValueError, match=f"vae_training.{field} must be a finite number >= 0"):
+      vae_training.VAETrainConfig(**{field: value})
