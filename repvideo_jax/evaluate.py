@@ -20,8 +20,8 @@ starting noises, a video is generated and scored:
                          on the video tokens of adjacent latent frames (``analysis.record``, the
                          generated latents noised to ``--feature-timestep``), averaged over layers.
 Two references are measured the same way: the real renders of the same captions (pixels), and those
-renders passed through the VAE alone (``vae_roundtrip``: the detector scores a perfect transformer
-would get with this VAE).
+renders passed through the VAE alone (``vae_roundtrip``: the detector scores and pixel similarity a
+perfect transformer would get with this VAE).
 
 Prints a table and writes the JSON (``--out``, default ``eval.json``): settings, per-attribute
 accuracies with their chance levels, the consistency figures (per layer too) and every video's
@@ -187,7 +187,7 @@ def evaluate(
     for spec, rep in jobs
   ]
   encode = jax.jit(lambda p, x: V.encode(p, x, config=pipe.vae_config))
-  roundtrip_scores = []
+  roundtrip_scores, roundtrip_similarity = [], []
   for i in range(0, len(renders), batch_size):
     chunk = np.stack(renders[i : i + batch_size])
     z = encode(pipe.vae_params, jnp.asarray(video_io.from_uint8(chunk)))
@@ -195,6 +195,7 @@ def evaluate(
     roundtrip_scores += [
       D.score(spec, D.detect(r, palette)) for (spec, _), r in zip(jobs[i : i + batch_size], recon)
     ]
+    roundtrip_similarity += [float(pixel_similarity(r).mean()) for r in recon]
 
   job_specs = [spec for spec, _ in jobs]
   detections = [v["detected"] for v in videos]
@@ -215,6 +216,7 @@ def evaluate(
     "pixel_similarity": {
       "generated": float(np.mean([v["pixel_similarity"] for v in videos])),
       "real_renders": float(np.mean([pixel_similarity(r).mean() for r in renders])),
+      "vae_roundtrip": float(np.mean(roundtrip_similarity)),
     },
     "seconds": seconds,
     "videos": videos,
@@ -239,8 +241,10 @@ def format_table(result: dict[str, Any]) -> str:
     f"{'all three':<18}{acc['all']:>10.3f}{'':>10}{chance['all']:>10.3f}{'':>10}{vae['all']:>10.3f}"
   )
   px = result["pixel_similarity"]
-  lines.append(f"{'adjacent-frame cosine':<28}{'generated':>10}{'real':>10}")
-  lines.append(f"{'  pixels':<28}{px['generated']:>10.4f}{px['real_renders']:>10.4f}")
+  lines.append(f"{'adjacent-frame cosine':<28}{'generated':>10}{'real':>10}{'VAE only':>10}")
+  lines.append(
+    f"{'  pixels':<28}{px['generated']:>10.4f}{px['real_renders']:>10.4f}{px['vae_roundtrip']:>10.4f}"
+  )
   if "feature_similarity" in result:
     lines.append(f"{'  transformer features':<28}{result['feature_similarity']['mean']:>10.4f}{'':>10}")
   return "\n".join(lines)

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from repvideo_jax import evaluate, pipeline, video_io
+from repvideo_jax import evaluate, pipeline, vae, video_io
 from repvideo_jax.demo import MODEL_DIR, demo_model_dir
 from repvideo_jax.demo import domain as D
 
@@ -100,6 +100,15 @@ def test_evaluate_command_writes_the_table_and_json(tmp_path, capsys):
   assert result["num_videos"] == 2 and result["split"] == "heldout"
   assert [v["prompt"] for v in result["videos"]] == [D.caption(s) for s in D.split_specs(0)[1][:2]]
   assert set(result["confusion"]) == {"color", "shape", "motion"}
+  # The VAE-only pixel similarity, recomputed here from the same real renders (seed 10000, the first repeat).
+  pipe = pipeline.load_pipeline(demo_model_dir())
+  renders = np.stack(
+    [D.render(s, num_frames=17, height=64, width=64, seed=10_000) for s in D.split_specs(0)[1][:2]]
+  )
+  z = vae.encode(pipe.vae_params, video_io.from_uint8(renders), config=pipe.vae_config)
+  recon = video_io.to_uint8(np.asarray(pipeline.decode_latents(pipe, z)))
+  expected = np.mean([evaluate.pixel_similarity(r).mean() for r in recon])
+  assert result["pixel_similarity"]["vae_roundtrip"] == pytest.approx(expected, abs=1e-6)
   assert evaluate.main(["--seeds", "0", "--out", str(tmp_path / "x.json")]) == 2
   assert "--seeds and --batch-size must be >= 1" in capsys.readouterr().err
 
