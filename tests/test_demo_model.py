@@ -20,8 +20,8 @@ README = ROOT / "README.md"
 
 # The README's bar (see "Demo model"): on held-out prompts, with a fixed seed, colour and motion are
 # read off the generated frames well above chance (1/5 and 1/6; balanced accuracy, for which any
-# constant answer scores exactly chance). Shape is not held to a bar: the model is barely above
-# chance on it (see the README). The subset covers all 5 colours, the 3 shapes and 5 of the 6
+# constant answer scores exactly chance). Shape is not held to a bar: it is above chance but
+# squares still come out as circles (see the README). The subset covers all 5 colours, the 3 shapes and 5 of the 6
 # motions (no held-out combination moves left).
 SUBSET = [0, 1, 6, 10, 11, 12, 14, 17]  # indices into the held-out combinations
 BAR = {"color": 0.8, "motion": 0.75}
