@@ -9,10 +9,11 @@ config is refused rather than mixed with the old stages.
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 
-from repvideo_jax import pipeline
+from repvideo_jax import pipeline, vae_weights
 from repvideo_jax.demo import build
 
 FIRST_STEPS = [
@@ -23,6 +24,10 @@ FIRST_STEPS = [
   "vae_training.image_steps=12",
   "vae_training.log_every=1",
   "vae_training.warmup_steps=2",
+  "vae_tuning.standardize=true",
+  "vae_tuning.steps=6",
+  "vae_tuning.log_every=1",
+  "vae_tuning.warmup_steps=2",
   "train.run.steps=30",
   "train.run.log_every=1",
   "train.run.save_every=15",
@@ -33,6 +38,10 @@ FIRST_STEPS = [
 
 def _losses(path):
   return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+def _rows(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _falls(losses, n=5, factor=0.8):
@@ -66,14 +75,25 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   with open(out / "data" / "captions.csv") as f:
     trained = {line.split(",", 1)[1].strip() for line in f.read().splitlines()[1:]}
   assert trained and not trained & held  # no held-out caption was trained on
-  assert pipe.vae_config.scaling_factor == pytest.approx(
-    json.loads((out / "vae" / "stage.json").read_text())["scaling_factor"]
-  )
+  # The model's VAE is the tuned one: standardized latents (scale measured again) and a tuned decoder.
+  tuning = json.loads((out / "vae_tuning" / "stage.json").read_text())
+  assert pipe.vae_config.scaling_factor == pytest.approx(tuning["scaling_factor"])
+  assert len(tuning["channel_std"]) == pipe.vae_config.latent_channels
+  assert [r["step"] for r in _rows(out / "vae_tuning" / "run" / "log.jsonl")] == list(range(1, 7))
+  trained_vae = vae_weights.load(out / "vae" / "weights")[1]
+  tuned_vae = vae_weights.load(out / "vae_tuning" / "weights")[1]
+  for part in ("encoder", "decoder"):  # both rewritten by the standardization, the decoder also tuned
+    assert not all(
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(trained_vae[part]), jax.tree.leaves(tuned_vae[part]))
+    )
+  for a, b in zip(jax.tree.leaves(pipe.vae_params), jax.tree.leaves(tuned_vae)):  # stored as float16
+    np.testing.assert_array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32))
 
   # Every stage's time is recorded; a re-run finds every stage complete and rebuilds the same model
   # (adding only its checks to the times); a changed stage config is refused.
   first = build.stage_times(out)
-  assert list(first) == ["data", "tokenizer", "text_encoder", "vae", "encoders", "records"] + [
+  assert list(first) == ["data", "tokenizer", "text_encoder", "vae", "vae_tuning", "encoders", "records"] + [
     f"model/{s}" for s in ("transformer", "model", "install")
   ]
   assert first["vae"] > 1 and first["model/transformer"] > 1

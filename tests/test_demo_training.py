@@ -5,6 +5,8 @@ exactly the params of an uninterrupted run (the loop checkpoints and its batches
 the step).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,3 +224,73 @@ def test_vae_training_rejects_bad_settings(tmp_path):
   ):
     with pytest.raises(ValueError, match=f"vae_training.{field} must be a finite number >= 0"):
       vae_training.VAETrainConfig(**{field: value})
+
+
+def test_standardize_latents_rewrites_the_latent_space_exactly():
+  params = V.init(VAE, 1)
+  cfg = dataclasses.replace(VAE, scaling_factor=0.7)
+  video = jnp.asarray(_clips(4), jnp.float32) / 127.5 - 1.0
+  rng = np.random.default_rng(0)
+  std = rng.uniform(0.3, 2.0, VAE.latent_channels)
+  mean = rng.normal(size=VAE.latent_channels)
+  before = jax.tree.map(np.array, params)
+  new, new_cfg = vae_training.standardize_latents(params, cfg, mean, std)
+  assert new_cfg.scaling_factor == 1.0
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)  # the input params are not modified
+  # The encoder now gives (mean - m) / s, and log-variances lowered by 2 log s.
+  old_post = V.encode_posterior(params, video, config=VAE)
+  new_post = V.encode_posterior(new, video, config=VAE)
+  np.testing.assert_allclose(new_post.mean, (np.asarray(old_post.mean) - mean) / std, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(new_post.logvar, np.asarray(old_post.logvar) - 2 * np.log(std), atol=1e-4)
+  # With no offsets the decoder's rewrite is exact everywhere (zero padding stays zero): decoding z'
+  # with the new weights is decoding s * z' with the old.
+  scaled, _ = vae_training.standardize_latents(params, cfg, np.zeros_like(mean), std)
+  z = jax.random.normal(jax.random.key(3), old_post.mean.shape)
+  np.testing.assert_allclose(
+    V.decode(scaled, z, config=VAE), V.decode(params, z * std, config=VAE), atol=2e-5
+  )
+  # latent_statistics: per-channel mean and std of the posterior means, and after standardizing
+  # with them, 0 and 1.
+  m, s = vae_training.latent_statistics(params, VAE, _clips(4), batch_size=1)
+  flat = np.asarray(old_post.mean).reshape(-1, VAE.latent_channels)
+  np.testing.assert_allclose(m, flat.mean(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(s, flat.std(0), rtol=1e-4)
+  m2, s2 = vae_training.latent_statistics(
+    vae_training.standardize_latents(params, VAE, m, s)[0], VAE, _clips(4)
+  )
+  np.testing.assert_allclose(m2, 0, atol=1e-4)
+  np.testing.assert_allclose(s2, 1, rtol=1e-4)
+  with pytest.raises(ValueError, match="positive stds"):
+    vae_training.standardize_latents(params, VAE, mean, -std)
+  with pytest.raises(ValueError, match="channel means"):
+    vae_training.standardize_latents(params, VAE, mean[:2], std)
+
+
+def test_decoder_tuning_trains_the_decoder_alone_and_resumes_exactly(tmp_path):
+  params = V.init(VAE, 1)
+  tc = vae_training.VAETuneConfig(
+    steps=16, batch_size=2, frames=9, lr=3e-3, warmup_steps=2, log_every=1, save_every=5, latent_noise=0.5
+  )
+  tuned, rows = vae_training.tune_decoder(params, VAE, tc, _clips, tmp_path / "a", progress=False)
+  losses = [r["loss"] for r in rows]
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+  for a, b in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(tuned["encoder"])):
+    np.testing.assert_array_equal(a, b)  # the encoder is frozen: latents encoded before stay valid
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(params["decoder"]), jax.tree.leaves(tuned["decoder"]))
+  )
+  vae_training.tune_decoder(params, VAE, tc, _clips, tmp_path / "b", progress=False, stop_at=7)
+  resumed, _ = vae_training.tune_decoder(params, VAE, tc, _clips, tmp_path / "b", progress=False)
+  for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # The noise reaches the decoder: the loss changes with it, and not at all without it.
+  x = jnp.asarray(_clips(3), jnp.float32) / 127.5 - 1.0
+  key = jax.random.key(2)
+  plain, _ = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.0)
+  zero, _ = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.0, latent_noise=0.0)
+  noisy, _ = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.0, latent_noise=2.0)
+  assert float(plain) == float(zero) and float(noisy) != float(plain)
+  with pytest.raises(ValueError, match="vae_tuning.latent_noise must be a finite number >= 0"):
+    vae_training.VAETuneConfig(latent_noise=-0.1)

@@ -12,6 +12,8 @@ from its last checkpoint):
   tokenizer     a sentencepiece model trained on the train captions (``text_training.train_tokenizer``)
   text_encoder  the T5 encoder pretrained on the train captions (``text_training.pretrain_encoder``)
   vae           the VAE trained on freshly rendered train-split clips (``vae_training.train``)
+  vae_tuning    with a ``vae_tuning`` section: its latents standardized per channel and its decoder
+                tuned on noisy latents (``vae_training.standardize_latents``, ``tune_decoder``)
   encoders      a model folder of the three plus an untrained transformer (what data.prepare reads)
   records       ``data.prepare`` on the dataset with those encoders
   <name>/run    ``training.trainer.train`` in this process on ``<name>/train.yaml`` (the recipe's
@@ -75,6 +77,7 @@ SECTIONS = (
   "train",
   "generation",
 )
+OPTIONAL = {"vae_tuning": {}}  # sections a recipe may leave out, with their defaults
 SCALARS = {"storage_dtype": "float32"}  # top-level recipe settings besides the sections
 
 
@@ -98,11 +101,12 @@ class TokenizerConfig:
 
 def load_recipe(name_or_path: str = "demo", overrides=()) -> dict[str, Any]:
   """The recipe as a nested dict (every section present), with ``section.key=value`` overrides."""
-  tree = {**SCALARS, **config_lib.load_yaml(name_or_path, overrides)}
-  unknown = sorted(set(tree) - set(SECTIONS) - set(SCALARS))
+  tree = {**SCALARS, **OPTIONAL, **config_lib.load_yaml(name_or_path, overrides)}
+  unknown = sorted(set(tree) - set(SECTIONS) - set(OPTIONAL) - set(SCALARS))
   if unknown:
     raise ValueError(
-      f"{name_or_path}: unknown section(s) {unknown}; a recipe has {list(SECTIONS)} and {list(SCALARS)}"
+      f"{name_or_path}: unknown section(s) {unknown}; a recipe has {list(SECTIONS)}, "
+      f"optionally {list(OPTIONAL)}, and {list(SCALARS)}"
     )
   missing = [s for s in SECTIONS if s not in tree]
   if missing:
@@ -120,6 +124,7 @@ def _validate(tree: dict[str, Any], where: str) -> None:
     ("text_training", text_training.TextTrainConfig),
     ("vae", V.VAEConfig),
     ("vae_training", vae_training.VAETrainConfig),
+    ("vae_tuning", vae_training.VAETuneConfig),
   ):
     config_lib.from_dict(cls, tree[section] or {}, f"{where}:{section}")
   trainer.config_from_dict(tree["train"] or {}, f"{where}:train")
@@ -290,17 +295,85 @@ def stage_vae(b: Build) -> None:
     params, rows = vae_training.train(
       vae_cfg, vt, clips, stage.path / "run", images=images, progress=b.progress
     )
-    probe = np.stack(
-      [
-        D.render(s, num_frames=ds.frames, height=ds.height, width=ds.width, seed=5000 + i)
-        for i, s in enumerate(specs)
-      ]
-    )
-    scale = vae_training.latent_scale(params, vae_cfg, probe)
+    scale = vae_training.latent_scale(params, vae_cfg, _probe_clips(b))
     final_cfg = dataclasses.replace(vae_cfg, scaling_factor=scale)
     vae_weights.save(stage.path / "weights", final_cfg, params, source="demo.build", overwrite=True)
     stage.finish(scaling_factor=scale, first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"])
   b.vae_dir = stage.path / "weights"
+
+
+def stage_vae_tuning(b: Build) -> None:
+  """The trained VAE made easier to diffuse in (``vae_tuning``): its latents standardized per channel
+  (``vae_training.standardize_latents``) and its decoder tuned on noisy latents
+  (``vae_training.tune_decoder``). Skipped, leaving the VAE as trained, when it asks for neither."""
+  ds, specs = b.dataset, b.train_specs
+  tc = config_lib.from_dict(vae_training.VAETuneConfig, b.recipe["vae_tuning"], "vae_tuning")
+  if not tc.standardize and tc.steps <= 0:
+    return
+  stage = Stage(b.out, "vae_tuning", b.sections("vae", "vae_training", "vae_tuning", "dataset"))
+  if not stage.done:
+    vae_cfg, params = vae_weights.load(b.vae_dir)
+    info = {}
+    if tc.standardize:
+      probe = _probe_clips(b)
+      mean, std = vae_training.latent_statistics(
+        params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe
+      )
+      _say(
+        "vae tuning: standardizing the latent channels (means "
+        + " ".join(f"{v:.2f}" for v in mean)
+        + ", stds "
+        + " ".join(f"{v:.2f}" for v in std)
+        + ")"
+      )
+      params, vae_cfg = vae_training.standardize_latents(params, vae_cfg, mean, std)
+      info = {"channel_mean": mean.tolist(), "channel_std": std.tolist()}
+    if tc.steps > 0:
+      _say(f"vae tuning: the decoder on latents with noise up to {tc.latent_noise}, {tc.steps} steps")
+
+      def clips(step):  # fresh renders, a stream apart from the VAE's
+        rng = np.random.default_rng([ds.seed, 9, step])
+        return np.stack(
+          [
+            D.render(
+              specs[rng.integers(len(specs))],
+              num_frames=tc.frames,
+              height=ds.height,
+              width=ds.width,
+              seed=int(rng.integers(1 << 31)),
+            )
+            for _ in range(tc.batch_size)
+          ]
+        )
+
+      params, rows = vae_training.tune_decoder(
+        params, vae_cfg, tc, clips, stage.path / "run", progress=b.progress
+      )
+      info |= {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+    scale = vae_training.latent_scale(
+      params, dataclasses.replace(vae_cfg, scaling_factor=1.0), _probe_clips(b)
+    )
+    vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=scale)
+    vae_weights.save(stage.path / "weights", vae_cfg, params, source="demo.build", overwrite=True)
+    stage.finish(scaling_factor=scale, **info)
+  b.vae_dir = stage.path / "weights"
+
+
+def _tuning_section(b: Build) -> dict[str, Any]:
+  """The ``vae_tuning`` section when it is used (so builds without it keep their stage configs)."""
+  tuning = b.recipe.get("vae_tuning") or {}
+  return {"vae_tuning": tuning} if tuning else {}
+
+
+def _probe_clips(b: Build) -> np.ndarray:
+  """One render of every train combination (seeds 5000 + i): where latent statistics are measured."""
+  ds = b.dataset
+  return np.stack(
+    [
+      D.render(s, num_frames=ds.frames, height=ds.height, width=ds.width, seed=5000 + i)
+      for i, s in enumerate(b.train_specs)
+    ]
+  )
 
 
 def stage_encoders(b: Build) -> None:
@@ -310,6 +383,7 @@ def stage_encoders(b: Build) -> None:
     b.out,
     "encoders",
     b.sections("dataset", "tokenizer", "text_encoder", "text_training", "vae", "vae_training")
+    | _tuning_section(b)
     | {"text_length": b.text_length},
   )
   if not stage.done:
@@ -431,6 +505,7 @@ STAGES: tuple[Callable[[Build], None], ...] = (
   stage_tokenizer,
   stage_text_encoder,
   stage_vae,
+  stage_vae_tuning,
   stage_encoders,
   stage_records,
   stage_transformer,

@@ -81,13 +81,20 @@ def loss_terms(
   edge_weight: float = 0.0,
   gradient_weight: float = 0.0,
   silhouette_weight: float = 0.0,
+  latent_noise: float = 0.0,
 ):
-  """(loss, {l1, mse, kl, edge, gradient, silhouette}) for a batch of videos (B, T, H, W, 3) in [-1, 1]."""
+  """(loss, {l1, mse, kl, edge, gradient, silhouette}) for a batch of videos (B, T, H, W, 3) in [-1, 1].
+  ``latent_noise``: Gaussian noise of standard deviation ``latent_noise * u`` (u ~ U(0, 1), one per
+  video) is added to the scaled latents before they are decoded (``VAETuneConfig``)."""
   post = V.encode_posterior(params, video, config=config)
-  z = post.sample(key)
-  recon = V.decode(
-    params, z * config.scaling_factor, config=config, chunking=chunking, scan_chunks=False
-  ).astype(jnp.float32)  # unrolled: its gradient is far faster on CPU
+  z = post.sample(key) * config.scaling_factor
+  if latent_noise:
+    noise_key, level_key = jax.random.split(jax.random.fold_in(key, 1))
+    level = latent_noise * jax.random.uniform(level_key, (z.shape[0],) + (1,) * (z.ndim - 1))
+    z = z + level * jax.random.normal(noise_key, z.shape, z.dtype)
+  recon = V.decode(params, z, config=config, chunking=chunking, scan_chunks=False).astype(
+    jnp.float32
+  )  # unrolled: its gradient is far faster on CPU
   target = video.astype(jnp.float32)
   err = recon - target
   l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
@@ -172,6 +179,134 @@ def train(
     return jnp.asarray(video_io.from_uint8(clips(step)))
 
   return loop.train(loss_fn, params, batches, tc, out_dir, desc="vae", progress=progress, stop_at=stop_at)
+
+
+def latent_statistics(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8):
+  """(mean, std) per latent channel of the unscaled posterior means of ``videos`` (uint8)."""
+  encode = jax.jit(lambda p, x: V.encode_posterior(p, x, config=config).mean)
+  means = np.concatenate(
+    [
+      np.asarray(encode(params, jnp.asarray(video_io.from_uint8(videos[i : i + batch_size]))))
+      for i in range(0, len(videos), batch_size)
+    ]
+  ).reshape(-1, config.latent_channels)
+  return means.mean(axis=0), means.std(axis=0)
+
+
+def standardize_latents(params, config: V.VAEConfig, mean: np.ndarray, std: np.ndarray):
+  """Rewrites a trained VAE's weights so that its latents become (z - mean) / std per channel.
+
+  A VAE trained at a small KL weight gives latents whose channels have offsets of several of their
+  own standard deviations (the demo's: offsets up to 1.6, spreads 0.06-0.7). One scaling factor
+  cannot make those unit-variance: it divides by the spread of everything, offsets included, so the
+  part that carries the picture is left at a third of the noise schedule's scale, and the transformer
+  meets every noise level at a lower signal-to-noise ratio than the schedule intends. Standardizing
+  per channel fixes that inside the CogVideoX format (one ``scaling_factor``, no shift):
+
+  - the encoder's output conv makes the new posterior directly: its mean channels' kernel and bias
+    are divided by ``std`` after the bias loses ``mean``, and its log-variance bias loses
+    ``2 log std`` (exact);
+  - the decoder's convs that read the latent undo it: the 1x1x1 ``conv_y`` / ``conv_b`` of every
+    spatial norm (exact), and ``conv_in`` (exact except where its 3x3 window overlaps the zero
+    padding of the frame's border, which now stands for ``mean`` instead of 0; ``tune_decoder``
+    trains that away).
+
+  Returns (params, config with ``scaling_factor`` 1, for ``latent_scale`` to measure again)."""
+  mean = np.asarray(mean, np.float64)
+  std = np.asarray(std, np.float64)
+  c = config.latent_channels
+  if mean.shape != (c,) or std.shape != (c,) or not (std > 0).all():
+    raise ValueError(f"expected {c} channel means and positive stds, got {mean.shape} and {std}")
+  params = jax.tree.map(lambda x: np.array(x, np.float32), params)
+  conv = params["encoder"]["conv_out"]
+  kernel, bias = conv["kernel"].astype(np.float64), conv["bias"].astype(np.float64)
+  kernel[..., :c] /= std
+  bias[:c] = (bias[:c] - mean) / std
+  bias[c:] -= 2.0 * np.log(std)
+  conv["kernel"], conv["bias"] = kernel.astype(np.float32), bias.astype(np.float32)
+
+  def unstandardize(conv):  # conv(std * z' + mean) as a conv of z'
+    kernel = conv["kernel"].astype(np.float64)  # (t, h, w, latent, out)
+    conv["bias"] = (conv["bias"] + np.einsum("thwio,i->o", kernel, mean)).astype(np.float32)
+    conv["kernel"] = (kernel * std[:, None]).astype(np.float32)
+
+  unstandardize(params["decoder"]["conv_in"])
+
+  def visit(tree):
+    for name, sub in tree.items():
+      if name in ("conv_y", "conv_b"):
+        unstandardize(sub)
+      elif isinstance(sub, dict):
+        visit(sub)
+
+  visit(params["decoder"])
+  return params, dataclasses.replace(config, scaling_factor=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETuneConfig(loop.LoopConfig):
+  """After training: ``standardize`` the latents per channel (``standardize_latents``), then tune the
+  decoder alone on noisy latents for ``steps`` steps (``tune_decoder``; 0 skips it)."""
+
+  standardize: bool = False
+  steps: int = 0
+  batch_size: int = 4
+  lr: float = 1e-3
+  warmup_steps: int = 20
+  frames: int = 17
+  decode_chunking: str = "released"
+  latent_noise: float = 0.2  # the largest noise standard deviation, in scaled-latent units
+  silhouette_weight: float = 0.0
+
+  def __post_init__(self):
+    for name in ("latent_noise", "silhouette_weight"):
+      value = getattr(self, name)
+      if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"vae_tuning.{name} must be a finite number >= 0, got {value}")
+
+
+def tune_decoder(
+  params,
+  config: V.VAEConfig,
+  tune_config: VAETuneConfig,
+  clips: Callable[[int], np.ndarray],
+  out_dir: str | pathlib.Path,
+  *,
+  progress: bool = True,
+  stop_at: int | None = None,
+):
+  """Trains the decoder of a trained VAE to map noisy latents to the clean clip; the encoder is
+  frozen, so latents already encoded with it (the transformer's training records) stay valid.
+
+  A diffusion model's latents are never exactly on the encoder's manifold. A decoder trained only on
+  the encoder's own posterior samples (whose spread is tiny at a small KL weight) turns small latent
+  errors into holes, specks and wrong colours, and a square's corners are the first thing lost. Here
+  each clip's scaled latents get Gaussian noise of standard deviation ``latent_noise * u``, u ~ U(0, 1)
+  per clip, so the decoder also sees the clean case. ``config`` must carry the VAE's measured
+  ``scaling_factor``: the noise is in the units the transformer works in. Resumes in ``out_dir``.
+  Returns (params with the tuned decoder, log rows)."""
+  tc = tune_config
+  encoder = jax.tree.map(jnp.asarray, params["encoder"])
+
+  def loss_fn(decoder, video, key):
+    return loss_terms(
+      {"encoder": encoder, "decoder": decoder},
+      video,
+      key,
+      config=config,
+      kl_weight=0.0,
+      chunking=tc.decode_chunking,
+      silhouette_weight=tc.silhouette_weight,
+      latent_noise=tc.latent_noise,
+    )
+
+  def batches(step):
+    return jnp.asarray(video_io.from_uint8(clips(step)))
+
+  decoder, rows = loop.train(
+    loss_fn, params["decoder"], batches, tc, out_dir, desc="decoder", progress=progress, stop_at=stop_at
+  )
+  return {"encoder": jax.tree.map(np.asarray, params["encoder"]), "decoder": decoder}, rows
 
 
 def latent_scale(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8) -> float:
