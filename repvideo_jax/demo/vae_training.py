@@ -30,6 +30,12 @@ the decoder learns the path it runs at inference. The VAE trains with ``scaling_
 afterwards ``latent_scale`` measures the standard deviation of the posterior means over a sample of
 clips and the saved config gets ``scaling_factor = 1 / std``, so the transformer sees unit-variance
 latents (what the released factor 1.15258426 does for CogVideoX; docs/sampling.md, 'Latent scaling factor').
+
+Two optional steps after training make the VAE easier for a transformer to generate for (the demo
+build's ``vae_tuning`` stage): ``standardize_latents`` rewrites the weights so that every latent
+channel has mean 0 and standard deviation 1 (one scaling factor cannot undo per-channel offsets),
+and ``tune_decoder`` trains the decoder alone on noisy latents, so that small errors in generated
+latents decode to small errors in the frames.
 """
 
 from __future__ import annotations
