@@ -70,10 +70,16 @@ class VAETrainConfig(loop.LoopConfig):
   silhouette_weight: float = 0.0  # hinge on the brightest channel either side of the outline
 
   def __post_init__(self):
-    for name in ("kl_weight", "edge_weight", "gradient_weight", "silhouette_weight"):
-      value = getattr(self, name)
-      if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"vae_training.{name} must be a finite number >= 0, got {value}")
+    _check_nonnegative(
+      self, "vae_training", ("kl_weight", "edge_weight", "gradient_weight", "silhouette_weight")
+    )
+
+
+def _check_nonnegative(config, section: str, names: tuple[str, ...]) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not (math.isfinite(value) and value >= 0):
+      raise ValueError(f"{section}.{name} must be a finite number >= 0, got {value}")
 
 
 def loss_terms(
@@ -265,10 +271,7 @@ class VAETuneConfig(loop.LoopConfig):
   silhouette_weight: float = 0.0
 
   def __post_init__(self):
-    for name in ("latent_noise", "silhouette_weight"):
-      value = getattr(self, name)
-      if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"vae_tuning.{name} must be a finite number >= 0, got {value}")
+    _check_nonnegative(self, "vae_tuning", ("latent_noise", "silhouette_weight"))
 
 
 def tune_decoder(
