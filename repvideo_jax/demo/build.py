@@ -313,9 +313,8 @@ def stage_vae_tuning(b: Build) -> None:
   stage = Stage(b.out, "vae_tuning", b.sections("vae", "vae_training", "vae_tuning", "dataset"))
   if not stage.done:
     vae_cfg, params = vae_weights.load(b.vae_dir)
-    info = {}
+    info, probe = {}, _probe_clips(b)
     if tc.standardize:
-      probe = _probe_clips(b)
       mean, std = vae_training.latent_statistics(
         params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe
       )
@@ -350,9 +349,7 @@ def stage_vae_tuning(b: Build) -> None:
         params, vae_cfg, tc, clips, stage.path / "run", progress=b.progress
       )
       info |= {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
-    scale = vae_training.latent_scale(
-      params, dataclasses.replace(vae_cfg, scaling_factor=1.0), _probe_clips(b)
-    )
+    scale = vae_training.latent_scale(params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe)
     vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=scale)
     vae_weights.save(stage.path / "weights", vae_cfg, params, source="demo.build", overwrite=True)
     stage.finish(scaling_factor=scale, **info)

@@ -193,15 +193,20 @@ def train(
   return loop.train(loss_fn, params, batches, tc, out_dir, desc="vae", progress=progress, stop_at=stop_at)
 
 
-def latent_statistics(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8):
-  """(mean, std) per latent channel of the unscaled posterior means of ``videos`` (uint8)."""
+def posterior_means(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8) -> np.ndarray:
+  """The unscaled posterior means of ``videos`` (uint8, (N, T, H, W, 3)), (N, t, h, w, latent)."""
   encode = jax.jit(lambda p, x: V.encode_posterior(p, x, config=config).mean)
-  means = np.concatenate(
+  return np.concatenate(
     [
       np.asarray(encode(params, jnp.asarray(video_io.from_uint8(videos[i : i + batch_size]))))
       for i in range(0, len(videos), batch_size)
     ]
-  ).reshape(-1, config.latent_channels)
+  )
+
+
+def latent_statistics(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8):
+  """(mean, std) per latent channel of the unscaled posterior means of ``videos`` (uint8)."""
+  means = posterior_means(params, config, videos, batch_size).reshape(-1, config.latent_channels)
   return means.mean(axis=0), means.std(axis=0)
 
 
@@ -320,9 +325,4 @@ def tune_decoder(
 
 def latent_scale(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8) -> float:
   """1 / std of the unscaled posterior means of ``videos`` (uint8, (N, T, H, W, 3))."""
-  encode = jax.jit(lambda p, x: V.encode_posterior(p, x, config=config).mean)
-  means = [
-    np.asarray(encode(params, jnp.asarray(video_io.from_uint8(videos[i : i + batch_size]))))
-    for i in range(0, len(videos), batch_size)
-  ]
-  return float(1.0 / np.std(np.concatenate(means)))
+  return float(1.0 / np.std(posterior_means(params, config, videos, batch_size)))
