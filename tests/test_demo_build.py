@@ -28,6 +28,7 @@ FIRST_STEPS = [
   "vae_tuning.steps=6",
   "vae_tuning.log_every=1",
   "vae_tuning.warmup_steps=2",
+  "vae_tuning.crisp_weight=1",
   "train.run.steps=30",
   "train.run.log_every=1",
   "train.run.save_every=15",
@@ -75,27 +76,42 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   with open(out / "data" / "captions.csv") as f:
     trained = {line.split(",", 1)[1].strip() for line in f.read().splitlines()[1:]}
   assert trained and not trained & held  # no held-out caption was trained on
-  # The model's VAE is the tuned one: standardized latents (scale measured again) and a tuned decoder.
+  # The model's VAE is the tuned one: its latents standardized (scale measured again) before the
+  # records, its decoder tuned after them; the encoder that made the records is the model's.
   tuning = json.loads((out / "vae_tuning" / "stage.json").read_text())
   assert pipe.vae_config.scaling_factor == pytest.approx(tuning["scaling_factor"])
   assert len(tuning["channel_std"]) == pipe.vae_config.latent_channels
-  assert [r["step"] for r in _rows(out / "vae_tuning" / "run" / "log.jsonl")] == list(range(1, 7))
+  rows = _rows(out / "decoder" / "run" / "log.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["crisp"] > 0 for r in rows)
   trained_vae = vae_weights.load(out / "vae" / "weights")[1]
-  tuned_vae = vae_weights.load(out / "vae_tuning" / "weights")[1]
-  for part in ("encoder", "decoder"):  # both rewritten by the standardization, the decoder also tuned
-    assert not all(
-      np.array_equal(a, b)
-      for a, b in zip(jax.tree.leaves(trained_vae[part]), jax.tree.leaves(tuned_vae[part]))
-    )
-  for a, b in zip(jax.tree.leaves(pipe.vae_params), jax.tree.leaves(tuned_vae)):  # stored as float16
+  standardized = vae_weights.load(out / "vae_tuning" / "weights")[1]
+  tuned = vae_weights.load(out / "decoder" / "weights")[1]
+  records_vae = vae_weights.load(out / "encoders" / "vae")[1]
+
+  def same(x, y):
+    return all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+  assert not same(trained_vae["encoder"], standardized["encoder"])  # rewritten by the standardization
+  assert same(standardized["encoder"], records_vae["encoder"]) and same(
+    tuned["encoder"], records_vae["encoder"]
+  )
+  assert not same(standardized["decoder"], tuned["decoder"])  # tuned
+  for a, b in zip(jax.tree.leaves(pipe.vae_params), jax.tree.leaves(tuned)):  # stored as float16
     np.testing.assert_array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32))
 
   # Every stage's time is recorded; a re-run finds every stage complete and rebuilds the same model
   # (adding only its checks to the times); a changed stage config is refused.
   first = build.stage_times(out)
-  assert list(first) == ["data", "tokenizer", "text_encoder", "vae", "vae_tuning", "encoders", "records"] + [
-    f"model/{s}" for s in ("transformer", "model", "install")
-  ]
+  assert list(first) == [
+    "data",
+    "tokenizer",
+    "text_encoder",
+    "vae",
+    "vae_tuning",
+    "encoders",
+    "records",
+    "decoder",
+  ] + [f"model/{s}" for s in ("transformer", "model", "install")]
   assert first["vae"] > 1 and first["model/transformer"] > 1
   again = build.build(recipe, out, progress=False)
   assert again == model
@@ -106,6 +122,10 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   changed = build.load_recipe("demo", FIRST_STEPS + ["vae_training.lr=1e-3"])
   with pytest.raises(ValueError, match="was built from a different vae config"):
     build.build(changed, out, progress=False)
+  # Only the decoder stage depends on the decoder's tuning: the records and the transformer do not.
+  decoder_only = build.load_recipe("demo", FIRST_STEPS + ["vae_tuning.crisp_weight=2"])
+  with pytest.raises(ValueError, match="decoder was built from a different decoder config"):
+    build.build(decoder_only, out, progress=False)
   other = build.load_recipe("demo", FIRST_STEPS + ["train.run.steps=31"])
   with pytest.raises(ValueError, match="different train config; use another --name"):
     build.build(other, out, progress=False)

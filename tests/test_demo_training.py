@@ -207,8 +207,22 @@ def test_vae_loss_terms_and_latent_scale():
   assert miss_in > 0 and miss_out > 0  # an untrained decoder misses on both sides
   assert float(t3["silhouette"]) == pytest.approx(miss_in + miss_out, rel=1e-4)
   assert float(with_sil) == pytest.approx(float(loss) + 4.0 * (miss_in + miss_out), rel=1e-5)
-  # A reconstruction equal to the (saturated) target pays nothing.
-  assert float(vae_training.silhouette(x, x)) == 0.0
+  # The crisp-edge hinge, in numpy: margins 0.9 / -0.9, averaged over the edge band only.
+  with_crisp, t4 = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.5, crisp_weight=5.0)
+  band2 = band[..., 0]
+  crisp_miss = np.where(inside, np.maximum(0.9 - bright, 0), np.maximum(bright + 0.9, 0))
+  crisp = (band2 * crisp_miss).sum() / (band2.sum() + 1)
+  assert crisp > 0 and (crisp_miss * ~band2).sum() > 0  # misses off the band do not count
+  assert float(t4["crisp"]) == pytest.approx(crisp, rel=1e-4)
+  assert float(with_crisp) == pytest.approx(float(loss) + 5.0 * crisp, rel=1e-5)
+  # A reconstruction equal to the (saturated) target pays nothing; one pixel of halo next to the
+  # outline costs the crisp hinge several times what it costs the silhouette (background average).
+  assert float(vae_training.silhouette(x, x)) == 0.0 and float(vae_training.crisp_edges(x, x)) == 0.0
+  halo = np.asarray(x).copy()
+  outline = band2 & ~inside  # background pixels within 2 px of the outline
+  halo[outline] = 0.0  # mid-grey
+  halo = jnp.asarray(halo)
+  assert float(vae_training.crisp_edges(halo, x)) > 3 * float(vae_training.silhouette(halo, x)) > 0
 
 
 def test_vae_training_rejects_bad_settings(tmp_path):
@@ -224,6 +238,8 @@ def test_vae_training_rejects_bad_settings(tmp_path):
   ):
     with pytest.raises(ValueError, match=f"vae_training.{field} must be a finite number >= 0"):
       vae_training.VAETrainConfig(**{field: value})
+  with pytest.raises(ValueError, match="vae_tuning.crisp_weight must be a finite number >= 0"):
+    vae_training.VAETuneConfig(crisp_weight=-0.5)
 
 
 def test_standardize_latents_rewrites_the_latent_space_exactly():

@@ -12,10 +12,12 @@ from its last checkpoint):
   tokenizer     a sentencepiece model trained on the train captions (``text_training.train_tokenizer``)
   text_encoder  the T5 encoder pretrained on the train captions (``text_training.pretrain_encoder``)
   vae           the VAE trained on freshly rendered train-split clips (``vae_training.train``)
-  vae_tuning    with a ``vae_tuning`` section: its latents standardized per channel and its decoder
-                tuned on noisy latents (``vae_training.standardize_latents``, ``tune_decoder``)
+  vae_tuning    with ``vae_tuning.standardize``: its latents standardized per channel
+                (``vae_training.standardize_latents``)
   encoders      a model folder of the three plus an untrained transformer (what data.prepare reads)
   records       ``data.prepare`` on the dataset with those encoders
+  decoder       with ``vae_tuning.steps``: the decoder alone tuned on noisy latents
+                (``vae_training.tune_decoder``); the records, and so the transformer, do not depend on it
   <name>/run    ``training.trainer.train`` in this process on ``<name>/train.yaml`` (the recipe's
                 ``train`` section; the same run as ``train.py --config <name>/train.yaml --resume``),
                 its output appended to ``<name>/train.log``
@@ -189,7 +191,8 @@ class Build:
   tokenizer_dir: pathlib.Path | None = None
   tokenizer: Any = None
   text_dir: pathlib.Path | None = None
-  vae_dir: pathlib.Path | None = None
+  vae_dir: pathlib.Path | None = None  # the VAE whose encoder makes the records
+  model_vae_dir: pathlib.Path | None = None  # the VAE the model folder gets (its decoder tuned)
   encoders: Stage | None = None
   records_dir: pathlib.Path | None = None
   train_yaml: pathlib.Path | None = None
@@ -303,63 +306,82 @@ def stage_vae(b: Build) -> None:
 
 
 def stage_vae_tuning(b: Build) -> None:
-  """The trained VAE made easier to diffuse in (``vae_tuning``): its latents standardized per channel
-  (``vae_training.standardize_latents``) and its decoder tuned on noisy latents
-  (``vae_training.tune_decoder``). Skipped, leaving the VAE as trained, when it asks for neither."""
-  ds, specs = b.dataset, b.train_specs
-  tc = config_lib.from_dict(vae_training.VAETuneConfig, b.recipe["vae_tuning"], "vae_tuning")
-  if not tc.standardize and tc.steps <= 0:
+  """With ``vae_tuning.standardize``: the trained VAE's latents standardized per channel
+  (``vae_training.standardize_latents``), its latent scale measured again. Only this part of the
+  tuning changes the encoder, so only it comes before the records; the decoder's tuning is
+  ``stage_decoder``, after them."""
+  tc = _tuning(b)
+  if not tc.standardize:
     return
-  stage = Stage(b.out, "vae_tuning", b.sections("vae", "vae_training", "vae_tuning", "dataset"))
+  stage = Stage(b.out, "vae_tuning", b.sections("vae", "vae_training", "dataset") | _standardize_section(b))
   if not stage.done:
     vae_cfg, params = vae_weights.load(b.vae_dir)
-    info, probe = {}, _probe_clips(b)
-    if tc.standardize:
-      mean, std = vae_training.latent_statistics(
-        params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe
-      )
-      _say(
-        "vae tuning: standardizing the latent channels (means "
-        + " ".join(f"{v:.2f}" for v in mean)
-        + ", stds "
-        + " ".join(f"{v:.2f}" for v in std)
-        + ")"
-      )
-      params, vae_cfg = vae_training.standardize_latents(params, vae_cfg, mean, std)
-      info = {"channel_mean": mean.tolist(), "channel_std": std.tolist()}
-    if tc.steps > 0:
-      _say(f"vae tuning: the decoder on latents with noise up to {tc.latent_noise}, {tc.steps} steps")
-
-      def clips(step):  # fresh renders, a stream apart from the VAE's
-        rng = np.random.default_rng([ds.seed, 9, step])
-        return np.stack(
-          [
-            D.render(
-              specs[rng.integers(len(specs))],
-              num_frames=tc.frames,
-              height=ds.height,
-              width=ds.width,
-              seed=int(rng.integers(1 << 31)),
-            )
-            for _ in range(tc.batch_size)
-          ]
-        )
-
-      params, rows = vae_training.tune_decoder(
-        params, vae_cfg, tc, clips, stage.path / "run", progress=b.progress
-      )
-      info |= {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
-    scale = vae_training.latent_scale(params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe)
+    probe = _probe_clips(b)
+    mean, std = vae_training.latent_statistics(
+      params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe
+    )
+    _say(
+      "vae tuning: standardizing the latent channels (means "
+      + " ".join(f"{v:.2f}" for v in mean)
+      + ", stds "
+      + " ".join(f"{v:.2f}" for v in std)
+      + ")"
+    )
+    params, vae_cfg = vae_training.standardize_latents(params, vae_cfg, mean, std)
+    scale = vae_training.latent_scale(params, vae_cfg, probe)
     vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=scale)
     vae_weights.save(stage.path / "weights", vae_cfg, params, source="demo.build", overwrite=True)
-    stage.finish(scaling_factor=scale, **info)
+    stage.finish(scaling_factor=scale, channel_mean=mean.tolist(), channel_std=std.tolist())
   b.vae_dir = stage.path / "weights"
 
 
-def _tuning_section(b: Build) -> dict[str, Any]:
-  """The ``vae_tuning`` section when it is used (so builds without it keep their stage configs)."""
-  tuning = b.recipe.get("vae_tuning") or {}
-  return {"vae_tuning": tuning} if tuning else {}
+def _tuning(b: Build) -> vae_training.VAETuneConfig:
+  return config_lib.from_dict(vae_training.VAETuneConfig, b.recipe["vae_tuning"], "vae_tuning")
+
+
+def _standardize_section(b: Build) -> dict[str, Any]:
+  """What of ``vae_tuning`` the encoder depends on (so the records, and the transformer trained on
+  them, do not depend on the decoder's tuning); empty when the recipe does not standardize, so
+  builds without it keep their stage configs."""
+  return {"vae_tuning": {"standardize": True}} if _tuning(b).standardize else {}
+
+
+def stage_decoder(b: Build) -> None:
+  """With ``vae_tuning.steps`` > 0: the decoder alone tuned on noisy latents
+  (``vae_training.tune_decoder``), the encoder frozen. The transformer never sees the decoder, so
+  this comes after the records, and a recipe that changes only the decoder's tuning keeps them and
+  the transformer; the model folder gets this VAE."""
+  ds, specs = b.dataset, b.train_specs
+  tc = _tuning(b)
+  b.model_vae_dir = b.vae_dir
+  if tc.steps <= 0:
+    return
+  stage = Stage(b.out, "decoder", b.sections("vae", "vae_training", "vae_tuning", "dataset"))
+  if not stage.done:
+    vae_cfg, params = vae_weights.load(b.vae_dir)
+    _say(f"decoder: tuning on latents with noise up to {tc.latent_noise}, {tc.steps} steps")
+
+    def clips(step):  # fresh renders, a stream apart from the VAE's
+      rng = np.random.default_rng([ds.seed, 9, step])
+      return np.stack(
+        [
+          D.render(
+            specs[rng.integers(len(specs))],
+            num_frames=tc.frames,
+            height=ds.height,
+            width=ds.width,
+            seed=int(rng.integers(1 << 31)),
+          )
+          for _ in range(tc.batch_size)
+        ]
+      )
+
+    params, rows = vae_training.tune_decoder(
+      params, vae_cfg, tc, clips, stage.path / "run", progress=b.progress
+    )
+    vae_weights.save(stage.path / "weights", vae_cfg, params, source="demo.build", overwrite=True)
+    stage.finish(first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"])
+  b.model_vae_dir = stage.path / "weights"
 
 
 def _probe_clips(b: Build) -> np.ndarray:
@@ -380,7 +402,7 @@ def stage_encoders(b: Build) -> None:
     b.out,
     "encoders",
     b.sections("dataset", "tokenizer", "text_encoder", "text_training", "vae", "vae_training")
-    | _tuning_section(b)
+    | _standardize_section(b)
     | {"text_length": b.text_length},
   )
   if not stage.done:
@@ -457,8 +479,10 @@ def stage_model(b: Build) -> None:
   encoders, recipe = b.encoders.path, b.recipe
   b.model = b.variant / "model"
   with outputs.staged_dir(b.model) as tmp:
-    for part in ("tokenizer", "text_encoder", "vae"):
+    for part in ("tokenizer", "text_encoder"):
       shutil.copytree(encoders / part, tmp / part)
+    _check_same_encoder(b.model_vae_dir, encoders / "vae")
+    shutil.copytree(b.model_vae_dir, tmp / "vae")
     tcfg = trainer.export_transformer(b.variant / "run", tmp / "transformer")
     if recipe["storage_dtype"] != "float32":
       for part in ("transformer", "text_encoder", "vae"):
@@ -478,6 +502,19 @@ def stage_model(b: Build) -> None:
       },
     )
   _say(f"wrote {b.model}")
+
+
+def _check_same_encoder(vae_dir: pathlib.Path, records_vae_dir: pathlib.Path) -> None:
+  """The model's VAE must encode exactly as the one that made the records (the transformer's data)."""
+  (cfg, params), (ref_cfg, ref) = vae_weights.load(vae_dir), vae_weights.load(records_vae_dir)
+  same = cfg.scaling_factor == ref_cfg.scaling_factor and all(
+    np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(ref["encoder"]))
+  )
+  if not same:
+    raise ValueError(
+      f"the VAE in {vae_dir} does not encode as the one in {records_vae_dir} that made the records; "
+      "rebuild with a new --out"
+    )
 
 
 def stage_install(b: Build) -> None:
@@ -505,6 +542,7 @@ STAGES: tuple[Callable[[Build], None], ...] = (
   stage_vae_tuning,
   stage_encoders,
   stage_records,
+  stage_decoder,
   stage_transformer,
   stage_model,
   stage_install,

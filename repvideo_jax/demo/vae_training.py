@@ -5,6 +5,8 @@
            + gradient_weight * (mean |d_x x_hat - d_x x| + mean |d_y x_hat - d_y x|)
            + silhouette_weight * (mean over shape pixels relu(0.2 - b_hat)
                                   + mean over background pixels relu(b_hat + 0.7))
+           + crisp_weight * mean over edge pixels of (relu(0.9 - b_hat) on the shape's side,
+                                                      relu(b_hat + 0.9) on the background's)
     z ~ q(z|x) (reparameterised), x_hat = decode(z), video x in [-1, 1]
 
 Edge pixels are those within 2 pixels of an edge of the target: where the brightest channel's
@@ -23,6 +25,17 @@ plain L1 terms once it is a pixel wide, but every pixel of it on the wrong side 
 Measured on the demo recipe's VAE trained 400 steps on single frames of shapes 1.4x the domain's
 size (2026-12-04): the detectors read the shape of reconstructed train-caption frames right 0.86
 of the time without the term and 0.97 with it at weight 1 (held-out captions: 0.93 and 1.00).
+
+The crisp-edge term (decoder tuning only, ``VAETuneConfig.crisp_weight``) is the same hinge with
+margins near the ends of the range, 0.9 and -0.9, averaged over the edge pixels alone. The
+silhouette term averages its background side over the whole background, so a one-pixel halo
+around a shape costs almost nothing there, and a decoder tuned on noisy latents (below) hedges
+its outlines into ramps two pixels wide. Soft outlines overlap more from frame to frame than hard
+ones: on 12 held-out clips the tuned decoder's round trips had an adjacent-frame pixel cosine of
+0.981 against the renders' 0.943, and the same frames made binary (full colour inside, black
+outside) scored 0.944. Measured on the demo recipe, 2026-12-04: 300 decoder steps with the crisp
+term at weight 15 brought the held-out evaluation's generated videos from 0.980 to 0.953 (real
+renders 0.935), and the same 36 generated latents decoded by either decoder scored the same.
 
 Clips are encoded whole (as ``data.prepare`` encodes them) and decoded with the chunking sampling
 uses (``decode_chunking``, default the released [0:3], [3:5], ... with the conv cache carried), so
@@ -93,9 +106,10 @@ def loss_terms(
   edge_weight: float = 0.0,
   gradient_weight: float = 0.0,
   silhouette_weight: float = 0.0,
+  crisp_weight: float = 0.0,
   latent_noise: float = 0.0,
 ):
-  """(loss, {l1, mse, kl, edge, gradient, silhouette}) for a batch of videos (B, T, H, W, 3) in [-1, 1].
+  """(loss, {l1, mse, kl, edge, gradient, silhouette, crisp}) for a batch of videos (B, T, H, W, 3) in [-1, 1].
   ``latent_noise``: Gaussian noise of standard deviation ``latent_noise * u`` (u ~ U(0, 1), one per
   video) is added to the scaled latents before they are decoded (``VAETuneConfig``)."""
   post = V.encode_posterior(params, video, config=config)
@@ -115,22 +129,46 @@ def loss_terms(
   edge = jnp.sum(band * jnp.abs(err)) / (3.0 * jnp.sum(band) + 1.0)
   gradient = sum(jnp.mean(jnp.abs(jnp.diff(recon, axis=a) - jnp.diff(target, axis=a))) for a in (2, 3))
   sil = silhouette(recon, target)
-  loss = l1 + mse + kl_weight * kl + edge_weight * edge + gradient_weight * gradient + silhouette_weight * sil
-  return loss, {"l1": l1, "mse": mse, "kl": kl, "edge": edge, "gradient": gradient, "silhouette": sil}
+  crisp = crisp_edges(recon, target)
+  loss = (
+    l1
+    + mse
+    + kl_weight * kl
+    + edge_weight * edge
+    + gradient_weight * gradient
+    + silhouette_weight * sil
+    + crisp_weight * crisp
+  )
+  metrics = {"l1": l1, "mse": mse, "kl": kl, "edge": edge, "gradient": gradient, "silhouette": sil}
+  return loss, metrics | {"crisp": crisp}
 
 
 SILHOUETTE_INSIDE = 0.2  # a shape pixel's brightest channel should be at least this
 SILHOUETTE_OUTSIDE = -0.7  # a background pixel's brightest channel should be at most this
 
 
-def silhouette(recon: jax.Array, target: jax.Array) -> jax.Array:
-  """The silhouette hinge (module docstring) of ``recon`` against ``target``, (B, T, H, W, 3) in [-1, 1]."""
+CRISP_MARGIN = 0.9  # on an edge, shape pixels' brightest channel >= 0.9, background's <= -0.9
+
+
+def _misses(recon: jax.Array, target: jax.Array, inside_at: float, outside_at: float):
+  """Per pixel (B, T, H, W): how far the reconstruction's brightest channel is on the wrong side of
+  ``inside_at`` (shape pixels) or ``outside_at`` (background pixels), and the shape mask."""
   bright = jnp.max(recon, axis=-1)
   inside = (jnp.max(target, axis=-1) > 0).astype(jnp.float32)
-  outside = 1.0 - inside
-  miss_in = jnp.sum(inside * jax.nn.relu(SILHOUETTE_INSIDE - bright)) / (jnp.sum(inside) + 1.0)
-  miss_out = jnp.sum(outside * jax.nn.relu(bright - SILHOUETTE_OUTSIDE)) / (jnp.sum(outside) + 1.0)
-  return miss_in + miss_out
+  return inside * jax.nn.relu(inside_at - bright), (1.0 - inside) * jax.nn.relu(bright - outside_at), inside
+
+
+def silhouette(recon: jax.Array, target: jax.Array) -> jax.Array:
+  """The silhouette hinge (module docstring) of ``recon`` against ``target``, (B, T, H, W, 3) in [-1, 1]."""
+  miss_in, miss_out, inside = _misses(recon, target, SILHOUETTE_INSIDE, SILHOUETTE_OUTSIDE)
+  return jnp.sum(miss_in) / (jnp.sum(inside) + 1.0) + jnp.sum(miss_out) / (jnp.sum(1.0 - inside) + 1.0)
+
+
+def crisp_edges(recon: jax.Array, target: jax.Array) -> jax.Array:
+  """The crisp-edge hinge (module docstring): margins +-``CRISP_MARGIN``, averaged over ``edge_band``."""
+  miss_in, miss_out, _ = _misses(recon, target, CRISP_MARGIN, -CRISP_MARGIN)
+  band = edge_band(target)[..., 0]
+  return jnp.sum(band * (miss_in + miss_out)) / (jnp.sum(band) + 1.0)
 
 
 def edge_band(video: jax.Array) -> jax.Array:
@@ -274,9 +312,10 @@ class VAETuneConfig(loop.LoopConfig):
   decode_chunking: str = "released"
   latent_noise: float = 0.2  # the largest noise standard deviation, in scaled-latent units
   silhouette_weight: float = 0.0
+  crisp_weight: float = 0.0  # hinge towards hard outlines on the edge pixels (module docstring)
 
   def __post_init__(self):
-    _check_nonnegative(self, "vae_tuning", ("latent_noise", "silhouette_weight"))
+    _check_nonnegative(self, "vae_tuning", ("latent_noise", "silhouette_weight", "crisp_weight"))
 
 
 def tune_decoder(
@@ -311,6 +350,7 @@ def tune_decoder(
       kl_weight=0.0,
       chunking=tc.decode_chunking,
       silhouette_weight=tc.silhouette_weight,
+      crisp_weight=tc.crisp_weight,
       latent_noise=tc.latent_noise,
     )
 
