@@ -269,31 +269,36 @@ def stage_text_encoder(b: Build) -> None:
   b.text_dir = stage.path / "weights"
 
 
+def _random_clip(b: Build, rng: np.random.Generator, frames: int) -> np.ndarray:
+  """A fresh render of a random train-split combination (the VAE's and the decoder's training data)."""
+  ds, specs = b.dataset, b.train_specs
+  return D.render(
+    specs[rng.integers(len(specs))],
+    num_frames=frames,
+    height=ds.height,
+    width=ds.width,
+    seed=int(rng.integers(1 << 31)),
+  )
+
+
 def stage_vae(b: Build) -> None:
   """The VAE, trained on fresh renders, with the latent scale measured on a probe batch."""
-  ds, specs = b.dataset, b.train_specs
+  ds = b.dataset
   vae_cfg = config_lib.from_dict(V.VAEConfig, {**b.recipe["vae"], "scaling_factor": 1.0}, "vae")
   stage = Stage(b.out, "vae", b.sections("vae", "vae_training", "dataset"))
   if not stage.done:
     vt = config_lib.from_dict(vae_training.VAETrainConfig, b.recipe["vae_training"], "vae_training")
     _say(f"vae: training {vae_cfg.block_out_channels} on {vt.frames}-frame clips, {vt.steps} steps")
 
-    def random_clip(rng):  # a fresh render of a random train-split combination
-      return D.render(
-        specs[rng.integers(len(specs))],
-        num_frames=vt.frames,
-        height=ds.height,
-        width=ds.width,
-        seed=int(rng.integers(1 << 31)),
-      )
-
     def clips(step):
       rng = np.random.default_rng([ds.seed, 7, step])
-      return np.stack([random_clip(rng) for _ in range(vt.batch_size)])
+      return np.stack([_random_clip(b, rng, vt.frames) for _ in range(vt.batch_size)])
 
     def images(step):  # one random frame of each of image_batch_size clips
       rng = np.random.default_rng([ds.seed, 8, step])
-      return np.stack([random_clip(rng)[rng.integers(vt.frames)][None] for _ in range(vt.image_batch_size)])
+      return np.stack(
+        [_random_clip(b, rng, vt.frames)[rng.integers(vt.frames)][None] for _ in range(vt.image_batch_size)]
+      )
 
     params, rows = vae_training.train(
       vae_cfg, vt, clips, stage.path / "run", images=images, progress=b.progress
@@ -351,7 +356,6 @@ def stage_decoder(b: Build) -> None:
   (``vae_training.tune_decoder``), the encoder frozen. The transformer never sees the decoder, so
   this comes after the records, and a recipe that changes only the decoder's tuning keeps them and
   the transformer; the model folder gets this VAE."""
-  ds, specs = b.dataset, b.train_specs
   tc = _tuning(b)
   b.model_vae_dir = b.vae_dir
   if tc.steps <= 0:
@@ -362,19 +366,8 @@ def stage_decoder(b: Build) -> None:
     _say(f"decoder: tuning on latents with noise up to {tc.latent_noise}, {tc.steps} steps")
 
     def clips(step):  # fresh renders, a stream apart from the VAE's
-      rng = np.random.default_rng([ds.seed, 9, step])
-      return np.stack(
-        [
-          D.render(
-            specs[rng.integers(len(specs))],
-            num_frames=tc.frames,
-            height=ds.height,
-            width=ds.width,
-            seed=int(rng.integers(1 << 31)),
-          )
-          for _ in range(tc.batch_size)
-        ]
-      )
+      rng = np.random.default_rng([b.dataset.seed, 9, step])
+      return np.stack([_random_clip(b, rng, tc.frames) for _ in range(tc.batch_size)])
 
     params, rows = vae_training.tune_decoder(
       params, vae_cfg, tc, clips, stage.path / "run", progress=b.progress

@@ -44,11 +44,11 @@ afterwards ``latent_scale`` measures the standard deviation of the posterior mea
 clips and the saved config gets ``scaling_factor = 1 / std``, so the transformer sees unit-variance
 latents (what the released factor 1.15258426 does for CogVideoX; docs/sampling.md, 'Latent scaling factor').
 
-Two optional steps after training make the VAE easier for a transformer to generate for (the demo
-build's ``vae_tuning`` stage): ``standardize_latents`` rewrites the weights so that every latent
-channel has mean 0 and standard deviation 1 (one scaling factor cannot undo per-channel offsets),
-and ``tune_decoder`` trains the decoder alone on noisy latents, so that small errors in generated
-latents decode to small errors in the frames.
+Two optional steps after training make the VAE easier for a transformer to generate for:
+``standardize_latents`` (the demo build's ``vae_tuning`` stage) rewrites the weights so that every
+latent channel has mean 0 and standard deviation 1 (one scaling factor cannot undo per-channel
+offsets), and ``tune_decoder`` (its ``decoder`` stage) trains the decoder alone on noisy latents, so
+that small errors in generated latents decode to small errors in the frames.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def loss_terms(
   edge = jnp.sum(band * jnp.abs(err)) / (3.0 * jnp.sum(band) + 1.0)
   gradient = sum(jnp.mean(jnp.abs(jnp.diff(recon, axis=a) - jnp.diff(target, axis=a))) for a in (2, 3))
   sil = silhouette(recon, target)
-  crisp = crisp_edges(recon, target)
+  crisp = crisp_edges(recon, target, band)
   loss = (
     l1
     + mse
@@ -164,10 +164,11 @@ def silhouette(recon: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.sum(miss_in) / (jnp.sum(inside) + 1.0) + jnp.sum(miss_out) / (jnp.sum(1.0 - inside) + 1.0)
 
 
-def crisp_edges(recon: jax.Array, target: jax.Array) -> jax.Array:
-  """The crisp-edge hinge (module docstring): margins +-``CRISP_MARGIN``, averaged over ``edge_band``."""
+def crisp_edges(recon: jax.Array, target: jax.Array, band: jax.Array | None = None) -> jax.Array:
+  """The crisp-edge hinge (module docstring): margins +-``CRISP_MARGIN``, averaged over ``band``
+  (``edge_band(target)``, computed here unless the caller already has it)."""
   miss_in, miss_out, _ = _misses(recon, target, CRISP_MARGIN, -CRISP_MARGIN)
-  band = edge_band(target)[..., 0]
+  band = (edge_band(target) if band is None else band)[..., 0]
   return jnp.sum(band * (miss_in + miss_out)) / (jnp.sum(band) + 1.0)
 
 
