@@ -139,8 +139,16 @@ def loss_terms(
     + silhouette_weight * sil
     + crisp_weight * crisp
   )
-  metrics = {"l1": l1, "mse": mse, "kl": kl, "edge": edge, "gradient": gradient, "silhouette": sil}
-  return loss, metrics | {"crisp": crisp}
+  metrics = {
+    "l1": l1,
+    "mse": mse,
+    "kl": kl,
+    "edge": edge,
+    "gradient": gradient,
+    "silhouette": sil,
+    "crisp": crisp,
+  }
+  return loss, metrics
 
 
 SILHOUETTE_INSIDE = 0.2  # a shape pixel's brightest channel should be at least this
