@@ -25,6 +25,7 @@ FIRST_STEPS = [
   "vae_training.log_every=1",
   "vae_training.warmup_steps=2",
   "vae_tuning.standardize=true",
+  "vae_tuning.joint_steps=4",
   "vae_tuning.steps=6",
   "vae_tuning.log_every=1",
   "vae_tuning.warmup_steps=2",
@@ -76,11 +77,14 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   with open(out / "data" / "captions.csv") as f:
     trained = {line.split(",", 1)[1].strip() for line in f.read().splitlines()[1:]}
   assert trained and not trained & held  # no held-out caption was trained on
-  # The model's VAE is the tuned one: its latents standardized (scale measured again) before the
-  # records, its decoder tuned after them; the encoder that made the records is the model's.
+  # The model's VAE is the tuned one: its latents standardized, the whole VAE tuned on noisy latents
+  # and standardized again (scale measured again) before the records, its decoder tuned after
+  # them; the encoder that made the records is the model's.
   tuning = json.loads((out / "vae_tuning" / "stage.json").read_text())
   assert pipe.vae_config.scaling_factor == pytest.approx(tuning["scaling_factor"])
   assert len(tuning["channel_std"]) == pipe.vae_config.latent_channels
+  assert [r["step"] for r in _rows(out / "vae_tuning" / "run" / "log.jsonl")] == [1, 2, 3, 4]
+  assert tuning["joint_last_loss"] > 0
   rows = _rows(out / "decoder" / "run" / "log.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["crisp"] > 0 for r in rows)
   trained_vae = vae_weights.load(out / "vae" / "weights")[1]
@@ -122,7 +126,11 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   changed = build.load_recipe("demo", FIRST_STEPS + ["vae_training.lr=1e-3"])
   with pytest.raises(ValueError, match="was built from a different vae config"):
     build.build(changed, out, progress=False)
-  # Only the decoder stage depends on the decoder's tuning: the records and the transformer do not.
+  # The joint tuning changes the encoder, so the vae_tuning stage refuses a change to it; only the
+  # decoder stage depends on the decoder's own tuning: the records and the transformer do not.
+  joint = build.load_recipe("demo", FIRST_STEPS + ["vae_tuning.joint_noise=0.3"])
+  with pytest.raises(ValueError, match="vae_tuning was built from a different vae_tuning config"):
+    build.build(joint, out, progress=False)
   decoder_only = build.load_recipe("demo", FIRST_STEPS + ["vae_tuning.crisp_weight=2"])
   with pytest.raises(ValueError, match="decoder was built from a different decoder config"):
     build.build(decoder_only, out, progress=False)

@@ -308,5 +308,40 @@ def test_decoder_tuning_trains_the_decoder_alone_and_resumes_exactly(tmp_path):
   zero, _ = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.0, latent_noise=0.0)
   noisy, _ = vae_training.loss_terms(params, x, key, config=VAE, kl_weight=0.0, latent_noise=2.0)
   assert float(plain) == float(zero) and float(noisy) != float(plain)
+
+
+def test_joint_tuning_trains_encoder_and_decoder_on_relative_noise_and_resumes_exactly(tmp_path):
+  params = V.init(VAE, 1)
+  tc = vae_training.VAETuneConfig(
+    joint_steps=16, steps=3, batch_size=2, frames=9, lr=3e-3, warmup_steps=2, log_every=1, save_every=5
+  )
+  tuned, rows = vae_training.tune_vae(params, VAE, tc, _clips, tmp_path / "a", kl_weight=1e-4, progress=False)
+  assert [r["step"] for r in rows] == list(range(1, 17))  # joint_steps, not the decoder's steps
+  losses = [r["loss"] for r in rows]
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+  for part in ("encoder", "decoder"):  # both trained
+    assert any(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[part]), jax.tree.leaves(tuned[part]))
+    ), part
+  vae_training.tune_vae(params, VAE, tc, _clips, tmp_path / "b", kl_weight=1e-4, progress=False, stop_at=7)
+  resumed, _ = vae_training.tune_vae(params, VAE, tc, _clips, tmp_path / "b", kl_weight=1e-4, progress=False)
+  for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # Relative noise scales with the latents: a VAE whose latents are 4x larger (the same weights read
+  # with scaling_factor 4) gets the same loss, where noise of a fixed size weighs 4x less on it.
+  x = jnp.asarray(_clips(3), jnp.float32) / 127.5 - 1.0
+  key = jax.random.key(2)
+  big = dataclasses.replace(VAE, scaling_factor=4.0 * VAE.scaling_factor)
+
+  def loss(config, **noise):
+    return float(vae_training.loss_terms(params, x, key, config=config, kl_weight=0.0, **noise)[0])
+
+  np.testing.assert_allclose(loss(big, relative_noise=2.0), loss(VAE, relative_noise=2.0), rtol=1e-5)
+  assert loss(VAE, relative_noise=2.0) != loss(VAE)
+  assert abs(loss(big, latent_noise=2.0) - loss(VAE, latent_noise=2.0)) > 1e-3
+  with pytest.raises(ValueError, match="vae_tuning.joint_noise must be a finite number >= 0"):
+    vae_training.VAETuneConfig(joint_noise=-1.0)
+  with pytest.raises(ValueError, match="vae_tuning.joint_steps must be >= 0"):
+    vae_training.VAETuneConfig(joint_steps=-1)
   with pytest.raises(ValueError, match="vae_tuning.latent_noise must be a finite number >= 0"):
     vae_training.VAETuneConfig(latent_noise=-0.1)

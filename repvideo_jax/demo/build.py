@@ -13,7 +13,8 @@ from its last checkpoint):
   text_encoder  the T5 encoder pretrained on the train captions (``text_training.pretrain_encoder``)
   vae           the VAE trained on freshly rendered train-split clips (``vae_training.train``)
   vae_tuning    with ``vae_tuning.standardize``: its latents standardized per channel
-                (``vae_training.standardize_latents``)
+                (``vae_training.standardize_latents``); with ``vae_tuning.joint_steps``, then the
+                whole VAE tuned on noisy latents (``vae_training.tune_vae``) and standardized again
   encoders      a model folder of the three plus an untrained transformer (what data.prepare reads)
   records       ``data.prepare`` on the dataset with those encoders
   decoder       with ``vae_tuning.steps``: the decoder alone tuned on noisy latents
@@ -312,9 +313,11 @@ def stage_vae(b: Build) -> None:
 
 def stage_vae_tuning(b: Build) -> None:
   """With ``vae_tuning.standardize``: the trained VAE's latents standardized per channel
-  (``vae_training.standardize_latents``), its latent scale measured again. Only this part of the
-  tuning changes the encoder, so only it comes before the records; the decoder's tuning is
-  ``stage_decoder``, after them."""
+  (``vae_training.standardize_latents``), its latent scale measured again; with
+  ``vae_tuning.joint_steps`` > 0, then the whole VAE tuned on noisy latents
+  (``vae_training.tune_vae``) and standardized once more. Only this part of the tuning changes the
+  encoder, so only it comes before the records; the decoder's own tuning is ``stage_decoder``, after
+  them."""
   tc = _tuning(b)
   if not tc.standardize:
     return
@@ -322,22 +325,46 @@ def stage_vae_tuning(b: Build) -> None:
   if not stage.done:
     vae_cfg, params = vae_weights.load(b.vae_dir)
     probe = _probe_clips(b)
-    mean, std = vae_training.latent_statistics(
-      params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe
-    )
-    _say(
-      "vae tuning: standardizing the latent channels (means "
-      + " ".join(f"{v:.2f}" for v in mean)
-      + ", stds "
-      + " ".join(f"{v:.2f}" for v in std)
-      + ")"
-    )
-    params, vae_cfg = vae_training.standardize_latents(params, vae_cfg, mean, std)
-    scale = vae_training.latent_scale(params, vae_cfg, probe)
-    vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=scale)
+    params, vae_cfg, mean, std = _standardized(params, vae_cfg, probe)
+    extra = {}
+    if tc.joint_steps > 0:
+      _say(
+        f"vae tuning: the whole VAE on latents with noise up to {tc.joint_noise} of each channel's spread, {tc.joint_steps} steps"
+      )
+      kl_weight = config_lib.from_dict(
+        vae_training.VAETrainConfig, b.recipe["vae_training"], "vae_training"
+      ).kl_weight
+
+      def clips(step):  # fresh renders, a stream apart from the VAE's and the decoder's
+        rng = np.random.default_rng([b.dataset.seed, 10, step])
+        return np.stack([_random_clip(b, rng, tc.frames) for _ in range(tc.batch_size)])
+
+      params, rows = vae_training.tune_vae(
+        params, vae_cfg, tc, clips, stage.path / "run", kl_weight=kl_weight, progress=b.progress
+      )
+      params, vae_cfg, _, _ = _standardized(params, vae_cfg, probe)
+      extra = {"joint_first_loss": rows[0]["loss"], "joint_last_loss": rows[-1]["loss"]}
     vae_weights.save(stage.path / "weights", vae_cfg, params, source="demo.build", overwrite=True)
-    stage.finish(scaling_factor=scale, channel_mean=mean.tolist(), channel_std=std.tolist())
+    stage.finish(
+      scaling_factor=vae_cfg.scaling_factor, channel_mean=mean.tolist(), channel_std=std.tolist(), **extra
+    )
   b.vae_dir = stage.path / "weights"
+
+
+def _standardized(params, vae_cfg: V.VAEConfig, probe: np.ndarray):
+  """(params, config, mean, std): ``params`` with the latents of ``probe`` standardized per channel
+  (their measured mean and std) and the latent scale measured again."""
+  mean, std = vae_training.latent_statistics(params, dataclasses.replace(vae_cfg, scaling_factor=1.0), probe)
+  _say(
+    "vae tuning: standardizing the latent channels (means "
+    + " ".join(f"{v:.2f}" for v in mean)
+    + ", stds "
+    + " ".join(f"{v:.2f}" for v in std)
+    + ")"
+  )
+  params, vae_cfg = vae_training.standardize_latents(params, vae_cfg, mean, std)
+  scale = vae_training.latent_scale(params, vae_cfg, probe)
+  return params, dataclasses.replace(vae_cfg, scaling_factor=scale), mean, std
 
 
 def _tuning(b: Build) -> vae_training.VAETuneConfig:
@@ -346,9 +373,16 @@ def _tuning(b: Build) -> vae_training.VAETuneConfig:
 
 def _standardize_section(b: Build) -> dict[str, Any]:
   """What of ``vae_tuning`` the encoder depends on (so the records, and the transformer trained on
-  them, do not depend on the decoder's tuning); empty when the recipe does not standardize, so
-  builds without it keep their stage configs."""
-  return {"vae_tuning": {"standardize": True}} if _tuning(b).standardize else {}
+  them, do not depend on the decoder's own tuning); empty when the recipe does not standardize, so
+  builds without it keep their stage configs. The joint tuning shares the optimizer settings and
+  the silhouette weight with the decoder's tuning, so with it those are part of the encoder's."""
+  tc = _tuning(b)
+  if not tc.standardize:
+    return {}
+  if tc.joint_steps <= 0:
+    return {"vae_tuning": {"standardize": True}}
+  decoder_only = {"steps", "latent_noise", "crisp_weight", "log_every", "save_every"}
+  return {"vae_tuning": {k: v for k, v in dataclasses.asdict(tc).items() if k not in decoder_only}}
 
 
 def stage_decoder(b: Build) -> None:
