@@ -122,10 +122,12 @@ def loss_terms(
   z = post.sample(key) * config.scaling_factor
   if latent_noise or relative_noise:
     noise_key, level_key = jax.random.split(jax.random.fold_in(key, 1))
+    largest = latent_noise
+    if relative_noise:  # per channel, over the batch and every latent position
+      spread = jnp.std(post.mean * config.scaling_factor, axis=tuple(range(z.ndim - 1)))
+      largest = largest + relative_noise * jax.lax.stop_gradient(spread)
     u = jax.random.uniform(level_key, (z.shape[0],) + (1,) * (z.ndim - 1))
-    spread = jax.lax.stop_gradient(jnp.std(post.mean * config.scaling_factor, axis=tuple(range(z.ndim - 1))))
-    level = latent_noise * u + relative_noise * u * spread
-    z = z + level * jax.random.normal(noise_key, z.shape, z.dtype)
+    z = z + u * largest * jax.random.normal(noise_key, z.shape, z.dtype)
   recon = V.decode(params, z, config=config, chunking=chunking, scan_chunks=False).astype(
     jnp.float32
   )  # unrolled: its gradient is far faster on CPU
@@ -241,11 +243,14 @@ def train(
     )
 
   def batches(step):
-    if step < tc.image_steps:
-      return jnp.asarray(video_io.from_uint8(images(step)))
-    return jnp.asarray(video_io.from_uint8(clips(step)))
+    return _videos(images if step < tc.image_steps else clips)(step)
 
   return loop.train(loss_fn, params, batches, tc, out_dir, desc="vae", progress=progress, stop_at=stop_at)
+
+
+def _videos(batch: Callable[[int], np.ndarray]) -> Callable[[int], jax.Array]:
+  """``batch(step)``'s uint8 videos as the [-1, 1] arrays the losses take."""
+  return lambda step: jnp.asarray(video_io.from_uint8(batch(step)))
 
 
 def posterior_means(params, config: V.VAEConfig, videos: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -379,11 +384,15 @@ def tune_decoder(
       latent_noise=tc.latent_noise,
     )
 
-  def batches(step):
-    return jnp.asarray(video_io.from_uint8(clips(step)))
-
   decoder, rows = loop.train(
-    loss_fn, params["decoder"], batches, tc, out_dir, desc="decoder", progress=progress, stop_at=stop_at
+    loss_fn,
+    params["decoder"],
+    _videos(clips),
+    tc,
+    out_dir,
+    desc="decoder",
+    progress=progress,
+    stop_at=stop_at,
   )
   return {"encoder": jax.tree.map(np.asarray, params["encoder"]), "decoder": decoder}, rows
 
@@ -427,12 +436,16 @@ def tune_vae(
       relative_noise=tc.joint_noise,
     )
 
-  def batches(step):
-    return jnp.asarray(video_io.from_uint8(clips(step)))
-
   loop_config = dataclasses.replace(tc, steps=tc.joint_steps)
   return loop.train(
-    loss_fn, params, batches, loop_config, out_dir, desc="vae tuning", progress=progress, stop_at=stop_at
+    loss_fn,
+    params,
+    _videos(clips),
+    loop_config,
+    out_dir,
+    desc="vae tuning",
+    progress=progress,
+    stop_at=stop_at,
   )
 
 
