@@ -2,7 +2,7 @@
 
 ``python -m repvideo_jax.demo.build`` with configs/demo.yaml, shortened by overrides (one clip per
 combination, a few dozen steps per part): data -> tokenizer -> T5 -> VAE -> data.prepare ->
-train.py -> a model folder that sample.py can use. Also: a killed build resumes, and a changed
+train.py -> the shape tuning of transformer and decoder -> a model folder that sample.py can use. Also: a killed build resumes, and a changed
 config is refused rather than mixed with the old stages.
 """
 
@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from repvideo_jax import pipeline, vae_weights
+from repvideo_jax import pipeline, transformer_weights, vae_weights
 from repvideo_jax.demo import build
+from repvideo_jax.training import trainer
 
 FIRST_STEPS = [
   "dataset.per_spec=1",
@@ -35,6 +36,23 @@ FIRST_STEPS = [
   "train.run.save_every=15",
   "train.optim.warmup_steps=5",
   "train.optim.total_steps=30",
+  # The shape tuning stages, off in the recipe, on here with two phases and two rounds.
+  "transformer_tuning.mix=[0.5,0.75]",
+  "transformer_tuning.mix_min_t=[200,50]",
+  "transformer_tuning.steps=4",
+  "transformer_tuning.warmup_steps=1",
+  "transformer_tuning.pairs=2",
+  "transformer_tuning.records_batch=2",
+  "transformer_tuning.paths=1",
+  "transformer_tuning.log_every=1",
+  "decoder_fitting.rounds=[3,2]",
+  "decoder_fitting.samples=4",
+  "decoder_fitting.sample_batch=4",
+  "decoder_fitting.batch_size=2",
+  "decoder_fitting.real_batch=1",
+  "decoder_fitting.warmup_steps=1",
+  "decoder_fitting.log_every=1",
+  "generation.steps=10",
 ]
 
 
@@ -100,7 +118,28 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
     tuned["encoder"], records_vae["encoder"]
   )
   assert not same(standardized["decoder"], tuned["decoder"])  # tuned
-  for a, b in zip(jax.tree.leaves(pipe.vae_params), jax.tree.leaves(tuned)):  # stored as float16
+  # The shape tuning: the model's transformer is the paired-loss continuation (two phases, from the
+  # run's EMA), its decoder the one fitted to that transformer's samples (two rounds, from the tuned
+  # decoder); the encoder is still the records'.
+  tuning = out / "model" / "tuning"
+  assert [[r["step"] for r in _rows(tuning / f"phase{i}" / "log.jsonl")] for i in (0, 1)] == [
+    [1, 2, 3, 4]
+  ] * 2
+  assert all(r["pair"] > 0 and r["mse"] > 0 for r in _rows(tuning / "phase0" / "log.jsonl"))
+  tuned_t = transformer_weights.load(tuning / "transformer")[1]
+  run_cfg, state, _ = trainer.load_run(out / "model" / "run")
+  assert not same(tuned_t, state["ema"])
+  for a, b in zip(jax.tree.leaves(pipe.transformer_params), jax.tree.leaves(tuned_t)):
+    np.testing.assert_array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32))
+  fitting = out / "model" / "decoder_fitting"
+  assert np.load(fitting / "samples.npy").shape == (4, 5, 8, 8, 8)
+  assert [[r["step"] for r in _rows(fitting / f"round{i}" / "log.jsonl")] for i in (0, 1)] == [
+    [1, 2, 3],
+    [1, 2],
+  ]
+  fitted = vae_weights.load(fitting / "weights")[1]
+  assert same(fitted["encoder"], records_vae["encoder"]) and not same(fitted["decoder"], tuned["decoder"])
+  for a, b in zip(jax.tree.leaves(pipe.vae_params), jax.tree.leaves(fitted)):  # stored as float16
     np.testing.assert_array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32))
 
   # Every stage's time is recorded; a re-run finds every stage complete and rebuilds the same model
@@ -115,8 +154,8 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
     "encoders",
     "records",
     "decoder",
-  ] + [f"model/{s}" for s in ("transformer", "model", "install")]
-  assert first["vae"] > 1 and first["model/transformer"] > 1
+  ] + [f"model/{s}" for s in ("transformer", "tuning", "decoder_fitting", "model", "install")]
+  assert first["vae"] > 1 and first["model/transformer"] > 1 and first["model/decoder_fitting"] > 1
   again = build.build(recipe, out, progress=False)
   assert again == model
   second = build.stage_times(out)
@@ -134,6 +173,9 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   decoder_only = build.load_recipe("demo", FIRST_STEPS + ["vae_tuning.crisp_weight=2"])
   with pytest.raises(ValueError, match="decoder was built from a different decoder config"):
     build.build(decoder_only, out, progress=False)
+  refit = build.load_recipe("demo", FIRST_STEPS + ["decoder_fitting.crisp_weight=2"])
+  with pytest.raises(ValueError, match="decoder_fitting was built from a different decoder_fitting config"):
+    build.build(refit, out, progress=False)
   other = build.load_recipe("demo", FIRST_STEPS + ["train.run.steps=31"])
   with pytest.raises(ValueError, match="different train config; use another --name"):
     build.build(other, out, progress=False)

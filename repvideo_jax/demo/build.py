@@ -22,6 +22,11 @@ from its last checkpoint):
   <name>/run    ``training.trainer.train`` in this process on ``<name>/train.yaml`` (the recipe's
                 ``train`` section; the same run as ``train.py --config <name>/train.yaml --resume``),
                 its output appended to ``<name>/train.log``
+  <name>/tuning with ``transformer_tuning.mix``: the transformer's training continued with the paired
+                square/circle loss (``pair_tuning.tune``), from the run's EMA
+  <name>/decoder_fitting  with ``decoder_fitting.rounds``: samples of the train captions from that
+                transformer, and the decoder tuned in rounds to turn them into clean shapes
+                (``sample_fitting``)
   <name>/model  the finished model folder (pipeline.json with the ``generation`` defaults)
   (install)     with ``--install``: the model, or a variant's transformer, copied into the package
 Every stage records the part of the config it was built from; re-running with a different one is
@@ -64,7 +69,7 @@ from repvideo_jax import text_encoder as TE
 from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
 from repvideo_jax.data import prepare
-from repvideo_jax.demo import MODEL_DIR, text_training, vae_training
+from repvideo_jax.demo import MODEL_DIR, pair_tuning, sample_fitting, text_training, vae_training
 from repvideo_jax.demo import domain as D
 from repvideo_jax.training import trainer
 from repvideo_jax.training.checkpoints import Checkpointer
@@ -80,7 +85,12 @@ SECTIONS = (
   "train",
   "generation",
 )
-OPTIONAL = {"vae_tuning": {}}  # sections a recipe may leave out, with their defaults
+# Sections a recipe may leave out, with their defaults (the tuning stages then do nothing).
+OPTIONAL = {
+  "vae_tuning": {},
+  "transformer_tuning": {"mix": [], "mix_min_t": []},
+  "decoder_fitting": {"rounds": []},
+}
 SCALARS = {"storage_dtype": "float32"}  # top-level recipe settings besides the sections
 
 
@@ -128,6 +138,8 @@ def _validate(tree: dict[str, Any], where: str) -> None:
     ("vae", V.VAEConfig),
     ("vae_training", vae_training.VAETrainConfig),
     ("vae_tuning", vae_training.VAETuneConfig),
+    ("transformer_tuning", pair_tuning.PairTuneConfig),
+    ("decoder_fitting", sample_fitting.DecoderFitConfig),
   ):
     config_lib.from_dict(cls, tree[section] or {}, f"{where}:{section}")
   trainer.config_from_dict(tree["train"] or {}, f"{where}:train")
@@ -197,6 +209,7 @@ class Build:
   encoders: Stage | None = None
   records_dir: pathlib.Path | None = None
   train_yaml: pathlib.Path | None = None
+  transformer_dir: pathlib.Path | None = None  # set by the tuning stage: the model gets this transformer
   model: pathlib.Path | None = None
 
   def __post_init__(self):
@@ -501,6 +514,110 @@ def stage_transformer(b: Build) -> None:
     )
 
 
+def _trained_transformer(b: Build) -> tuple[T.TransformerConfig, Any]:
+  """(config, params) of the transformer so far: the tuning stage's, else the run's EMA (its params
+  when it kept none), as ``stage_model`` exports it."""
+  if b.transformer_dir is not None:
+    return transformer_weights.load(b.transformer_dir)
+  run_cfg, state, _ = trainer.load_run(b.variant / "run")
+  return run_cfg.transformer, trainer.trained_params(state, use_ema=state.get("ema") is not None)
+
+
+def _transformer_tuning(b: Build) -> pair_tuning.PairTuneConfig:
+  return config_lib.from_dict(
+    pair_tuning.PairTuneConfig, b.recipe["transformer_tuning"], "transformer_tuning"
+  )
+
+
+def stage_tuning(b: Build) -> None:
+  """With ``transformer_tuning.mix`` (one phase each): the trained transformer continued with the
+  paired square/circle loss on the records' encoders (``pair_tuning``); the model gets it."""
+  tc = _transformer_tuning(b)
+  if tc.phases == 0:
+    return
+  stage = Stage(
+    b.variant, "tuning", b.sections("transformer_tuning", "train") | {"encoders": b.encoders.config}
+  )
+  if not stage.done:
+    _say(f"tuning: the transformer with the paired shape loss, {tc.phases} x {tc.steps} steps")
+    t_cfg, params = _trained_transformer(b)
+    encoders = prepare.load_encoders(b.encoders.path)
+    ds = b.dataset
+    params, logs = pair_tuning.tune(
+      params,
+      T.make_apply(t_cfg),
+      encoders,
+      b.records_dir,
+      b.train_specs,
+      tc,
+      stage.path,
+      num_frames=ds.frames,
+      height=ds.height,
+      width=ds.width,
+      progress=b.progress,
+    )
+    transformer_weights.save(
+      stage.path / "transformer", t_cfg, params, source="demo.build tuning", overwrite=True
+    )
+    stage.finish(first_loss=logs[0][0]["loss"], last_loss=logs[-1][-1]["loss"])
+  b.transformer_dir = stage.path / "transformer"
+
+
+def _decoder_fitting(b: Build) -> sample_fitting.DecoderFitConfig:
+  return config_lib.from_dict(sample_fitting.DecoderFitConfig, b.recipe["decoder_fitting"], "decoder_fitting")
+
+
+def stage_decoder_fitting(b: Build) -> None:
+  """With ``decoder_fitting.rounds``: the model's decoder tuned on the (tuned) transformer's samples
+  of the train captions (``sample_fitting``); the model gets this VAE."""
+  fc = _decoder_fitting(b)
+  if not fc.rounds:
+    return
+  stage = Stage(
+    b.variant,
+    "decoder_fitting",
+    b.sections("decoder_fitting", "transformer_tuning", "train", "generation", "vae_tuning")
+    | {"encoders": b.encoders.config},
+  )
+  if not stage.done:
+    pipe = pipeline.load_pipeline(b.encoders.path)
+    t_cfg, t_params = _trained_transformer(b)
+    vae_cfg, vae_params = vae_weights.load(b.model_vae_dir)
+    pipe = dataclasses.replace(
+      pipe,
+      transformer_config=t_cfg,
+      transformer_params=t_params,
+      vae_config=vae_cfg,
+      vae_params=vae_params,
+      _residency=None,
+    )
+    generation = {k: v for k, v in b.recipe["generation"].items() if k != "fps"}
+    settings = pipeline.settings_for(pipe, **{**generation, "seed": fc.sample_seed})
+    specs = sample_fitting.caption_cycle(b.train_specs, fc.samples)
+    samples = stage.path / "samples.npy"
+    if not samples.is_file():
+      _say(f"decoder_fitting: sampling {fc.samples} videos of the train captions")
+      z = sample_fitting.sample_latents(pipe, specs, settings, batch=fc.sample_batch, progress=b.progress)
+      with outputs.atomic_path(samples) as tmp, open(tmp, "wb") as f:
+        np.save(f, z)
+    z = np.load(samples)
+    _say(f"decoder_fitting: {len(fc.rounds)} rounds of {list(fc.rounds)} steps")
+    ds = b.dataset
+
+    def real_clips(step):  # fresh renders, a stream apart from the other stages'
+      rng = np.random.default_rng([b.dataset.seed, 17, step])
+      return np.stack([_random_clip(b, rng, ds.frames) for _ in range(fc.real_batch)])
+
+    params, logs = sample_fitting.fit_decoder(
+      vae_params, vae_cfg, z, specs, real_clips, fc, stage.path, progress=b.progress
+    )
+    vae_weights.save(
+      stage.path / "weights", vae_cfg, params, source="demo.build decoder_fitting", overwrite=True
+    )
+    stage.finish(first_loss=logs[0][0]["loss"], last_loss=logs[-1][-1]["loss"])
+  b.model_vae_dir = stage.path / "weights"
+
+
 def stage_model(b: Build) -> None:
   """Assembles ``<name>/model`` next to its final place, then swaps it in."""
   encoders, recipe = b.encoders.path, b.recipe
@@ -510,7 +627,11 @@ def stage_model(b: Build) -> None:
       shutil.copytree(encoders / part, tmp / part)
     _check_same_encoder(b.model_vae_dir, encoders / "vae")
     shutil.copytree(b.model_vae_dir, tmp / "vae")
-    tcfg = trainer.export_transformer(b.variant / "run", tmp / "transformer")
+    if b.transformer_dir is not None:
+      shutil.copytree(b.transformer_dir, tmp / "transformer")
+      tcfg = transformer_weights.load(b.transformer_dir)[0]
+    else:
+      tcfg = trainer.export_transformer(b.variant / "run", tmp / "transformer")
     if recipe["storage_dtype"] != "float32":
       for part in ("transformer", "text_encoder", "vae"):
         _store_as(tmp / part, recipe["storage_dtype"])
@@ -552,7 +673,8 @@ def stage_install(b: Build) -> None:
     _install(b.model, MODEL_DIR)
     _say(f"installed {b.model} as {MODEL_DIR}")
     return
-  # A variant shares the bundled encoders: only its transformer and recipe are kept.
+  # A variant shares the bundled encoders: only its transformer and recipe are kept (with
+  # decoder_fitting on, its own fitted decoder is not: ablations decode with the bundled VAE).
   target = MODEL_DIR / "ablations" / b.name
   with outputs.staged_dir(target) as tmp:
     shutil.copytree(b.model / "transformer", tmp / "transformer")
@@ -571,6 +693,8 @@ STAGES: tuple[Callable[[Build], None], ...] = (
   stage_records,
   stage_decoder,
   stage_transformer,
+  stage_tuning,
+  stage_decoder_fitting,
   stage_model,
   stage_install,
 )
@@ -618,7 +742,8 @@ TIMINGS = "timings.jsonl"
 def _stage_label(stage: Callable, b: Build) -> str:
   """``vae``, ``records``, ...; the transformer variant's stages carry its name (``nocache/transformer``)."""
   label = stage.__name__.removeprefix("stage_")
-  return f"{b.name}/{label}" if label in ("transformer", "model", "install") else label
+  variant = ("transformer", "tuning", "decoder_fitting", "model", "install")
+  return f"{b.name}/{label}" if label in variant else label
 
 
 def stage_times(out: str | pathlib.Path) -> dict[str, float]:

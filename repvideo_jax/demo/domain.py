@@ -30,6 +30,9 @@ __all__ = [
   "caption",
   "parse_caption",
   "render",
+  "draw",
+  "trajectory",
+  "fit_render",
   "all_specs",
   "split_specs",
   "write_dataset",
@@ -120,8 +123,9 @@ def _mask(shape: str, cx: float, cy: float, r: float, height: int, width: int) -
   return (t >= 0) & (t <= 1) & (np.abs(x - cx) <= r * t)
 
 
-def _trajectory(motion: str, num_frames: int, height: int, width: int, rng: np.random.Generator):
-  """Returns (cx, cy, r) arrays of length num_frames, keeping the shape inside the frame."""
+def trajectory(motion: str, num_frames: int, height: int, width: int, rng: np.random.Generator):
+  """A random path of ``motion`` drawn from ``rng``: (cx, cy, r) arrays of length num_frames (the
+  centre and half-size of each frame, as ``draw`` takes them), keeping the shape inside the frame."""
   m = min(height, width)
   t = np.linspace(0.0, 1.0, num_frames)
   if motion in ("growing", "shrinking"):
@@ -171,12 +175,48 @@ def render(
       [int(seed), SHAPES.index(spec.shape), _ALL_COLORS.index(spec.color), MOTIONS.index(spec.motion)]
     )
   )
-  cxs, cys, rs = _trajectory(spec.motion, num_frames, height, width, rng)
-  frames = np.zeros((num_frames, height, width, 3), np.uint8)
-  color = np.array({**PALETTE, **NEW_PALETTE}[spec.color], np.uint8)
-  for i in range(num_frames):
-    frames[i][_mask(spec.shape, cxs[i], cys[i], rs[i], height, width)] = color
+  cxs, cys, rs = trajectory(spec.motion, num_frames, height, width, rng)
+  return draw(spec.shape, spec.color, cxs, cys, rs, height=height, width=width)
+
+
+def draw(shape: str, color: str, cx, cy, r, *, height: int = 64, width: int = 64) -> np.ndarray:
+  """uint8 frames (T, H, W, 3): ``shape`` in ``color`` on black, frame i with centre (cx[i], cy[i])
+  and half-size r[i] (pixels; a triangle's centre is its bounding box's). ``render`` draws a seeded
+  path with it; the demo's tuning stages draw the same shape on another clip's path."""
+  cx, cy, r = (np.asarray(a, np.float64) for a in (cx, cy, r))
+  frames = np.zeros((len(cx), height, width, 3), np.uint8)
+  rgb = np.array({**PALETTE, **NEW_PALETTE}[color], np.uint8)
+  for i in range(len(cx)):
+    frames[i][_mask(shape, cx[i], cy[i], r[i], height, width)] = rgb
   return frames
+
+
+def fit_render(frames: np.ndarray, spec: Spec, *, per_frame: bool = True, min_half: float = 5.0):
+  """The clean render of ``spec`` on the path of the shape in ``frames`` (uint8 (T, H, W, 3), e.g. a
+  generated clip), or None when fewer than half of the frames show a shape.
+
+  Each frame's foreground (as ``detect`` sees it) gives a centre (its centroid) and a half-size
+  (the one at which ``spec.shape`` has the foreground's area). With ``per_frame`` every frame keeps
+  its own; frames without foreground, and with ``per_frame=False`` all frames, take a straight line
+  in time fitted to the others. Half-sizes are at least ``min_half`` pixels."""
+  fg = _foreground(frames)
+  n, (height, width) = len(fg), fg.shape[1:]
+  cx, cy, r, ok = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, bool)
+  for i, mask in enumerate(fg):
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 8:
+      continue
+    area = float(len(ys))
+    half = {"square": (np.sqrt(area) - 1) / 2, "circle": np.sqrt(area / np.pi), "triangle": np.sqrt(area / 2)}
+    r[i] = half[spec.shape]
+    # A triangle's centroid lies a third of its half-size below its bounding box's centre.
+    cx[i], cy[i] = xs.mean(), ys.mean() - (r[i] / 3 if spec.shape == "triangle" else 0.0)
+    ok[i] = True
+  if ok.sum() < max(2, n // 2):
+    return None
+  t = np.linspace(0.0, 1.0, n)
+  cx, cy, r = (np.where(ok & per_frame, y, np.polyval(np.polyfit(t[ok], y[ok], 1), t)) for y in (cx, cy, r))
+  return draw(spec.shape, spec.color, cx, cy, np.maximum(r, min_half), height=height, width=width)
 
 
 # ------------------------------------------------------------------------------------------------

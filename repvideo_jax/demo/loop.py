@@ -46,6 +46,7 @@ class LoopConfig:
   seed: int = 0
   log_every: int = 25
   save_every: int = 200
+  ema_decay: float | None = None  # if set, train returns this exponential moving average of the params
 
   def optim_config(self) -> optim.OptimConfig:
     return optim.OptimConfig(
@@ -73,7 +74,7 @@ def train(
 
   Resumes from the last checkpoint in ``out_dir/checkpoints`` if there is one. ``stop_at`` ends the
   run early at that step with a checkpoint, as a preempted run would (the next call resumes).
-  Returns (params as numpy, log): the run's whole history of {"step", "loss", ...metrics,
+  Returns (params as numpy, or their moving average with ``config.ema_decay``; log): the run's whole history of {"step", "loss", ...metrics,
   "seconds" (since this start)} rows, earlier starts included. Rows are appended to
   ``out_dir/log.jsonl`` as they come; after a resume, a re-run step's new row replaces the old one.
   """
@@ -87,6 +88,10 @@ def train(
     "opt_state": optimizer.init(params),
     "key": jax.random.key_data(jax.random.key(config.seed)),
   }
+  if config.ema_decay is not None:
+    if not 0.0 <= config.ema_decay < 1.0:
+      raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    state["ema"] = jax.tree.map(jnp.asarray, params)
   ckpt = Checkpointer(out / "checkpoints", save_every=config.save_every, keep=2, async_save=False)
   if ckpt.latest_step() is not None:
     state, _, _ = ckpt.restore(abstract_like(state))
@@ -99,7 +104,11 @@ def train(
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optim.grad_norm(opt_state)}
-    return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+    new = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if "ema" in state:
+      d = config.ema_decay
+      new["ema"] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+    return new, metrics
 
   start = int(state["step"])
   t0 = time.perf_counter()
@@ -133,7 +142,8 @@ def train(
   if ckpt.latest_step() != int(state["step"]):
     ckpt.save(int(state["step"]), state, {}, {"desc": desc}, force=True)
   ckpt.close()
-  return jax.tree.map(np.asarray, jax.device_get(state["params"])), history(log_path)
+  final = state["ema"] if "ema" in state else state["params"]
+  return jax.tree.map(np.asarray, jax.device_get(final)), history(log_path)
 
 
 def history(log_path: str | pathlib.Path) -> list[dict]:
