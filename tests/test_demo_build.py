@@ -173,6 +173,9 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   decoder_only = build.load_recipe("demo", FIRST_STEPS + ["vae_tuning.crisp_weight=2"])
   with pytest.raises(ValueError, match="decoder was built from a different decoder config"):
     build.build(decoder_only, out, progress=False)
+  retune = build.load_recipe("demo", FIRST_STEPS + ["transformer_tuning.pair_weight=2"])
+  with pytest.raises(ValueError, match="tuning was built from a different tuning config"):
+    build.build(retune, out, progress=False)
   refit = build.load_recipe("demo", FIRST_STEPS + ["decoder_fitting.crisp_weight=2"])
   with pytest.raises(ValueError, match="decoder_fitting was built from a different decoder_fitting config"):
     build.build(refit, out, progress=False)

@@ -1,4 +1,4 @@
-"""The demo's shape tuning: the paired square/circle continuation of the transformer
+"""The demo's shape tuning: the paired square/partner continuation of the transformer
 (``demo.pair_tuning``), the decoder fitted to the transformer's samples (``demo.sample_fitting``),
 the path fit both rest on (``domain.fit_render``) and the loop's moving average.
 """
@@ -196,9 +196,46 @@ def test_pair_loss_without_mix_noises_each_latent_and_drops_captions_together():
   np.testing.assert_array_equal(same, seen["t"][:P] >= 500)
 
 
+def test_pair_loss_blends_each_pair_with_one_weight():
+  # Far-apart latents (+c and -c everywhere) make the blend weight readable off the input:
+  # x_t / a ~ w c - (1 - w) c, the noise adding at most s / (a c).
+  c, P = 1e6, 32
+  batch = _pair_batch(P=P, R=0)
+  batch["square"] = jnp.full_like(batch["square"], c)
+  batch["other"] = jnp.full_like(batch["other"], -c)
+  table = jnp.asarray(schedule.sqrt_alpha_table(), jnp.float32)
+  seen = {}
+
+  def spy(p, x_t, t, text):
+    seen.update(x_t=np.asarray(x_t, np.float64), t=np.asarray(t))
+    return jnp.zeros_like(x_t)
+
+  pair_tuning.pair_loss(
+    {}, spy, batch, jax.random.key(5), table=table, pair_weight=1.0, mix=1.0, mix_min_t=0, ucg_rate=0.0
+  )
+  a = np.asarray(table, np.float64)[seen["t"][:P]].reshape(-1, 1, 1, 1, 1)
+  w = (seen["x_t"][:P] / a / c + 1) / 2
+  spread = w.max(axis=(1, 2, 3, 4)) - w.min(axis=(1, 2, 3, 4))
+  assert spread.max() < 0.01  # one weight per pair
+  w = w.mean(axis=(1, 2, 3, 4))
+  assert w.min() > -0.01 and w.max() < 1.01 and w.std() > 0.15  # uniform in [0, 1]
+
+
 def test_pair_tune_config_checks_its_phases():
-  assert pair_tuning.PairTuneConfig().phases == 2
-  assert pair_tuning.PairTuneConfig(mix=(), mix_min_t=()).phases == 0
+  assert pair_tuning.PairTuneConfig(mix=(0.5, 0.75), mix_min_t=(200, 50)).phases == 2
+  assert pair_tuning.PairTuneConfig().phases == 0 and sample_fitting.DecoderFitConfig().rounds == ()
+  # The recipe leaves both stages off, and one override of a section does not switch it on.
+  from repvideo_jax.demo import build
+
+  for overrides in ([], ["transformer_tuning.pairs=4", "decoder_fitting.samples=360"]):
+    recipe = build.load_recipe("demo", overrides)
+    assert (
+      pair_tuning.PairTuneConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["transformer_tuning"].items()}
+      ).phases
+      == 0
+    )
+    assert recipe["decoder_fitting"]["rounds"] == []
   with pytest.raises(ValueError, match="one value per phase"):
     pair_tuning.PairTuneConfig(mix=(0.5,), mix_min_t=(200, 50))
   with pytest.raises(ValueError, match="partners must be circle and/or triangle"):

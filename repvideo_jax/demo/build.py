@@ -23,7 +23,7 @@ from its last checkpoint):
                 ``train`` section; the same run as ``train.py --config <name>/train.yaml --resume``),
                 its output appended to ``<name>/train.log``
   <name>/tuning with ``transformer_tuning.mix``: the transformer's training continued with the paired
-                square/circle loss (``pair_tuning.tune``), from the run's EMA
+                square/partner loss (``pair_tuning.tune``), from the run's EMA
   <name>/decoder_fitting  with ``decoder_fitting.rounds``: samples of the train captions from that
                 transformer, and the decoder tuned in rounds to turn them into clean shapes
                 (``sample_fitting``)
@@ -85,12 +85,8 @@ SECTIONS = (
   "train",
   "generation",
 )
-# Sections a recipe may leave out, with their defaults (the tuning stages then do nothing).
-OPTIONAL = {
-  "vae_tuning": {},
-  "transformer_tuning": {"mix": [], "mix_min_t": []},
-  "decoder_fitting": {"rounds": []},
-}
+# Sections a recipe may leave out (their configs' defaults: the tuning stages then do nothing).
+OPTIONAL = {"vae_tuning": {}, "transformer_tuning": {}, "decoder_fitting": {}}
 SCALARS = {"storage_dtype": "float32"}  # top-level recipe settings besides the sections
 
 
@@ -114,7 +110,10 @@ class TokenizerConfig:
 
 def load_recipe(name_or_path: str = "demo", overrides=()) -> dict[str, Any]:
   """The recipe as a nested dict (every section present), with ``section.key=value`` overrides."""
-  tree = {**SCALARS, **OPTIONAL, **config_lib.load_yaml(name_or_path, overrides)}
+  given = config_lib.load_yaml(name_or_path, overrides)
+  # Optional sections default key by key, so one override does not switch a tuning stage on.
+  optional = {k: {**v, **(given.get(k) or {})} for k, v in OPTIONAL.items()}
+  tree = {**SCALARS, **given, **optional}
   unknown = sorted(set(tree) - set(SECTIONS) - set(OPTIONAL) - set(SCALARS))
   if unknown:
     raise ValueError(
@@ -173,6 +172,21 @@ class Stage:
         f"  now:   {self.config}\nuse a new --out (or --name for another transformer)"
       )
     return True
+
+  def begin(self) -> None:
+    """Records the config a stage starts from (``started.json``), or refuses a different one: a
+    killed stage then resumes only from work of the same config."""
+    marker = self.path / "started.json"
+    if marker.is_file():
+      started = json.loads(marker.read_text())["config"]
+      if started != self.config:
+        raise ValueError(
+          f"{self.path} was started from a different {self.name} config:\n  started: {started}\n"
+          f"  now:     {self.config}\nuse a new --out (or --name for another transformer)"
+        )
+      return
+    self.path.mkdir(parents=True, exist_ok=True)
+    outputs.atomic_write(marker, json.dumps({"config": self.config}, indent=2))
 
   def finish(self, **info) -> None:
     outputs.atomic_write(
@@ -525,13 +539,13 @@ def _trained_transformer(b: Build) -> tuple[T.TransformerConfig, Any]:
 
 def _transformer_tuning(b: Build) -> pair_tuning.PairTuneConfig:
   return config_lib.from_dict(
-    pair_tuning.PairTuneConfig, b.recipe["transformer_tuning"], "transformer_tuning"
+    pair_tuning.PairTuneConfig, b.recipe["transformer_tuning"] or {}, "transformer_tuning"
   )
 
 
 def stage_tuning(b: Build) -> None:
   """With ``transformer_tuning.mix`` (one phase each): the trained transformer continued with the
-  paired square/circle loss on the records' encoders (``pair_tuning``); the model gets it."""
+  paired square/partner loss on the records' encoders (``pair_tuning``); the model gets it."""
   tc = _transformer_tuning(b)
   if tc.phases == 0:
     return
@@ -539,6 +553,7 @@ def stage_tuning(b: Build) -> None:
     b.variant, "tuning", b.sections("transformer_tuning", "train") | {"encoders": b.encoders.config}
   )
   if not stage.done:
+    stage.begin()
     _say(f"tuning: the transformer with the paired shape loss, {tc.phases} x {tc.steps} steps")
     t_cfg, params = _trained_transformer(b)
     encoders = prepare.load_encoders(b.encoders.path)
@@ -564,7 +579,9 @@ def stage_tuning(b: Build) -> None:
 
 
 def _decoder_fitting(b: Build) -> sample_fitting.DecoderFitConfig:
-  return config_lib.from_dict(sample_fitting.DecoderFitConfig, b.recipe["decoder_fitting"], "decoder_fitting")
+  return config_lib.from_dict(
+    sample_fitting.DecoderFitConfig, b.recipe["decoder_fitting"] or {}, "decoder_fitting"
+  )
 
 
 def stage_decoder_fitting(b: Build) -> None:
@@ -576,11 +593,13 @@ def stage_decoder_fitting(b: Build) -> None:
   stage = Stage(
     b.variant,
     "decoder_fitting",
-    b.sections("decoder_fitting", "transformer_tuning", "train", "generation", "vae_tuning")
+    b.sections("decoder_fitting", "train", "generation", "vae_tuning")
+    | ({"transformer_tuning": b.recipe["transformer_tuning"]} if b.transformer_dir is not None else {})
     | {"encoders": b.encoders.config},
   )
   if not stage.done:
-    pipe = pipeline.load_pipeline(b.encoders.path)
+    stage.begin()
+    pipe = pipeline.load_pipeline(b.encoders.path, load_transformer=False)
     t_cfg, t_params = _trained_transformer(b)
     vae_cfg, vae_params = vae_weights.load(b.model_vae_dir)
     pipe = dataclasses.replace(
@@ -601,6 +620,8 @@ def stage_decoder_fitting(b: Build) -> None:
       with outputs.atomic_path(samples) as tmp, open(tmp, "wb") as f:
         np.save(f, z)
     z = np.load(samples)
+    if len(z) != fc.samples:
+      raise ValueError(f"{samples} holds {len(z)} samples, the config asks for {fc.samples}; use a new --out")
     _say(f"decoder_fitting: {len(fc.rounds)} rounds of {list(fc.rounds)} steps")
     ds = b.dataset
 

@@ -197,8 +197,8 @@ def fit_render(frames: np.ndarray, spec: Spec, *, per_frame: bool = True, min_ha
 
   Each frame's foreground (as ``detect`` sees it) gives a centre (its centroid) and a half-size
   (the one at which ``spec.shape`` has the foreground's area). With ``per_frame`` every frame keeps
-  its own; frames without foreground, and with ``per_frame=False`` all frames, take a straight line
-  in time fitted to the others. Half-sizes are at least ``min_half`` pixels."""
+  its own; frames with fewer than 8 foreground pixels, and with ``per_frame=False`` all frames, take
+  a straight line in time fitted to the others. Half-sizes are at least ``min_half`` pixels."""
   fg = _foreground(frames)
   n, (height, width) = len(fg), fg.shape[1:]
   cx, cy, r, ok = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, bool)
@@ -212,7 +212,7 @@ def fit_render(frames: np.ndarray, spec: Spec, *, per_frame: bool = True, min_ha
     # A triangle's centroid lies a third of its half-size below its bounding box's centre.
     cx[i], cy[i] = xs.mean(), ys.mean() - (r[i] / 3 if spec.shape == "triangle" else 0.0)
     ok[i] = True
-  if ok.sum() < max(2, n // 2):
+  if ok.sum() < max(2, (n + 1) // 2):
     return None
   t = np.linspace(0.0, 1.0, n)
   cx, cy, r = (np.where(ok & per_frame, y, np.polyval(np.polyfit(t[ok], y[ok], 1), t)) for y in (cx, cy, r))

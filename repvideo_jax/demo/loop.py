@@ -1,4 +1,4 @@
-"""The small single-host training loop shared by the demo's VAE and text-encoder trainers.
+"""The small single-host training loop shared by the demo's VAE, text-encoder and shape-tuning trainers.
 
 The RepVideo transformer trains with ``train.py`` (sharded, multi-host). The demo's other two parts are
 small enough for one process: this loop gives them the same optimizer (``training.optim``:
@@ -74,8 +74,9 @@ def train(
 
   Resumes from the last checkpoint in ``out_dir/checkpoints`` if there is one. ``stop_at`` ends the
   run early at that step with a checkpoint, as a preempted run would (the next call resumes).
-  Returns (params as numpy, or their moving average with ``config.ema_decay``; log): the run's whole history of {"step", "loss", ...metrics,
-  "seconds" (since this start)} rows, earlier starts included. Rows are appended to
+  Returns (params as numpy, or their moving average with ``config.ema_decay``; log): the run's
+  whole history of {"step", "loss", ...metrics, "seconds" (since this start)} rows, earlier starts
+  included. Rows are appended to
   ``out_dir/log.jsonl`` as they come; after a resume, a re-run step's new row replaces the old one.
   """
   out = pathlib.Path(out_dir)

@@ -1,4 +1,4 @@
-"""The demo transformer's shape tuning: its training continued with a paired square/circle loss.
+"""The demo transformer's shape tuning: its training continued with a paired shape loss.
 
 Trained on the records alone, the demo transformer draws squares whose corners come out round:
 its samples of square captions read as circles. This continuation shows it the two shapes side by
@@ -51,8 +51,8 @@ class PairTuneConfig(loop.LoopConfig):
   partners: tuple[str, ...] = ("circle",)  # the shapes paired with the square
   pair_weight: float = 1.0
   ucg_rate: float = 0.1  # captions dropped (zero embedding), as in training
-  mix: tuple[float, ...] = (0.5, 0.75)  # per phase: the chance a pair starts from a blend
-  mix_min_t: tuple[int, ...] = (200, 50)  # per phase: the smallest timestep that is blended
+  mix: tuple[float, ...] = ()  # per phase: the chance a pair starts from a blend (none: no tuning)
+  mix_min_t: tuple[int, ...] = ()  # per phase: the smallest timestep that is blended
 
   def __post_init__(self):
     if len(self.mix) != len(self.mix_min_t):

@@ -44,7 +44,7 @@ class DecoderFitConfig(loop.LoopConfig):
   samples: int = 720
   sample_seed: int = 1000
   sample_batch: int = 24
-  rounds: tuple[int, ...] = (700, 600)  # steps of each round
+  rounds: tuple[int, ...] = ()  # steps of each round (none: no fitting)
   per_frame: bool = True  # fitted centre and size of each frame (else a line in time)
   batch_size: int = 4  # sample / fitted-render pairs per step
   real_batch: int = 2  # fresh renders per step
@@ -93,7 +93,8 @@ def sample_latents(
 def fitted_targets(
   decode: Callable[[np.ndarray], np.ndarray], latents: np.ndarray, specs: Sequence[D.Spec], *, per_frame: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(indices, targets): the samples whose decoded clip shows a shape in at least half of its frames,
+  """(indices, targets): the samples whose decoded clip shows a shape in at least half of its frames
+  (``domain.fit_render``),
   and for each the clean render (uint8) of its spec on the fitted path. ``decode`` maps a batch of
   latents to uint8 frames."""
   keep, targets = [], []
@@ -173,6 +174,11 @@ def fit_decoder(
       return video_io.to_uint8(np.asarray(program({"encoder": encoder, "decoder": dec}, jnp.asarray(z))))
 
     keep, targets = fitted_targets(decode, latents, specs, per_frame=config.per_frame)
+    if len(keep) < config.batch_size:
+      raise RuntimeError(
+        f"decoder_fitting: only {len(keep)} of {len(latents)} decoded samples show a shape, fewer than "
+        f"batch_size {config.batch_size}; is the transformer trained?"
+      )
 
     def batches(step, keep=keep, targets=targets, r=r):
       rng = np.random.default_rng([config.seed, r, step])
