@@ -162,26 +162,20 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   assert all(0 <= second[k] - first[k] < 5 for k in first)
   rows = [json.loads(line) for line in (out / build.TIMINGS).read_text().splitlines()]
   assert len(rows) == 2 * len(first) and all(r["completed"] for r in rows)
-  changed = build.load_recipe("demo", FIRST_STEPS + ["vae_training.lr=1e-3"])
-  with pytest.raises(ValueError, match="was built from a different vae config"):
-    build.build(changed, out, progress=False)
-  # The joint tuning changes the encoder, so the vae_tuning stage refuses a change to it; only the
-  # decoder stage depends on the decoder's own tuning: the records and the transformer do not.
-  joint = build.load_recipe("demo", FIRST_STEPS + ["vae_tuning.joint_noise=0.3"])
-  with pytest.raises(ValueError, match="vae_tuning was built from a different vae_tuning config"):
-    build.build(joint, out, progress=False)
-  decoder_only = build.load_recipe("demo", FIRST_STEPS + ["vae_tuning.crisp_weight=2"])
-  with pytest.raises(ValueError, match="decoder was built from a different decoder config"):
-    build.build(decoder_only, out, progress=False)
-  retune = build.load_recipe("demo", FIRST_STEPS + ["transformer_tuning.pair_weight=2"])
-  with pytest.raises(ValueError, match="tuning was built from a different tuning config"):
-    build.build(retune, out, progress=False)
-  refit = build.load_recipe("demo", FIRST_STEPS + ["decoder_fitting.crisp_weight=2"])
-  with pytest.raises(ValueError, match="decoder_fitting was built from a different decoder_fitting config"):
-    build.build(refit, out, progress=False)
-  other = build.load_recipe("demo", FIRST_STEPS + ["train.run.steps=31"])
-  with pytest.raises(ValueError, match="different train config; use another --name"):
-    build.build(other, out, progress=False)
+  # A changed stage config is refused by the first stage that depends on it. The joint tuning
+  # changes the encoder, so vae_tuning refuses a change to it; only the decoder stage depends on the
+  # decoder's own tuning (the records and the transformer do not); the shape tuning stages refuse
+  # their own sections; a changed train section asks for another --name.
+  for override, refusal in [
+    ("vae_training.lr=1e-3", "was built from a different vae config"),
+    ("vae_tuning.joint_noise=0.3", "vae_tuning was built from a different vae_tuning config"),
+    ("vae_tuning.crisp_weight=2", "decoder was built from a different decoder config"),
+    ("transformer_tuning.pair_weight=2", "tuning was built from a different tuning config"),
+    ("decoder_fitting.crisp_weight=2", "decoder_fitting was built from a different decoder_fitting config"),
+    ("train.run.steps=31", "different train config; use another --name"),
+  ]:
+    with pytest.raises(ValueError, match=refusal):
+      build.build(build.load_recipe("demo", FIRST_STEPS + [override]), out, progress=False)
 
 
 def test_recipe_errors(tmp_path):
