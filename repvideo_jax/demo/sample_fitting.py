@@ -173,14 +173,17 @@ def fit_decoder(
     def decode(z, dec=decoder):
       return video_io.to_uint8(np.asarray(program({"encoder": encoder, "decoder": dec}, jnp.asarray(z))))
 
-    keep, targets = fitted_targets(decode, latents, specs, per_frame=config.per_frame)
-    if len(keep) < config.batch_size:
-      raise RuntimeError(
-        f"decoder_fitting: only {len(keep)} of {len(latents)} decoded samples show a shape, fewer than "
-        f"batch_size {config.batch_size}; is the transformer trained?"
-      )
+    fitted = {}  # the round's targets, fitted on its first step (a finished round never needs them)
 
-    def batches(step, keep=keep, targets=targets, r=r):
+    def batches(step, decode=decode, fitted=fitted, r=r):
+      if not fitted:
+        fitted["keep"], fitted["targets"] = fitted_targets(decode, latents, specs, per_frame=config.per_frame)
+        if len(fitted["keep"]) < config.batch_size:
+          raise RuntimeError(
+            f"decoder_fitting: only {len(fitted['keep'])} of {len(latents)} decoded samples show a shape, "
+            f"fewer than batch_size {config.batch_size}; is the transformer trained?"
+          )
+      keep, targets = fitted["keep"], fitted["targets"]
       rng = np.random.default_rng([config.seed, r, step])
       idx = rng.choice(len(keep), config.batch_size, replace=False)
       real = video_io.from_uint8(real_clips(step + 100_000 * r))
