@@ -341,5 +341,33 @@ def test_decoder_fitting_trains_the_decoder_alone_towards_clean_shapes(tmp_path)
   again, _ = sample_fitting.fit_decoder(params, VAE, latents, specs, real, cfg, tmp_path, progress=False)
   for a, b in zip(jax.tree.leaves(fitted), jax.tree.leaves(again)):  # a finished run is read back
     np.testing.assert_array_equal(a, b)
+
+  # A run that crashes in the middle of its second round (checkpoints every 2 steps) resumes there:
+  # it ends where the uninterrupted run ended, and re-runs only the steps after the last checkpoint.
+  seen = []
+
+  def crashing(step):
+    seen.append(step)
+    if step == 100_000 + 3:
+      raise KeyboardInterrupt("killed")
+    return real(step)
+
+  crash_cfg = dataclasses.replace(cfg, save_every=2)
+  with pytest.raises(KeyboardInterrupt):
+    sample_fitting.fit_decoder(
+      params, VAE, latents, specs, crashing, crash_cfg, tmp_path / "crash", progress=False
+    )
+  seen.clear()
+
+  def logged(step):
+    seen.append(step)
+    return real(step)
+
+  resumed, _ = sample_fitting.fit_decoder(
+    params, VAE, latents, specs, logged, crash_cfg, tmp_path / "crash", progress=False
+  )
+  assert seen == [100_002, 100_003]
+  for a, b in zip(jax.tree.leaves(fitted), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="decoder_fitting: need samples >= batch_size"):
     sample_fitting.DecoderFitConfig(samples=2, batch_size=4)
