@@ -306,6 +306,27 @@ def test_fitted_targets_pair_each_decoded_sample_with_its_clean_shape():
     )
 
 
+def test_decoder_fitting_draws_squares_by_their_weight():
+  specs = sample_fitting.caption_cycle(TRAIN, 60)
+  squares = np.array([s.shape == "square" for s in specs])
+  for weight in (1.0, 3.0):
+    cfg = sample_fitting.DecoderFitConfig(samples=60, batch_size=4, square_weight=weight)
+    draws = [sample_fitting.draw_batch(np.random.default_rng(i), specs, cfg) for i in range(2000)]
+    assert all(len(set(d)) == 4 for d in draws)
+    share = squares[np.concatenate(draws)].mean()
+    # Drawn one at a time, a square's chance is w s / (w s + 1 - s) for the squares' share s; four
+    # distinct draws per batch pull that a little towards s.
+    s = squares.mean()
+    alone = weight * s / (weight * s + 1 - s)
+    assert min(s, alone) - 0.02 < share < max(s, alone) + 0.02, (weight, share, s, alone)
+    if weight == 1.0:
+      assert abs(share - s) < 0.02
+    else:
+      assert share > s + 0.2
+  with pytest.raises(ValueError, match="square_weight must be > 0"):
+    sample_fitting.DecoderFitConfig(square_weight=0)
+
+
 def test_decoder_fitting_trains_the_decoder_alone_towards_clean_shapes(tmp_path):
   params = V.init(VAE, 0)
   specs = sample_fitting.caption_cycle(TRAIN, 4)

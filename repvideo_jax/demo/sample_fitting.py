@@ -13,7 +13,8 @@ as they are) to turn such samples into clean shapes:
   clean render of its caption's shape on the path the decoded clip shows (``domain.fit_render``), then
   trains the decoder towards those for that round's steps;
 - every step takes ``batch_size`` such pairs (l1 + MSE + silhouette + ``crisp_weight`` x crisp-edge
-  terms of ``vae_training``) plus the decoder tuning's own loss on ``real_batch`` fresh renders
+  terms of ``vae_training``), a square caption's ``square_weight`` times as likely as another's
+  (squares are what the detector reads wrong most), plus the decoder tuning's own loss on ``real_batch`` fresh renders
   with latent noise, so the decoder keeps decoding real latents.
 
 Only captions of the train split are sampled: the held-out ones stay unseen.
@@ -46,6 +47,7 @@ class DecoderFitConfig(loop.LoopConfig):
   sample_batch: int = 24
   rounds: tuple[int, ...] = ()  # steps of each round (none: no fitting)
   per_frame: bool = True  # fitted centre and size of each frame (else a line in time)
+  square_weight: float = 1.0  # how much likelier a square caption's sample is drawn than another's
   batch_size: int = 4  # sample / fitted-render pairs per step
   real_batch: int = 2  # fresh renders per step
   lr: float = 1e-3
@@ -56,6 +58,8 @@ class DecoderFitConfig(loop.LoopConfig):
   save_every: int = 100
 
   def __post_init__(self):
+    if not self.square_weight > 0:
+      raise ValueError(f"decoder_fitting: square_weight must be > 0, got {self.square_weight}")
     if self.samples < self.batch_size or any(s < 1 for s in self.rounds):
       raise ValueError(
         f"decoder_fitting: need samples >= batch_size and every round >= 1 step, got samples "
@@ -144,6 +148,15 @@ def fit_loss(
   return fit + real_loss, {"fit": fit, "real": real_loss}
 
 
+def draw_batch(rng: np.random.Generator, specs: Sequence[D.Spec], config: DecoderFitConfig) -> np.ndarray:
+  """``config.batch_size`` distinct indices into ``specs`` (the fitted samples' captions), a square's
+  ``square_weight`` times as likely as another shape's."""
+  if config.square_weight == 1.0:
+    return rng.choice(len(specs), config.batch_size, replace=False)
+  w = np.array([config.square_weight if s.shape == "square" else 1.0 for s in specs])
+  return rng.choice(len(specs), config.batch_size, replace=False, p=w / w.sum())
+
+
 def fit_decoder(
   vae_params: Any,
   vae_config: V.VAEConfig,
@@ -184,8 +197,7 @@ def fit_decoder(
             f"fewer than batch_size {config.batch_size}; is the transformer trained?"
           )
       keep, targets = fitted["keep"], fitted["targets"]
-      rng = np.random.default_rng([config.seed, r, step])
-      idx = rng.choice(len(keep), config.batch_size, replace=False)
+      idx = draw_batch(np.random.default_rng([config.seed, r, step]), [specs[k] for k in keep], config)
       real = video_io.from_uint8(real_clips(step + 100_000 * r))
       return latents[keep[idx]], video_io.from_uint8(targets[idx]), real
 
