@@ -14,8 +14,8 @@ as they are) to turn such samples into clean shapes:
   trains the decoder towards those for that round's steps;
 - every step takes ``batch_size`` such pairs (l1 + MSE + silhouette + ``crisp_weight`` x crisp-edge
   terms of ``vae_training``), a square caption's ``square_weight`` times as likely as another's
-  (squares are what the detector reads wrong most), plus the decoder tuning's own loss on ``real_batch`` fresh renders
-  with latent noise, so the decoder keeps decoding real latents.
+  (squares are what the detector reads wrong most), plus the decoder tuning's own loss on
+  ``real_batch`` fresh renders with latent noise, so the decoder keeps decoding real latents.
 
 Only captions of the train split are sampled: the held-out ones stay unseen.
 """
