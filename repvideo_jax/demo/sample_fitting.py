@@ -196,8 +196,9 @@ def fit_decoder(
             f"decoder_fitting: only {len(fitted['keep'])} of {len(latents)} decoded samples show a shape, "
             f"fewer than batch_size {config.batch_size}; is the transformer trained?"
           )
+        fitted["specs"] = [specs[k] for k in fitted["keep"]]
       keep, targets = fitted["keep"], fitted["targets"]
-      idx = draw_batch(np.random.default_rng([config.seed, r, step]), [specs[k] for k in keep], config)
+      idx = draw_batch(np.random.default_rng([config.seed, r, step]), fitted["specs"], config)
       real = video_io.from_uint8(real_clips(step + 100_000 * r))
       return latents[keep[idx]], video_io.from_uint8(targets[idx]), real
 
