@@ -310,8 +310,7 @@ def test_decoder_fitting_draws_squares_by_their_weight():
   specs = sample_fitting.caption_cycle(TRAIN, 60)
   squares = np.array([s.shape == "square" for s in specs])
   for weight in (1.0, 3.0):
-    cfg = sample_fitting.DecoderFitConfig(samples=60, batch_size=4, square_weight=weight)
-    draws = [sample_fitting.draw_batch(np.random.default_rng(i), specs, cfg) for i in range(2000)]
+    draws = [sample_fitting.draw_batch(np.random.default_rng(i), specs, 4, weight) for i in range(2000)]
     assert all(len(set(d)) == 4 for d in draws)
     share = squares[np.concatenate(draws)].mean()
     # Drawn one at a time, a square's chance is w s / (w s + 1 - s) for the squares' share s; four
@@ -325,9 +324,33 @@ def test_decoder_fitting_draws_squares_by_their_weight():
       assert share > s + 0.2
   with pytest.raises(ValueError, match="square_weight must be > 0"):
     sample_fitting.DecoderFitConfig(square_weight=0)
+  with pytest.raises(ValueError, match="square_weight must be > 0"):
+    sample_fitting.DecoderFitConfig(rounds=(5, 5), square_weight=(1.0, -2.0))
 
 
-def test_decoder_fitting_trains_the_decoder_alone_towards_clean_shapes(tmp_path):
+def test_decoder_fitting_settings_per_round_from_the_recipe():
+  from repvideo_jax import config as config_lib
+
+  def parse(**section):
+    return config_lib.from_dict(sample_fitting.DecoderFitConfig, section, "decoder_fitting")
+
+  one = parse(rounds=[5, 5, 5], per_frame=False, square_weight=3)
+  assert [one.for_round(r) for r in range(3)] == [(False, 3.0)] * 3
+  each = parse(rounds=[5, 5, 5], per_frame=[True, True, False], square_weight=[1, 1, 3])
+  assert each.per_frame == (True, True, False) and each.square_weight == (1.0, 1.0, 3.0)
+  assert [each.for_round(r) for r in range(3)] == [(True, 1.0), (True, 1.0), (False, 3.0)]
+  with pytest.raises(
+    ValueError, match="per_frame takes one value for every round or one per round; got 2 values for 3"
+  ):
+    parse(rounds=[5, 5, 5], per_frame=[True, False])
+  with pytest.raises(ValueError, match="square_weight must be a float or a list of them"):
+    parse(rounds=[5], square_weight=["3"])
+  with pytest.raises(ValueError, match="per_frame must be a bool or a list of them"):
+    parse(rounds=[5], per_frame="no")
+
+
+def _fitting_inputs():
+  """(VAE params, latents of 4 train-caption clips, their specs, real_clips) for a tiny fitting."""
   params = V.init(VAE, 0)
   specs = sample_fitting.caption_cycle(TRAIN, 4)
   clips = np.stack([D.render(s, num_frames=9, height=32, width=32, seed=i) for i, s in enumerate(specs)])
@@ -338,6 +361,33 @@ def test_decoder_fitting_trains_the_decoder_alone_towards_clean_shapes(tmp_path)
     rng = np.random.default_rng(step)
     return np.stack([D.render(TRAIN[rng.integers(len(TRAIN))], num_frames=9, height=32, width=32, seed=step)])
 
+  return params, latents, specs, real
+
+
+def test_decoder_fitting_uses_each_rounds_own_settings(tmp_path, monkeypatch):
+  params, latents, specs, real = _fitting_inputs()
+  seen = []
+  fit, draw = sample_fitting.fitted_targets, sample_fitting.draw_batch
+
+  def fitting(*args, per_frame):
+    seen.append(("fit", per_frame))
+    return fit(*args, per_frame=per_frame)
+
+  def drawing(rng, specs, size, square_weight):
+    seen.append(("draw", square_weight))
+    return draw(rng, specs, size, square_weight)
+
+  monkeypatch.setattr(sample_fitting, "fitted_targets", fitting)
+  monkeypatch.setattr(sample_fitting, "draw_batch", drawing)
+  cfg = sample_fitting.DecoderFitConfig(
+    samples=4, rounds=(2, 1), per_frame=(False, True), square_weight=(1.0, 3.0), batch_size=2, real_batch=1
+  )
+  sample_fitting.fit_decoder(params, VAE, latents, specs, real, cfg, tmp_path, progress=False)
+  assert seen == [("fit", False), ("draw", 1.0), ("draw", 1.0), ("fit", True), ("draw", 3.0)]
+
+
+def test_decoder_fitting_trains_the_decoder_alone_towards_clean_shapes(tmp_path):
+  params, latents, specs, real = _fitting_inputs()
   cfg = sample_fitting.DecoderFitConfig(
     samples=4,
     rounds=(6, 4),

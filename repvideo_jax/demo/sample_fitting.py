@@ -46,8 +46,9 @@ class DecoderFitConfig(loop.LoopConfig):
   sample_seed: int = 1000
   sample_batch: int = 24
   rounds: tuple[int, ...] = ()  # steps of each round (none: no fitting)
-  per_frame: bool = True  # fitted centre and size of each frame (else a line in time)
-  square_weight: float = 1.0  # how much likelier a square caption's sample is drawn than another's
+  # per_frame and square_weight take one value for every round, or a list of one per round:
+  per_frame: bool | tuple[bool, ...] = True  # fitted centre and size of each frame (else a line in time)
+  square_weight: float | tuple[float, ...] = 1.0  # how much likelier a square caption's sample is drawn
   batch_size: int = 4  # sample / fitted-render pairs per step
   real_batch: int = 2  # fresh renders per step
   lr: float = 1e-3
@@ -58,13 +59,34 @@ class DecoderFitConfig(loop.LoopConfig):
   save_every: int = 100
 
   def __post_init__(self):
-    if not self.square_weight > 0:
+    for name, kind in (("per_frame", bool), ("square_weight", float)):
+      value = getattr(self, name)
+      many = isinstance(value, (list, tuple))
+      if many and len(value) != len(self.rounds):
+        raise ValueError(
+          f"decoder_fitting: {name} takes one value for every round or one per round; got "
+          f"{len(value)} values for {len(self.rounds)} rounds"
+        )
+      values = tuple(value) if many else (value,)
+      if kind is float:  # YAML reads 3 as an int
+        values = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values)
+      if not all(isinstance(v, kind) for v in values):
+        raise ValueError(
+          f"decoder_fitting: {name} must be a {kind.__name__} or a list of them, got {value!r}"
+        )
+      object.__setattr__(self, name, values if many else values[0])
+    if not all(self.for_round(r)[1] > 0 for r in range(max(len(self.rounds), 1))):
       raise ValueError(f"decoder_fitting: square_weight must be > 0, got {self.square_weight}")
     if self.samples < self.batch_size or any(s < 1 for s in self.rounds):
       raise ValueError(
         f"decoder_fitting: need samples >= batch_size and every round >= 1 step, got samples "
         f"{self.samples}, batch_size {self.batch_size}, rounds {self.rounds}"
       )
+
+  def for_round(self, r: int) -> tuple[bool, float]:
+    """(per_frame, square_weight) of round ``r``."""
+    pick = lambda v: v[r] if isinstance(v, tuple) else v  # noqa: E731
+    return pick(self.per_frame), pick(self.square_weight)
 
 
 def caption_cycle(train_specs: Sequence[D.Spec], n: int) -> list[D.Spec]:
@@ -148,13 +170,15 @@ def fit_loss(
   return fit + real_loss, {"fit": fit, "real": real_loss}
 
 
-def draw_batch(rng: np.random.Generator, specs: Sequence[D.Spec], config: DecoderFitConfig) -> np.ndarray:
-  """``config.batch_size`` distinct indices into ``specs`` (the fitted samples' captions), a square's
+def draw_batch(
+  rng: np.random.Generator, specs: Sequence[D.Spec], size: int, square_weight: float
+) -> np.ndarray:
+  """``size`` distinct indices into ``specs`` (the fitted samples' captions), a square's
   ``square_weight`` times as likely as another shape's."""
-  if config.square_weight == 1.0:
-    return rng.choice(len(specs), config.batch_size, replace=False)
-  w = np.array([config.square_weight if s.shape == "square" else 1.0 for s in specs])
-  return rng.choice(len(specs), config.batch_size, replace=False, p=w / w.sum())
+  if square_weight == 1.0:
+    return rng.choice(len(specs), size, replace=False)
+  w = np.array([square_weight if s.shape == "square" else 1.0 for s in specs])
+  return rng.choice(len(specs), size, replace=False, p=w / w.sum())
 
 
 def fit_decoder(
@@ -182,15 +206,16 @@ def fit_decoder(
 
   logs = []
   for r, steps in enumerate(config.rounds):
+    per_frame, square_weight = config.for_round(r)
 
     def decode(z, dec=decoder):
       return video_io.to_uint8(np.asarray(program({"encoder": encoder, "decoder": dec}, jnp.asarray(z))))
 
     fitted = {}  # the round's targets, fitted on its first step (a finished round never needs them)
 
-    def batches(step, decode=decode, fitted=fitted, r=r):
+    def batches(step, decode=decode, fitted=fitted, r=r, per_frame=per_frame, square_weight=square_weight):
       if not fitted:
-        fitted["keep"], fitted["targets"] = fitted_targets(decode, latents, specs, per_frame=config.per_frame)
+        fitted["keep"], fitted["targets"] = fitted_targets(decode, latents, specs, per_frame=per_frame)
         if len(fitted["keep"]) < config.batch_size:
           raise RuntimeError(
             f"decoder_fitting: only {len(fitted['keep'])} of {len(latents)} decoded samples show a shape, "
@@ -198,7 +223,8 @@ def fit_decoder(
           )
         fitted["specs"] = [specs[k] for k in fitted["keep"]]
       keep, targets = fitted["keep"], fitted["targets"]
-      idx = draw_batch(np.random.default_rng([config.seed, r, step]), fitted["specs"], config)
+      rng = np.random.default_rng([config.seed, r, step])
+      idx = draw_batch(rng, fitted["specs"], config.batch_size, square_weight)
       real = video_io.from_uint8(real_clips(step + 100_000 * r))
       return latents[keep[idx]], video_io.from_uint8(targets[idx]), real
 
