@@ -74,9 +74,9 @@ class DecoderFitConfig(loop.LoopConfig):
         raise ValueError(
           f"decoder_fitting: {name} must be a {kind.__name__} or a list of them, got {value!r}"
         )
+      if kind is float and not all(v > 0 for v in values):
+        raise ValueError(f"decoder_fitting: square_weight must be > 0, got {value!r}")
       object.__setattr__(self, name, values if many else values[0])
-    if not all(self.for_round(r)[1] > 0 for r in range(max(len(self.rounds), 1))):
-      raise ValueError(f"decoder_fitting: square_weight must be > 0, got {self.square_weight}")
     if self.samples < self.batch_size or any(s < 1 for s in self.rounds):
       raise ValueError(
         f"decoder_fitting: need samples >= batch_size and every round >= 1 step, got samples "
