@@ -38,7 +38,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if value is None and type(None) in args:
       return None
     non_none = [a for a in args if a is not type(None)]
-    return _coerce(value, non_none[0], where) if len(non_none) == 1 else value
+    if len(non_none) == 1:
+      return _coerce(value, non_none[0], where)
+    # X | tuple[X, ...] (one value or a list): a list takes the sequence arm, anything else the other
+    sequences = [a for a in non_none if typing.get_origin(a) in (tuple, list)]
+    others = [a for a in non_none if a not in sequences]
+    if isinstance(value, (list, tuple)) and len(sequences) == 1:
+      return _coerce(value, sequences[0], where)
+    if not isinstance(value, (list, tuple)) and len(others) == 1:
+      return _coerce(value, others[0], where)
+    return value
   if origin is typing.Literal:
     if value not in args:
       raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
@@ -55,7 +64,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
   if annotation is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if annotation is float and isinstance(value, str):
-    return float(value)  # YAML reads "1e-5" as a string
+    try:
+      return float(value)  # YAML reads "1e-5" as a string
+    except ValueError:
+      raise ValueError(f"{where}: expected float, got {value!r}") from None
   if annotation in (int, float, bool, str) and not isinstance(value, annotation):
     raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}")
   return value

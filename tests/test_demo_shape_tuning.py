@@ -343,9 +343,9 @@ def test_decoder_fitting_settings_per_round_from_the_recipe():
     ValueError, match="per_frame takes one value for every round or one per round; got 2 values for 3"
   ):
     parse(rounds=[5, 5, 5], per_frame=[True, False])
-  with pytest.raises(ValueError, match="square_weight must be a float or a list of them"):
-    parse(rounds=[5], square_weight=["3"])
-  with pytest.raises(ValueError, match="per_frame must be a bool or a list of them"):
+  with pytest.raises(ValueError, match="decoder_fitting.square_weight: expected float, got 'x'"):
+    parse(rounds=[5], square_weight=["x"])
+  with pytest.raises(ValueError, match="decoder_fitting.per_frame: expected bool, got 'no'"):
     parse(rounds=[5], per_frame="no")
 
 

@@ -59,24 +59,18 @@ class DecoderFitConfig(loop.LoopConfig):
   save_every: int = 100
 
   def __post_init__(self):
-    for name, kind in (("per_frame", bool), ("square_weight", float)):
+    for name in ("per_frame", "square_weight"):  # one value, or one per round (a list becomes a tuple)
       value = getattr(self, name)
-      many = isinstance(value, (list, tuple))
-      if many and len(value) != len(self.rounds):
-        raise ValueError(
-          f"decoder_fitting: {name} takes one value for every round or one per round; got "
-          f"{len(value)} values for {len(self.rounds)} rounds"
-        )
-      values = tuple(value) if many else (value,)
-      if kind is float:  # YAML reads 3 as an int
-        values = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values)
-      if not all(isinstance(v, kind) for v in values):
-        raise ValueError(
-          f"decoder_fitting: {name} must be a {kind.__name__} or a list of them, got {value!r}"
-        )
-      if kind is float and not all(v > 0 for v in values):
-        raise ValueError(f"decoder_fitting: square_weight must be > 0, got {value!r}")
-      object.__setattr__(self, name, values if many else values[0])
+      if isinstance(value, (list, tuple)):
+        if len(value) != len(self.rounds):
+          raise ValueError(
+            f"decoder_fitting: {name} takes one value for every round or one per round; got "
+            f"{len(value)} values for {len(self.rounds)} rounds"
+          )
+        object.__setattr__(self, name, tuple(value))
+    weights = self.square_weight if isinstance(self.square_weight, tuple) else (self.square_weight,)
+    if not all(w > 0 for w in weights):
+      raise ValueError(f"decoder_fitting: square_weight must be > 0, got {self.square_weight!r}")
     if self.samples < self.batch_size or any(s < 1 for s in self.rounds):
       raise ValueError(
         f"decoder_fitting: need samples >= batch_size and every round >= 1 step, got samples "
