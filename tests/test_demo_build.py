@@ -177,6 +177,28 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
     with pytest.raises(ValueError, match=refusal):
       build.build(build.load_recipe("demo", FIRST_STEPS + [override]), out, progress=False)
 
+  # --base: that model folder stands in for the training stages; the shape stages continue its
+  # transformer and decoder on records its own VAE encodes. Another recipe for those stages is
+  # refused before anything is written.
+  based = tmp_path / "based"
+  again_steps = FIRST_STEPS + ["transformer_tuning.steps=2", "decoder_fitting.rounds=[2]"]
+  with pytest.raises(ValueError, match=r"built with another recipe \(vae_training.lr: built 0.004"):
+    build.build(build.load_recipe("demo", again_steps + ["vae_training.lr=1e-3"]), based, base=model)
+  assert not based.exists()
+  tuned_model = build.build(build.load_recipe("demo", again_steps), based, progress=False, base=model)
+  assert list(build.stage_times(based)) == ["data", "base", "records"] + [
+    f"model/{s}" for s in ("tuning", "decoder_fitting", "model", "install")
+  ]
+  assert [
+    [r["step"] for r in _rows(based / "model" / "tuning" / f"phase{i}" / "log.jsonl")] for i in (0, 1)
+  ] == [[1, 2]] * 2
+  again_pipe = pipeline.load_pipeline(tuned_model)
+  assert same(again_pipe.vae_params["encoder"], pipe.vae_params["encoder"])
+  assert not same(again_pipe.vae_params["decoder"], pipe.vae_params["decoder"])
+  assert not same(again_pipe.transformer_params, pipe.transformer_params)
+  source = again_pipe.manifest["source"]
+  assert source["base"] == pipe.manifest["source"] and "--base" in source["command"]
+
 
 def test_recipe_errors(tmp_path):
   with pytest.raises(ValueError, match="unknown section"):
@@ -184,3 +206,19 @@ def test_recipe_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="not found"):
     build.load_recipe("no-such-recipe")
   assert build.main(["--out", str(tmp_path), "vae.unknown_field=3"]) == 2
+  # --base: a missing folder, or one without a build record, is refused before anything is written.
+  assert build.main(["--out", str(tmp_path / "a"), "--base", str(tmp_path / "none")]) == 2
+  (tmp_path / "foreign").mkdir()
+  assert build.main(["--out", str(tmp_path / "b"), "--base", str(tmp_path / "foreign")]) == 2
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bundled_model_is_a_base_for_the_recipe():
+  """The bundled model was built with configs/demo.yaml's training sections: --base accepts it."""
+  b = build.Build(build.load_recipe("demo"), "unused")
+  b.base = build.MODEL_DIR
+  assert build._base_source(b)["config"]["dataset"] == b.recipe["dataset"]
+  b = build.Build(build.load_recipe("demo", ["train.run.steps=7"]), "unused")
+  b.base = build.MODEL_DIR
+  with pytest.raises(ValueError, match="train.run.steps: built 2400, asked 7"):
+    build._base_source(b)

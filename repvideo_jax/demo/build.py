@@ -4,6 +4,9 @@
     python -m repvideo_jax.demo.build --out runs/demo --install       # ... and replace the bundled model
     python -m repvideo_jax.demo.build --name nocache train.transformer.feature_cache=false --install
         # the cache-off ablation on the same data and encoders -> bundled as ablations/nocache/transformer
+    python -m repvideo_jax.demo.build --base repvideo_jax/demo/model --out runs/tuned \
+        transformer_tuning.mix=[0.5,0.75] transformer_tuning.mix_min_t=[200,50] decoder_fitting.rounds=[600]
+        # the shape tuning stages on a finished model folder, without its training stages
 
 Stages, run in this order by ``build`` (one function each, in ``STAGES``), each in its own folder
 under ``--out`` and skipped when already complete (so a killed build resumes; the transformer resumes
@@ -32,6 +35,11 @@ from its last checkpoint):
 Every stage records the part of the config it was built from; re-running with a different one is
 refused (use a new ``--out``, or ``--name`` for a different transformer on the same data).
 
+With ``--base DIR`` (a model folder this command wrote, such as the bundled one) the training stages
+are not run: ``base`` copies that folder's tokenizer, T5, VAE and transformer into the build, and
+the data, records, tuning, decoder_fitting and model stages continue from them. The recipe's
+sections of those training stages (``BASE_SECTIONS``) must be the ones the folder was built with.
+
 Overrides: ``section.key=value`` on the recipe, e.g. ``train.run.steps=100 vae_training.steps=50``.
 """
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -88,6 +97,18 @@ SECTIONS = (
 # Sections a recipe may leave out (their configs' defaults: the tuning stages then do nothing).
 OPTIONAL = {"vae_tuning": {}, "transformer_tuning": {}, "decoder_fitting": {}}
 SCALARS = {"storage_dtype": "float32"}  # top-level recipe settings besides the sections
+# What the stages a ``--base`` folder stands in for were built from: it must match the recipe's.
+BASE_SECTIONS = (
+  "dataset",
+  "tokenizer",
+  "text_encoder",
+  "text_training",
+  "vae",
+  "vae_training",
+  "vae_tuning",
+  "train",
+)
+BASE_PARTS = ("tokenizer", "text_encoder", "vae", "transformer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +230,7 @@ class Build:
   install: bool = False
   progress: bool = True
   recipe_name: str = "demo"
+  base: pathlib.Path | None = None  # --base: a model folder standing in for the training stages
   dataset: DatasetConfig = dataclasses.field(init=False)
   train_specs: list = dataclasses.field(init=False)
   heldout: list = dataclasses.field(init=False)
@@ -264,6 +286,75 @@ def stage_data(b: Build) -> None:
     )
     stage.finish(train=[D.caption(s) for s in b.train_specs], heldout=[D.caption(s) for s in b.heldout])
   b.data_dir = stage.path
+
+
+def _digest(folder: pathlib.Path, parts: tuple[str, ...]) -> str:
+  """sha256 of the files (names and bytes) under ``folder/part`` for each part."""
+  h = hashlib.sha256()
+  for part in parts:
+    for f in sorted(p for p in (folder / part).rglob("*") if p.is_file()):
+      h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+  return h.hexdigest()
+
+
+def _base_source(b: Build) -> dict[str, Any]:
+  """The build record (pipeline.json ``source``) of the ``--base`` folder, refused with a clear error
+  when it is missing, not a folder this command wrote, or built with other ``BASE_SECTIONS``."""
+  base = b.base
+  if not base.is_dir():
+    raise FileNotFoundError(f"--base: model folder {base} not found")
+  missing = [p for p in (*BASE_PARTS, "pipeline.json") if not (base / p).exists()]
+  if missing:
+    raise FileNotFoundError(
+      f"--base: {base} has no {', '.join(missing)}; give a model folder this command wrote"
+    )
+  source = json.loads((base / "pipeline.json").read_text()).get("source", {})
+  if not isinstance(source.get("config"), dict):
+    raise ValueError(
+      f"--base: {base}/pipeline.json records no build recipe (source.config); give a model folder "
+      "python -m repvideo_jax.demo.build wrote"
+    )
+  built = _leaves({k: source["config"].get(k) for k in BASE_SECTIONS})
+  asked = _leaves(b.sections(*BASE_SECTIONS))
+  differ = sorted(k for k in built.keys() | asked.keys() if built.get(k) != asked.get(k))
+  if differ:
+    shown = "; ".join(f"{k}: built {built.get(k)!r}, asked {asked.get(k)!r}" for k in differ[:4])
+    raise ValueError(
+      f"--base: {base} was built with another recipe ({shown}{'; ...' if len(differ) > 4 else ''}); "
+      "give the overrides it was built with"
+    )
+  return source
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"a.b": value}`` for every leaf of nested dicts, in plain JSON types."""
+  tree = json.loads(json.dumps(tree))
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+  return out
+
+
+def stage_base(b: Build) -> None:
+  """With ``--base``: the folder's tokenizer, T5, VAE and transformer, copied into ``base``, stand in
+  for the training stages (the records are encoded with its VAE, the tuning starts from its
+  transformer, the fitting from its decoder). Refused when the recipe's ``BASE_SECTIONS`` differ
+  from the folder's."""
+  source = _base_source(b)
+  stage = Stage(b.out, "base", {"from": str(b.base), "sha256": _digest(b.base, BASE_PARTS)})
+  if not stage.done:
+    _say(f"base: copying {', '.join(BASE_PARTS)} from {b.base}")
+    shutil.rmtree(stage.path, ignore_errors=True)
+    stage.path.mkdir(parents=True)
+    for part in BASE_PARTS:
+      shutil.copytree(b.base / part, stage.path / part)
+    shutil.copy(b.base / "pipeline.json", stage.path / "pipeline.json")
+    stage.finish(source=source)
+  b.encoders = stage  # what data.prepare reads: a model folder
+  b.transformer_dir = stage.path / "transformer"
+  b.model_vae_dir = stage.path / "vae"
 
 
 def stage_tokenizer(b: Build) -> None:
@@ -663,14 +754,24 @@ def stage_model(b: Build) -> None:
         "source": {
           "recipe": b.recipe_name,
           "config": recipe,
-          "command": "python -m repvideo_jax.demo.build",
-          "train_command": f"train.py --config {b.train_yaml.name}",
+          **_command_source(b),
           "feature_cache": tcfg.feature_cache,
           "heldout": [D.caption(s) for s in b.heldout],
         },
       },
     )
   _say(f"wrote {b.model}")
+
+
+def _command_source(b: Build) -> dict[str, Any]:
+  """How the model was made: the build command, and its transformer's train.py run or ``--base`` folder."""
+  if b.base is None:
+    return {
+      "command": "python -m repvideo_jax.demo.build",
+      "train_command": f"train.py --config {b.train_yaml.name}",
+    }
+  base_manifest = json.loads((b.out / "base" / "pipeline.json").read_text())
+  return {"command": f"python -m repvideo_jax.demo.build --base {b.base}", "base": base_manifest["source"]}
 
 
 def _check_same_encoder(vae_dir: pathlib.Path, records_vae_dir: pathlib.Path) -> None:
@@ -704,6 +805,16 @@ def stage_install(b: Build) -> None:
   _say(f"installed the {b.name} transformer as {target / 'transformer'}")
 
 
+# With --base: the folder stands in for every stage from the tokenizer to the transformer.
+BASE_STAGES: tuple[Callable[[Build], None], ...] = (
+  stage_data,
+  stage_base,
+  stage_records,
+  stage_tuning,
+  stage_decoder_fitting,
+  stage_model,
+  stage_install,
+)
 STAGES: tuple[Callable[[Build], None], ...] = (
   stage_data,
   stage_tokenizer,
@@ -729,14 +840,19 @@ def build(
   install: bool = False,
   progress: bool = True,
   recipe_name: str = "demo",
+  base: str | pathlib.Path | None = None,
 ) -> pathlib.Path:
-  """Runs (or resumes) every stage; returns the finished model folder ``out/name/model``.
+  """Runs (or resumes) every stage (``BASE_STAGES`` with ``base``); returns the finished model folder
+  ``out/name/model``.
   Each stage's time in this sitting is appended to ``out/timings.jsonl`` (``stage_times`` sums the
   sittings of a resumed build)."""
   b = Build(recipe, pathlib.Path(out), name=name, install=install, progress=progress, recipe_name=recipe_name)
+  if base is not None:
+    b.base = pathlib.Path(base).absolute()
+    _base_source(b)  # a missing, foreign or differently built folder is refused before anything is written
   b.out.mkdir(parents=True, exist_ok=True)
   sitting = time.strftime("%Y-%m-%dT%H:%M:%S")
-  for stage in STAGES:
+  for stage in STAGES if base is None else BASE_STAGES:
     t0, completed = time.perf_counter(), False
     try:
       stage(b)
@@ -869,6 +985,12 @@ def main(argv=None) -> int:
     help="copy the result into the package: the bundled demo model, or for another "
     "--name its transformer as ablations/<name>/transformer",
   )
+  parser.add_argument(
+    "--base",
+    metavar="DIR",
+    help="a model folder this command wrote (e.g. repvideo_jax/demo/model): skip the training stages "
+    "and run the data, records, tuning and decoder_fitting stages on its weights",
+  )
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("overrides", nargs="*", metavar="section.key=value")
   args = parser.parse_args(argv)
@@ -882,6 +1004,7 @@ def main(argv=None) -> int:
       install=args.install,
       progress=not args.no_progress,
       recipe_name=str(args.config),
+      base=args.base,
     )
   except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
