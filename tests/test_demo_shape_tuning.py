@@ -4,6 +4,7 @@ the path fit both rest on (``domain.fit_render``) and the loop's moving average.
 """
 
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 import test_demo_training
 
 from repvideo_jax import schedule, video_io
+from repvideo_jax import transformer as T
 from repvideo_jax import vae as V
 from repvideo_jax.demo import domain as D
 from repvideo_jax.demo import loop, pair_tuning, sample_fitting
@@ -242,6 +244,97 @@ def test_pair_tune_config_checks_its_phases():
     pair_tuning.PairTuneConfig(partners=("square",))
   with pytest.raises(ValueError, match=r"mix must be in \[0, 1\]"):
     pair_tuning.PairTuneConfig(mix=(1.5,), mix_min_t=(0,))
+
+
+class _FakeEncoders:
+  """Stands in for data.prepare.Encoders at the tiny transformer's sizes: a video's latent is its
+  frames 0, 4, 8 pooled 8x8 (colour channels plus their mean), a caption's embedding a fixed random
+  array of its crc32."""
+
+  def encode_video(self, x):
+    x = np.asarray(x, np.float32)[:, ::4]  # (n, 3, 32, 32, 3)
+    pooled = x.reshape(*x.shape[:2], 4, 8, 4, 8, 3).mean(axis=(3, 5))
+    return np.concatenate([pooled, pooled.mean(-1, keepdims=True)], axis=-1)
+
+  def encode_text(self, captions):
+    return np.stack([np.random.default_rng(zlib.crc32(c.encode())).normal(size=(4, 8)) for c in captions])
+
+
+class _Records:
+  """A records folder of 10 random examples that raises KeyboardInterrupt at read number ``crash_at``."""
+
+  reads, crash_at = 0, None
+
+  def __init__(self, path):
+    pass
+
+  def __len__(self):
+    return 10
+
+  def __getitem__(self, i):
+    _Records.reads += 1
+    if _Records.reads == _Records.crash_at:
+      raise KeyboardInterrupt("killed")
+    rng = np.random.default_rng(i)
+    return {"latents": rng.normal(size=(3, 4, 4, 4)), "text_emb": rng.normal(size=(4, 8))}
+
+
+def test_tuning_killed_inside_a_phase_resumes_to_the_same_weights(tmp_path, monkeypatch):
+  """The tuning stage's loop, killed in its second phase, resumes there from the last checkpoint
+  (the first phase is read back, not re-run) and ends bit-equal to an uninterrupted run."""
+  cfg = T.TransformerConfig(
+    num_layers=2,
+    num_heads=2,
+    head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    text_embed_dim=8,
+    text_length=4,
+    time_embed_dim=16,
+    sample_frames=3,
+    sample_height=4,
+    sample_width=4,
+    cache_window=2,
+  )
+  params = jax.tree.map(np.asarray, T.init(cfg, 0))
+  tc = pair_tuning.PairTuneConfig(
+    mix=(0.5, 0.75),
+    mix_min_t=(200, 50),
+    steps=4,
+    warmup_steps=1,
+    pairs=2,
+    records_batch=2,
+    paths=1,
+    save_every=2,
+  )
+  monkeypatch.setattr(pair_tuning.records, "ExampleSource", _Records)
+
+  def tune(folder):
+    return pair_tuning.tune(
+      params,
+      T.make_apply(cfg),
+      _FakeEncoders(),
+      "unused",
+      TRAIN,
+      tc,
+      tmp_path / folder,
+      num_frames=9,
+      height=32,
+      width=32,
+      progress=False,
+    )[0]
+
+  whole = tune("whole")
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(whole)))
+  # 2 reads a step: the first phase's 4 steps are reads 1-8, the second's third step starts at read 13.
+  _Records.reads, _Records.crash_at = 0, 13
+  with pytest.raises(KeyboardInterrupt):
+    tune("killed")
+  _Records.reads, _Records.crash_at = 0, None
+  resumed = tune("killed")
+  assert _Records.reads == 4  # only the second phase's steps 3 and 4
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------
