@@ -377,6 +377,42 @@ def test_loop_moving_average_and_exact_resume(tmp_path):
 VAE = test_demo_training.VAE  # a tiny VAE at 32 x 32
 
 
+def test_sampling_killed_between_batches_resumes_with_the_same_samples(tmp_path, monkeypatch):
+  """The stage's sampling saves each batch: killed in its third batch, it resumes there and returns
+  what an uninterrupted sampling returns (sample i depends on the seed and i, not on the batches)."""
+  calls = []
+
+  def encode(pipe, prompts, settings):
+    return np.array([len(p) for p in prompts], np.float32), None
+
+  def sample(pipe, text, unc, settings, *, noise, mesh, progress, first_index):
+    calls.append(first_index)
+    if first_index == crash_at[0]:
+      raise KeyboardInterrupt("killed")
+    index = np.arange(first_index, first_index + len(text), dtype=np.float32)
+    return np.broadcast_to((text + 1000 * index)[:, None, None, None, None], (len(text), 2, 2, 2, 1))
+
+  monkeypatch.setattr(sample_fitting.pipeline, "encode_for_sampling", encode)
+  monkeypatch.setattr(sample_fitting.pipeline, "_sample", sample)
+  specs = sample_fitting.caption_cycle(TRAIN, 10)
+  crash_at = [None]
+  whole = sample_fitting.sample_latents(None, specs, None, batch=3, progress=False)
+  assert calls == [0, 3, 6, 9] and whole[:, 0, 0, 0, 0].tolist() == [
+    len(D.caption(s)) + 1000 * i for i, s in enumerate(specs)
+  ]
+  calls.clear()
+  crash_at[0] = 6
+  with pytest.raises(KeyboardInterrupt):
+    sample_fitting.sample_latents(None, specs, None, batch=3, progress=False, parts_dir=tmp_path / "parts")
+  calls.clear()
+  crash_at[0] = None
+  resumed = sample_fitting.sample_latents(
+    None, specs, None, batch=3, progress=False, parts_dir=tmp_path / "parts"
+  )
+  assert calls == [6, 9]
+  np.testing.assert_array_equal(resumed, whole)
+
+
 def test_fitted_targets_pair_each_decoded_sample_with_its_clean_shape():
   specs = sample_fitting.caption_cycle(TRAIN, 5)
   assert specs == TRAIN[:5] and sample_fitting.caption_cycle(TRAIN, len(TRAIN) + 2)[-2:] == TRAIN[:2]

@@ -707,9 +707,13 @@ def stage_decoder_fitting(b: Build) -> None:
     samples = stage.path / "samples.npy"
     if not samples.is_file():
       _say(f"decoder_fitting: sampling {fc.samples} videos of the train captions")
-      z = sample_fitting.sample_latents(pipe, specs, settings, batch=fc.sample_batch, progress=b.progress)
+      parts = stage.path / "samples.parts"  # each batch as it is sampled: a killed sampling resumes
+      z = sample_fitting.sample_latents(
+        pipe, specs, settings, batch=fc.sample_batch, progress=b.progress, parts_dir=parts
+      )
       with outputs.atomic_path(samples) as tmp, open(tmp, "wb") as f:
         np.save(f, z)
+      shutil.rmtree(parts)
     z = np.load(samples)
     if len(z) != fc.samples:
       raise ValueError(f"{samples} holds {len(z)} samples, the config asks for {fc.samples}; use a new --out")

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from repvideo_jax import pipeline, video_io
+from repvideo_jax import outputs, pipeline, video_io
 from repvideo_jax import vae as V
 from repvideo_jax.demo import domain as D
 from repvideo_jax.demo import loop, vae_training
@@ -95,16 +95,32 @@ def sample_latents(
   *,
   batch: int = 24,
   progress: bool = True,
+  parts_dir: str | pathlib.Path | None = None,
 ) -> np.ndarray:
   """Scaled latents (N, t, h, w, C) sampled for the captions of ``specs`` (sample i with the
-  settings' seed and index i, as ``sample.py`` numbers a batch's videos)."""
+  settings' seed and index i, as ``sample.py`` numbers a batch's videos).
+
+  With ``parts_dir``, each batch is saved there once sampled and a batch found there is read back
+  instead of sampled again: a killed sampling resumes at its first missing batch, with the same
+  result, since sample i's noise depends only on the seed and i."""
+  parts = pathlib.Path(parts_dir) if parts_dir is not None else None
+  if parts is not None:
+    parts.mkdir(parents=True, exist_ok=True)
   out = []
   bar = tqdm(total=len(specs), desc="sampling", unit="video", leave=False, disable=not progress)
   for i in range(0, len(specs), batch):
     prompts = [D.caption(s) for s in specs[i : i + batch]]
-    text, unc = pipeline.encode_for_sampling(pipe, prompts, settings)
-    z = pipeline._sample(pipe, text, unc, settings, noise=None, mesh=None, progress=None, first_index=i)
-    out.append(np.asarray(z, np.float32))
+    part = parts / f"{i:06d}+{len(prompts)}.npy" if parts is not None else None
+    if part is not None and part.is_file():
+      z = np.load(part)
+    else:
+      text, unc = pipeline.encode_for_sampling(pipe, prompts, settings)
+      z = pipeline._sample(pipe, text, unc, settings, noise=None, mesh=None, progress=None, first_index=i)
+      z = np.asarray(z, np.float32)
+      if part is not None:
+        with outputs.atomic_path(part) as tmp, open(tmp, "wb") as f:
+          np.save(f, z)
+    out.append(z)
     bar.update(len(prompts))
   bar.close()
   return np.concatenate(out)
