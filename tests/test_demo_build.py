@@ -222,3 +222,34 @@ def test_bundled_model_is_a_base_for_the_recipe():
   b.base = build.MODEL_DIR
   with pytest.raises(ValueError, match="train.run.steps: built 2400, asked 7"):
     build._base_source(b)
+
+
+def test_install_puts_the_model_in_place_and_a_variant_as_a_whole_model_folder(tmp_path, monkeypatch):
+  """--install: the model replaces the bundled folder and keeps its ablations; a variant's folder,
+  its own VAE included, becomes ablations/<name>."""
+  bundled = tmp_path / "bundled"
+  (bundled / "ablations" / "older").mkdir(parents=True)
+  (bundled / "ablations" / "older" / "x").write_text("kept")
+  (bundled / "stale").write_text("gone")
+  monkeypatch.setattr(build, "MODEL_DIR", bundled)
+
+  def folder(name, vae):
+    model = tmp_path / name
+    for part, text in [("tokenizer", "tok"), ("text_encoder", "t5"), ("vae", vae), ("transformer", name)]:
+      (model / part).mkdir(parents=True)
+      (model / part / "w").write_text(text)
+    (model / "pipeline.json").write_text("{}")
+    return model
+
+  b = build.Build(build.load_recipe("demo"), tmp_path / "out", name="nocache", install=True)
+  b.model = folder("nocache", "its own vae")
+  build.stage_install(b)
+  ablation = bundled / "ablations" / "nocache"
+  assert sorted(p.name for p in ablation.iterdir()) == sorted(p.name for p in b.model.iterdir())
+  assert (ablation / "vae" / "w").read_text() == "its own vae" and (bundled / "stale").exists()
+  b = build.Build(build.load_recipe("demo"), tmp_path / "out", install=True)
+  b.model = folder("model", "vae")
+  build.stage_install(b)
+  assert (bundled / "transformer" / "w").read_text() == "model" and not (bundled / "stale").exists()
+  assert (bundled / "ablations" / "older" / "x").read_text() == "kept"
+  assert (bundled / "ablations" / "nocache" / "vae" / "w").read_text() == "its own vae"

@@ -3,7 +3,7 @@
     python -m repvideo_jax.demo.build                     # configs/demo.yaml -> runs/demo/model
     python -m repvideo_jax.demo.build --out runs/demo --install       # ... and replace the bundled model
     python -m repvideo_jax.demo.build --name nocache train.transformer.feature_cache=false --install
-        # the cache-off ablation on the same data and encoders -> bundled as ablations/nocache/transformer
+        # the cache-off ablation on the same data and encoders -> bundled as ablations/nocache
     python -m repvideo_jax.demo.build --base repvideo_jax/demo/model --out runs/tuned \
         transformer_tuning.mix=[0.5,0.75] transformer_tuning.mix_min_t=[200,50] decoder_fitting.rounds=[600]
         # the shape tuning stages on a finished model folder, without its training stages
@@ -792,21 +792,19 @@ def _check_same_encoder(vae_dir: pathlib.Path, records_vae_dir: pathlib.Path) ->
 
 
 def stage_install(b: Build) -> None:
-  """With ``install``: the model over the bundled one, or a variant's transformer as an ablation."""
+  """With ``install``: the model over the bundled one, or a variant's model folder as an ablation."""
   if not b.install:
     return
   if b.name == "model":
     _install(b.model, MODEL_DIR)
     _say(f"installed {b.model} as {MODEL_DIR}")
     return
-  # A variant shares the bundled encoders: only its transformer and recipe are kept (with
-  # decoder_fitting on, its own fitted decoder is not: ablations decode with the bundled VAE).
+  # A variant's whole model folder: its transformer, and its VAE (its own when decoder_fitting
+  # ran), so that `--model ablations/<name>` evaluates it as it was built.
   target = MODEL_DIR / "ablations" / b.name
   with outputs.staged_dir(target) as tmp:
-    shutil.copytree(b.model / "transformer", tmp / "transformer")
-    manifest = json.loads((b.model / "pipeline.json").read_text())
-    outputs.atomic_write(tmp / "recipe.json", json.dumps(manifest["source"], indent=2))
-  _say(f"installed the {b.name} transformer as {target / 'transformer'}")
+    shutil.copytree(b.model, tmp, dirs_exist_ok=True)
+  _say(f"installed the {b.name} model folder as {target}")
 
 
 # With --base: the folder stands in for every stage from the tokenizer to the transformer.
