@@ -215,11 +215,9 @@ def test_recipe_errors(tmp_path):
 
 def test_bundled_model_is_a_base_for_the_recipe():
   """The bundled model was built with configs/demo.yaml's training sections: --base accepts it."""
-  b = build.Build(build.load_recipe("demo"), "unused")
-  b.base = build.MODEL_DIR
+  b = build.Build(build.load_recipe("demo"), "unused", base=build.MODEL_DIR)
   assert build._base_source(b)["config"]["dataset"] == b.recipe["dataset"]
-  b = build.Build(build.load_recipe("demo", ["train.run.steps=7"]), "unused")
-  b.base = build.MODEL_DIR
+  b = build.Build(build.load_recipe("demo", ["train.run.steps=7"]), "unused", base=build.MODEL_DIR)
   with pytest.raises(ValueError, match="train.run.steps: built 2400, asked 7"):
     build._base_source(b)
 

@@ -5,7 +5,7 @@
     python -m repvideo_jax.demo.build --name nocache train.transformer.feature_cache=false --install
         # the cache-off ablation on the same data and encoders -> bundled as ablations/nocache
     python -m repvideo_jax.demo.build --base repvideo_jax/demo/model --out runs/tuned \
-        transformer_tuning.mix=[0.5,0.75] transformer_tuning.mix_min_t=[200,50] decoder_fitting.rounds=[600]
+        'transformer_tuning.mix=[0.5,0.75]' 'transformer_tuning.mix_min_t=[200,50]' 'decoder_fitting.rounds=[600]'
         # the shape tuning stages on a finished model folder, without its training stages
 
 Stages, run in this order by ``build`` (one function each, in ``STAGES``), each in its own folder
@@ -98,16 +98,7 @@ SECTIONS = (
 OPTIONAL = {"vae_tuning": {}, "transformer_tuning": {}, "decoder_fitting": {}}
 SCALARS = {"storage_dtype": "float32"}  # top-level recipe settings besides the sections
 # What the stages a ``--base`` folder stands in for were built from: it must match the recipe's.
-BASE_SECTIONS = (
-  "dataset",
-  "tokenizer",
-  "text_encoder",
-  "text_training",
-  "vae",
-  "vae_training",
-  "vae_tuning",
-  "train",
-)
+BASE_SECTIONS = (*(s for s in SECTIONS if s != "generation"), "vae_tuning")
 BASE_PARTS = ("tokenizer", "text_encoder", "vae", "transformer")
 
 
@@ -230,7 +221,7 @@ class Build:
   install: bool = False
   progress: bool = True
   recipe_name: str = "demo"
-  base: pathlib.Path | None = None  # --base: a model folder standing in for the training stages
+  base: str | pathlib.Path | None = None  # --base: a model folder standing in for the training stages
   dataset: DatasetConfig = dataclasses.field(init=False)
   train_specs: list = dataclasses.field(init=False)
   heldout: list = dataclasses.field(init=False)
@@ -250,6 +241,7 @@ class Build:
 
   def __post_init__(self):
     self.out = pathlib.Path(self.out).absolute()
+    self.base = pathlib.Path(self.base).absolute() if self.base is not None else None
     self.dataset = config_lib.from_dict(DatasetConfig, self.recipe["dataset"], "dataset")
     self.train_specs, self.heldout = D.split_specs(self.dataset.split_seed, self.dataset.holdout_fraction)
     self.captions = sorted({D.caption(s) for s in self.train_specs})
@@ -848,13 +840,12 @@ def build(
   ``out/name/model``.
   Each stage's time in this sitting is appended to ``out/timings.jsonl`` (``stage_times`` sums the
   sittings of a resumed build)."""
-  b = Build(recipe, pathlib.Path(out), name=name, install=install, progress=progress, recipe_name=recipe_name)
-  if base is not None:
-    b.base = pathlib.Path(base).absolute()
+  b = Build(recipe, out, name=name, install=install, progress=progress, recipe_name=recipe_name, base=base)
+  if b.base is not None:
     _base_source(b)  # a missing, foreign or differently built folder is refused before anything is written
   b.out.mkdir(parents=True, exist_ok=True)
   sitting = time.strftime("%Y-%m-%dT%H:%M:%S")
-  for stage in STAGES if base is None else BASE_STAGES:
+  for stage in STAGES if b.base is None else BASE_STAGES:
     t0, completed = time.perf_counter(), False
     try:
       stage(b)
