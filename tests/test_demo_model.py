@@ -13,6 +13,7 @@ import pytest
 
 from repvideo_jax import evaluate, pipeline, vae, video_io
 from repvideo_jax.demo import MODEL_DIR, demo_model_dir
+from repvideo_jax.demo import build
 from repvideo_jax.demo import domain as D
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -66,6 +67,30 @@ def test_bundled_model_folder_is_small_complete_and_held_out_is_held_out():
   assert pipe.transformer_config.num_layers == source["config"]["train"]["transformer"]["num_layers"]
   meta = json.loads((folder / "transformer" / "metadata.json").read_text())
   assert "train.py run" in meta["source"] and meta["storage_dtype"] == "float16"
+
+
+def test_package_weights_stay_under_30_mb_and_the_ablation_is_a_whole_model_folder():
+  """Issue 17's budget counts everything the package ships, ablations included. The cache-off
+  ablation is a model folder of its own (its encoders, VAE and build record), so it can be
+  evaluated with --model and continued with `demo.build --base`."""
+  folder = demo_model_dir()
+  size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+  assert size < 30e6, f"bundled model with ablations is {size / 1e6:.1f} MB"
+  ablation = folder / "ablations" / "nocache"
+  pipe = pipeline.load_pipeline(ablation)
+  assert pipe.transformer_config.feature_cache is False
+  assert pipe.manifest["source"]["feature_cache"] is False
+  # Its training sections are the recipe's with the cache off, so it is a --base for that variant.
+  b = build.Build(
+    build.load_recipe("demo", ["train.transformer.feature_cache=false"]),
+    pathlib.Path("/nonexistent"),
+    name="nocache",
+    base=ablation,
+  )
+  assert build._base_source(b)["feature_cache"] is False
+  # ... and the cache-on recipe is refused, naming the key.
+  with pytest.raises(ValueError, match="train.transformer.feature_cache: built False, asked True"):
+    build._base_source(build.Build(build.load_recipe("demo"), pathlib.Path("/nonexistent"), base=ablation))
 
 
 def test_bundled_model_follows_held_out_prompts_above_chance():
