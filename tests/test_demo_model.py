@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from repvideo_jax import evaluate, pipeline, vae, video_io
-from repvideo_jax.demo import MODEL_DIR, demo_model_dir
-from repvideo_jax.demo import build
+from repvideo_jax.demo import MODEL_DIR, build, demo_model_dir
 from repvideo_jax.demo import domain as D
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
