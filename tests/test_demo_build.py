@@ -36,7 +36,7 @@ FIRST_STEPS = [
   "train.run.save_every=15",
   "train.optim.warmup_steps=5",
   "train.optim.total_steps=30",
-  # The shape tuning stages, off in the recipe, on here with two phases and two rounds.
+  # The recipe's shape stages, shortened: two phases and two rounds.
   "transformer_tuning.mix=[0.5,0.75]",
   "transformer_tuning.mix_min_t=[200,50]",
   "transformer_tuning.steps=4",
@@ -46,6 +46,8 @@ FIRST_STEPS = [
   "transformer_tuning.paths=1",
   "transformer_tuning.log_every=1",
   "decoder_fitting.rounds=[3,2]",
+  "decoder_fitting.per_frame=[false,true]",
+  "decoder_fitting.square_weight=[1,3]",
   "decoder_fitting.samples=4",
   "decoder_fitting.sample_batch=4",
   "decoder_fitting.batch_size=2",
@@ -181,7 +183,12 @@ def test_first_steps_of_the_recipe_lower_every_loss(tmp_path):
   # transformer and decoder on records its own VAE encodes. Another recipe for those stages is
   # refused before anything is written.
   based = tmp_path / "based"
-  again_steps = FIRST_STEPS + ["transformer_tuning.steps=2", "decoder_fitting.rounds=[2]"]
+  again_steps = FIRST_STEPS + [
+    "transformer_tuning.steps=2",
+    "decoder_fitting.rounds=[2]",
+    "decoder_fitting.per_frame=false",
+    "decoder_fitting.square_weight=1",
+  ]
   with pytest.raises(ValueError, match=r"built with another recipe \(vae_training.lr: built 0.004"):
     build.build(build.load_recipe("demo", again_steps + ["vae_training.lr=1e-3"]), based, base=model)
   assert not based.exists()

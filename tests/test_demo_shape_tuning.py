@@ -226,18 +226,26 @@ def test_pair_loss_blends_each_pair_with_one_weight():
 def test_pair_tune_config_checks_its_phases():
   assert pair_tuning.PairTuneConfig(mix=(0.5, 0.75), mix_min_t=(200, 50)).phases == 2
   assert pair_tuning.PairTuneConfig().phases == 0 and sample_fitting.DecoderFitConfig().rounds == ()
-  # The recipe leaves both stages off, and one override of a section does not switch it on.
+  # The recipe runs both stages (two phases, four rounds), and one override changes only its key.
   from repvideo_jax.demo import build
 
-  for overrides in ([], ["transformer_tuning.pairs=4", "decoder_fitting.samples=360"]):
-    recipe = build.load_recipe("demo", overrides)
-    assert (
-      pair_tuning.PairTuneConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["transformer_tuning"].items()}
-      ).phases
-      == 0
+  def configs(recipe):
+    listed = lambda sec: {k: tuple(v) if isinstance(v, list) else v for k, v in sec.items()}  # noqa: E731
+    return (
+      pair_tuning.PairTuneConfig(**listed(recipe["transformer_tuning"])),
+      sample_fitting.DecoderFitConfig(**listed(recipe["decoder_fitting"])),
     )
-    assert recipe["decoder_fitting"]["rounds"] == []
+
+  tune, fit = configs(build.load_recipe("demo"))
+  assert tune.phases == 2 and fit.rounds == (600, 600, 600, 600)
+  assert [fit.for_round(r) for r in range(4)] == [(False, 1), (True, 1), (False, 3), (False, 8)]
+  tune, fit = configs(
+    build.load_recipe("demo", ["transformer_tuning.pairs=4", "decoder_fitting.samples=360"])
+  )
+  assert (tune.phases, tune.pairs, fit.samples, len(fit.rounds)) == (2, 4, 360, 4)
+  # A per-round list must match the rounds.
+  with pytest.raises(ValueError, match="per_frame takes one value for every round or one per round"):
+    configs(build.load_recipe("demo", ["decoder_fitting.rounds=[600]"]))
   with pytest.raises(ValueError, match="one value per phase"):
     pair_tuning.PairTuneConfig(mix=(0.5,), mix_min_t=(200, 50))
   with pytest.raises(ValueError, match="partners must be circle and/or triangle"):
