@@ -4,6 +4,7 @@ the path fit both rest on (``domain.fit_render``) and the loop's moving average.
 """
 
 import dataclasses
+import pathlib
 import zlib
 
 import jax
@@ -229,12 +230,9 @@ def test_pair_tune_config_checks_its_phases():
   # The recipe runs both stages (two phases, four rounds), and one override changes only its key.
   from repvideo_jax.demo import build
 
-  def configs(recipe):
-    listed = lambda sec: {k: tuple(v) if isinstance(v, list) else v for k, v in sec.items()}  # noqa: E731
-    return (
-      pair_tuning.PairTuneConfig(**listed(recipe["transformer_tuning"])),
-      sample_fitting.DecoderFitConfig(**listed(recipe["decoder_fitting"])),
-    )
+  def configs(recipe):  # the stages' own conversion of their recipe sections
+    b = build.Build(recipe, pathlib.Path("unused"))
+    return build._transformer_tuning(b), build._decoder_fitting(b)
 
   tune, fit = configs(build.load_recipe("demo"))
   assert tune.phases == 2 and fit.rounds == (600, 600, 600, 600)
