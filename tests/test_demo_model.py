@@ -20,11 +20,11 @@ README = ROOT / "README.md"
 
 # The README's bar (see "Demo model"): on held-out prompts, with a fixed seed, colour and motion are
 # read off the generated frames well above chance (1/5 and 1/6; balanced accuracy, for which any
-# constant answer scores exactly chance). Shape has no bar yet (the README's table has its figures
-# over 72 videos). The subset covers all 5 colours, the 3 shapes and 5 of the 6
-# motions (no held-out combination moves left).
+# constant answer scores exactly chance); shape well above chance (1/3) too, which the model before
+# the shape stages missed (it drew both squares as circles: balanced 0.67). The subset covers all 5
+# colours, the 3 shapes (2 squares) and 5 of the 6 motions (no held-out combination moves left).
 SUBSET = [0, 1, 6, 10, 11, 12, 14, 17]  # indices into the held-out combinations
-BAR = {"color": 0.8, "motion": 0.75}
+BAR = {"color": 0.8, "motion": 0.75, "shape": 0.75}
 
 
 def quickstart_first_command() -> str:
@@ -105,7 +105,7 @@ def test_bundled_model_follows_held_out_prompts_above_chance():
     pipe, specs, settings=pipeline.settings_for(pipe, seed=0), seeds=1, progress=False
   )
   for attribute, bar in BAR.items():
-    assert bar > 3 * evaluate.CHANCE[attribute]
+    assert bar > 2 * evaluate.CHANCE[attribute]
     assert result["balanced_accuracy"][attribute] >= bar, (attribute, result["balanced_accuracy"])
   assert result["accuracy"]["all"] > 10 * evaluate.CHANCE["all"]
   assert 0 < result["feature_similarity"]["mean"] <= 1
