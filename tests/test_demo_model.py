@@ -84,6 +84,9 @@ def test_package_weights_stay_under_30_mb_and_the_ablation_is_a_whole_model_fold
   pipe = pipeline.load_pipeline(ablation)
   assert pipe.transformer_config.feature_cache is False
   assert pipe.manifest["source"]["feature_cache"] is False
+  # Equal budget: it is configs/demo.yaml's recipe, shape stages included, with only the cache off.
+  recipe_off = build.load_recipe("demo", ["train.transformer.feature_cache=false"])
+  assert build._leaves(pipe.manifest["source"]["config"]) == build._leaves(recipe_off)
   # Its training sections are the recipe's with the cache off, so it is a --base for that variant.
   b = build.Build(
     build.load_recipe("demo", ["train.transformer.feature_cache=false"]),
