@@ -4,7 +4,7 @@
 
 Part 1, the bundled demo model (real trained weights, its calibration in the model folder): for each
 ``--step-cache`` setting, on the 18 held-out captions x ``--seeds`` starting noises (the model folder's
-defaults: 50 DPM++ steps, CFG 8):
+defaults: 50 steps, CFG 8 on the smooth schedule, its sampler unless ``--sampler`` names one):
   calls      transformer layer-stack work per video, in B-batch calls (uncached: 2 per step)
   s/video    wall time of sampling + VAE decode per video, batches of 8, compiled (second run)
   PSNR, SSIM the frames against the uncached video of the same prompt, seed and noise
@@ -39,7 +39,7 @@ from benchutil import OtherLoad, host_memory_setup, log  # noqa: E402
 
 SMALL_CONFIG = CONFIGS["small"]  # (transformer overrides, frames, height, width)
 
-DEFAULT_SETTINGS = "none,residual:0.1,residual:0.2,residual:0.3,residual:0.5,cfg:2,cfg:3,residual:0.2+cfg:2"
+DEFAULT_SETTINGS = "none,residual:0.1,residual:0.2,residual:0.3,residual:0.5,cfg:2,cfg:3,residual:0.2+cfg:2,residual:0.5+cfg:3"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
