@@ -39,7 +39,9 @@ from benchutil import OtherLoad, host_memory_setup, log  # noqa: E402
 
 SMALL_CONFIG = CONFIGS["small"]  # (transformer overrides, frames, height, width)
 
-DEFAULT_SETTINGS = "none,residual:0.1,residual:0.2,residual:0.3,residual:0.5,cfg:2,cfg:3,residual:0.2+cfg:2,residual:0.5+cfg:3"
+DEFAULT_SETTINGS = (
+  "none,residual:0.1,residual:0.2,residual:0.3,residual:0.5,cfg:2,cfg:3,residual:0.2+cfg:2,residual:0.5+cfg:3"
+)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
