@@ -88,12 +88,7 @@ def test_package_weights_stay_under_30_mb_and_the_ablation_is_a_whole_model_fold
   recipe_off = build.load_recipe("demo", ["train.transformer.feature_cache=false"])
   assert build._leaves(pipe.manifest["source"]["config"]) == build._leaves(recipe_off)
   # Its training sections are the recipe's with the cache off, so it is a --base for that variant.
-  b = build.Build(
-    build.load_recipe("demo", ["train.transformer.feature_cache=false"]),
-    pathlib.Path("/nonexistent"),
-    name="nocache",
-    base=ablation,
-  )
+  b = build.Build(recipe_off, pathlib.Path("/nonexistent"), name="nocache", base=ablation)
   assert build._base_source(b)["feature_cache"] is False
   # ... and the cache-on recipe is refused, naming the key.
   with pytest.raises(ValueError, match="train.transformer.feature_cache: built False, asked True"):
